@@ -1,0 +1,20 @@
+rule torchao_ptq:
+    input:
+        merged="results/runs/{run}/merged",
+    output:
+        directory("results/runs/{run}/torchao/{scheme}"),
+    wildcard_constraints:
+        run=_alt(qcfg.baseline_runs(config)),
+        scheme=_alt(config["torchao"]["schemes"]),
+    log:
+        "logs/torchao_ptq/{run}/{scheme}.log",
+    benchmark:
+        "benchmarks/torchao_ptq/{run}/{scheme}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/export.yaml"
+    script:
+        "../scripts/torchao_ptq.py"

@@ -1,0 +1,52 @@
+rule report:
+    input:
+        evals=eval_jsons(),
+    output:
+        csv=report(
+            "results/report.csv",
+            caption="../report/table.rst",
+            category="Report",
+            labels={"table": "per-artifact benchmark and parity"},
+        ),
+        md="results/report.md",
+        pareto=report(
+            "results/plots/quality_vs_size.png",
+            caption="../report/pareto.rst",
+            category="Report",
+            labels={"plot": "quality vs size"},
+        ),
+        speed=report(
+            "results/plots/tokens_per_s.png",
+            caption="../report/speed.rst",
+            category="Report",
+            labels={"plot": "tokens/s"},
+        ),
+    params:
+        accuracy_margin=config["report"]["accuracy_margin"],
+    log:
+        "logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../scripts/report.py"
+
+
+rule parity_gate:
+    input:
+        csv="results/report.csv",
+    output:
+        "results/parity.ok",
+    log:
+        "logs/parity_gate.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/report.yaml"
+    script:
+        "../scripts/parity_gate.py"

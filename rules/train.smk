@@ -1,0 +1,99 @@
+rule train:
+    input:
+        base="results/base",
+        train="results/data/train.parquet",
+        eval="results/data/eval.parquet",
+    output:
+        directory("results/runs/{run}/checkpoints"),
+    params:
+        settings=train_settings,
+        max_tokens=config["data"]["max_tokens"],
+        work_dir=lambda w: f"results/runs/{w.run}/.train-work",
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "benchmarks/train/{run}.tsv"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/train.py"
+
+
+rule select_best:
+    input:
+        base="results/base",
+        checkpoints="results/runs/{run}/checkpoints",
+        eval="results/data/eval.parquet",
+        prompts=config["data"]["eval_prompts"],
+    output:
+        "results/runs/{run}/best.json",
+    params:
+        metric=config["train"]["select_metric"],
+        pinned=lambda w: config["runs"][w.run].get("checkpoint"),
+        qat_scheme=qat_scheme,
+        n_prompts=config["eval"]["n_prompts"],
+        max_new_tokens=config["eval"]["max_new_tokens"],
+        max_tokens=config["data"]["max_tokens"],
+    log:
+        "logs/select_best/{run}.log",
+    benchmark:
+        "benchmarks/select_best/{run}.tsv"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/select_best.py"
+
+
+rule merge:
+    input:
+        base="results/base",
+        checkpoints="results/runs/{run}/checkpoints",
+        best="results/runs/{run}/best.json",
+    output:
+        directory("results/runs/{run}/merged"),
+    params:
+        qat_scheme=qat_scheme,
+        trust_remote_code=config["model"]["trust_remote_code"],
+    log:
+        "logs/merge/{run}.log",
+    benchmark:
+        "benchmarks/merge/{run}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../scripts/merge.py"
+
+
+rule qat_convert:
+    input:
+        merged="results/runs/{run}/merged",
+    output:
+        directory("results/runs/{run}/qat_converted"),
+    params:
+        scheme=qat_scheme,
+    wildcard_constraints:
+        run=_alt(qcfg.qat_runs(config)),
+    log:
+        "logs/qat_convert/{run}.log",
+    benchmark:
+        "benchmarks/qat_convert/{run}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/export.yaml"
+    script:
+        "../scripts/qat_convert.py"

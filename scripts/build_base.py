@@ -1,0 +1,17 @@
+from qatforge.base import build
+from qatforge.runlog import logged
+
+with logged(snakemake) as log:
+    p = snakemake.params
+    info = build(
+        p.base,
+        snakemake.input.train,
+        snakemake.output[0],
+        builtin=p.builtin,
+        seed=p.seed,
+        max_tokens=p.max_tokens,
+        trust_remote_code=p.trust_remote_code,
+        threads=snakemake.threads,
+        log=log.info,
+    )
+    log.info("base model: %s", info)

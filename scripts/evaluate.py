@@ -1,0 +1,22 @@
+# Evaluate one artifact in its own runtime (transformers, llama.cpp or onnxruntime, by format).
+from qatforge.evaluate import run_eval
+from qatforge.runlog import logged
+
+with logged(snakemake) as log:
+    p = snakemake.params
+    row = run_eval(
+        snakemake.input.artifact,
+        snakemake.input.reference,
+        snakemake.input.prompts,
+        snakemake.output[0],
+        run=snakemake.wildcards.run,
+        qat_scheme=p.qat_scheme,
+        format=p.format,
+        variant=p.variant,
+        threads=p.threads,
+        max_new_tokens=p.max_new_tokens,
+        speed_prompts=p.speed_prompts,
+        speed_repeats=p.speed_repeats,
+        thresholds=p.thresholds,
+    )
+    log.info("evaluation: %s", row)

@@ -1,0 +1,17 @@
+from qatforge.export.gguf import quantize
+from qatforge.runlog import logged
+
+with logged(snakemake) as log:
+    p = snakemake.params
+    spec = dict(p.quant)
+    info = quantize(
+        snakemake.input.gguf,
+        snakemake.output.gguf,
+        qtype=spec.pop("type"),
+        imatrix=snakemake.input.get("imatrix"),
+        options={k: v for k, v in spec.items() if k != "imatrix"},
+        on_fallback=p.on_fallback,
+        threads=snakemake.threads,
+        log=log.info,
+    )
+    log.info("quantized: %s", info)

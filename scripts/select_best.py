@@ -1,0 +1,20 @@
+from qatforge.select import select_best
+from qatforge.runlog import logged
+
+with logged(snakemake) as log:
+    p = snakemake.params
+    best = select_best(
+        snakemake.input.base,
+        snakemake.input.checkpoints,
+        snakemake.input.eval,
+        snakemake.input.prompts,
+        snakemake.output[0],
+        metric=p.metric,
+        pinned=p.pinned,
+        n_prompts=p.n_prompts,
+        max_new_tokens=p.max_new_tokens,
+        max_len=p.max_tokens,
+        qat_scheme=p.qat_scheme,
+        threads=snakemake.threads,
+    )
+    log.info("selected %s", best.get("selected"))

@@ -1,0 +1,169 @@
+"""Chat rendering, response-only label masking, batching and HF-side exact-match / NLL evaluation.
+
+Torch and transformers are imported inside the functions that need them, so this module can be
+imported cheaply (e.g. by evaluation processes that only need ``is_correct``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+IGNORE_INDEX = -100
+
+
+def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    """Render ``messages`` with the tokenizer's own chat template (text, not ids)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template")
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of every assistant turn's content plus its end-of-turn token in ``text``."""
+    eos = tokenizer.eos_token or ""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        # Where the assistant content starts: right after the generation prompt when the template
+        # is prefix-stable (ChatML is); otherwise the first occurrence after the previous span.
+        start = len(prefix) if text.startswith(prefix) and len(prefix) >= cursor else cursor
+        found = text.find(msg["content"], start)
+        if found < 0:
+            raise ValueError(f"assistant turn {i} content not found in the rendered conversation")
+        end = found + len(msg["content"])
+        if eos:
+            nxt = text.find(eos, end)
+            # The end token belongs to this turn when only whitespace separates it from the content.
+            if nxt >= 0 and not text[end:nxt].strip():
+                end = nxt + len(eos)
+        spans.append((found, end))
+        cursor = end
+    return spans
+
+
+def encode_for_training(tokenizer: Any, messages: Sequence[dict], max_len: int) -> dict:
+    """Token ids of the rendered conversation and labels that are -100 outside assistant turns.
+
+    Labels keep each assistant turn's content and its end-of-turn token (Unsloth's
+    ``train_on_responses_only`` semantics); system/user turns and the role headers are masked.
+    """
+    text = render(tokenizer, messages, add_generation_prompt=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    spans = _assistant_spans(tokenizer, messages, text)
+    labels = []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        inside = any(a < e and b > s for s, e in spans) if b > a else False
+        labels.append(tok if inside else IGNORE_INDEX)
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
+def collate(batch: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad a batch of encoded rows into tensors (input_ids, attention_mask, labels)."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(batch):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        mask[i, :n] = 1
+        if "labels" in r:
+            labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form for exact-match comparison: surrounding whitespace stripped."""
+    return str(text).strip()
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    """Exact match after stripping surrounding whitespace."""
+    return normalize_answer(generated) == normalize_answer(answer)
+
+
+def hf_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy generation for chat prompts (left-padded batches); returns the decoded replies."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [render(tokenizer, p, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
+            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return outputs
+
+
+def hf_exact_match(
+    model: Any, tokenizer: Any, prompt_rows: Sequence[dict], max_new_tokens: int
+) -> tuple[float, list[bool], list[str]]:
+    """Exact-match accuracy of greedy replies to rows ``{"messages": [...], "answer": str}``."""
+    gens = hf_generate(model, tokenizer, [r["messages"] for r in prompt_rows], max_new_tokens)
+    correct = [is_correct(g, r["answer"]) for g, r in zip(gens, prompt_rows)]
+    acc = sum(correct) / len(correct) if correct else 0.0
+    return acc, correct, gens
+
+
+def hf_nll(
+    model: Any, tokenizer: Any, conversations: Sequence[Sequence[dict]], max_len: int, batch_size: int = 16
+) -> float:
+    """Mean negative log-likelihood per assistant token (labels as in ``encode_for_training``)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [encode_for_training(tokenizer, c, max_len) for c in conversations]
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(rows), batch_size):
+            b = collate(rows[i : i + batch_size], pad_id)
+            b = {k: v.to(model.device) for k, v in b.items()}
+            with torch.no_grad():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = logits[:, :-1].float()
+            target = b["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+            total += float(loss)
+            count += int((target != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no assistant tokens to score in the given conversations")
+    return total / count

@@ -1,0 +1,200 @@
+"""Checks of a schema-validated config that JSON schema cannot express, and per-run slices.
+
+Imported by the Snakefile at parse time: keep it free of torch/transformers/llama_cpp imports.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-qwen3",)
+FORMATS = ("hf", "torchao", "gguf", "onnx")
+SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+TRAIN_KEYS = ("max_steps", "save_steps", "batch_size", "grad_accum", "lr", "lora")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the offending key in the message."""
+
+
+def outtype_name(config: dict) -> str:
+    """The GGUF variant name of the unquantized conversion, e.g. ``BF16``."""
+    return config["gguf"]["outtype"].upper()
+
+
+def runs(config: dict) -> list[str]:
+    return list(config["runs"])
+
+
+def qat_scheme(config: dict, run: str) -> str | None:
+    return config["runs"][run].get("qat_scheme")
+
+
+def baseline_runs(config: dict) -> list[str]:
+    return [r for r in runs(config) if qat_scheme(config, r) is None]
+
+
+def qat_runs(config: dict) -> list[str]:
+    return [r for r in runs(config) if qat_scheme(config, r) is not None]
+
+
+def train_settings(config: dict, run: str) -> dict[str, Any]:
+    """The training settings of one run: ``train`` defaults with the run's overrides applied."""
+    base = copy.deepcopy(config["train"])
+    over = config["runs"][run].get("train") or {}
+    for key, value in over.items():
+        if key == "lora":
+            base["lora"] = {**base.get("lora", {}), **value}
+        else:
+            base[key] = value
+    base.pop("select_metric", None)
+    base["qat_scheme"] = qat_scheme(config, run)
+    base["seed"] = config["seed"]
+    return base
+
+
+def torchao_variants(config: dict, run: str) -> list[str]:
+    """TorchAO artifacts of a run: PTQ schemes for a baseline run, its own scheme for a QAT run."""
+    scheme = qat_scheme(config, run)
+    return list(config["torchao"]["schemes"]) if scheme is None else [scheme]
+
+
+def artifacts(config: dict) -> list[tuple[str, str, str]]:
+    """Every evaluated artifact as (run, format, variant)."""
+    out = []
+    for run in runs(config):
+        out.append((run, "hf", "merged"))
+        out += [(run, "torchao", s) for s in torchao_variants(config, run)]
+        out.append((run, "gguf", outtype_name(config)))
+        out += [(run, "gguf", q) for q in config["gguf"]["quants"]]
+        out += [(run, "onnx", v) for v in config["onnx"]["variants"]]
+    return out
+
+
+def _check_base(config: dict, workdir: Path) -> list[str]:
+    base = config["model"]["base"]
+    if base.startswith(BUILTIN_PREFIX):
+        name = base[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            return [f"model.base: unknown builtin model {name!r}; builtin models: {', '.join(BUILTIN_MODELS)}"]
+        return []
+    path = Path(base) if Path(base).is_absolute() else workdir / base
+    looks_local = base.startswith((".", "/", "~")) or path.exists()
+    if not looks_local:
+        return []  # a hub id: resolved by from_pretrained when the base is built
+    if not path.is_dir():
+        return [f"model.base: {base!r} does not exist or is not a directory"]
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return [f"model.base: {base!r} has no config.json, so it is not a Hugging Face model directory"]
+    archs = json.loads(cfg.read_text()).get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        return [f"model.base: {base!r} is not a causal LM (architectures: {archs or 'none'})"]
+    problems = []
+    tok_cfg = path / "tokenizer_config.json"
+    tok = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
+    if not (tok.get("chat_template") or (path / "chat_template.jinja").is_file()):
+        problems.append(f"model.base: the tokenizer of {base!r} has no chat template")
+    if not tok.get("eos_token"):
+        problems.append(f"model.base: the tokenizer of {base!r} has no eos_token")
+    return problems
+
+
+def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> list[str]:
+    from qatforge import qat_schemes
+
+    problems = []
+    for run in runs(config):
+        scheme = qat_scheme(config, run)
+        if scheme is not None:
+            problems += [f"runs.{run}.qat_scheme: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
+    for scheme in config["torchao"]["schemes"]:
+        problems += [f"torchao.schemes: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
+    return problems
+
+
+def _check_gguf(config: dict) -> list[str]:
+    from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_NAMES
+
+    g = config["gguf"]
+    problems = []
+    for name, spec in g["quants"].items():
+        qtype = spec["type"]
+        if qtype not in QUANT_NAMES:
+            problems.append(
+                f"gguf.quants.{name}.type: unknown llama.cpp quantization type {qtype!r}; "
+                f"valid types: {', '.join(QUANT_NAMES)}"
+            )
+        elif qtype in NEEDS_IMATRIX and not spec.get("imatrix"):
+            problems.append(
+                f"gguf.quants.{name}: type {qtype} needs an importance matrix; set imatrix: true"
+            )
+        for key in ("output_tensor_type", "token_embedding_type"):
+            if spec.get(key) and spec[key] not in QUANT_NAMES + ("F32", "F16", "BF16"):
+                problems.append(f"gguf.quants.{name}.{key}: unknown tensor type {spec[key]!r}")
+    if outtype_name(config) in g["quants"]:
+        problems.append(
+            f"gguf.quants.{outtype_name(config)}: duplicate artifact name, it is the name of the "
+            f"unquantized conversion (gguf.outtype: {g['outtype']})"
+        )
+    lowered = {}
+    for name in g["quants"]:
+        if name.lower() in lowered:
+            problems.append(f"gguf.quants: duplicate artifact names {lowered[name.lower()]!r} and {name!r}")
+        lowered[name.lower()] = name
+    if g["default_quant"] not in g["quants"]:
+        problems.append(
+            f"gguf.default_quant: {g['default_quant']!r} is not one of gguf.quants ({', '.join(g['quants'])})"
+        )
+    return problems
+
+
+def _check_names(config: dict) -> list[str]:
+    problems = []
+    for section, names in (("runs", runs(config)), ("gguf.quants", list(config["gguf"]["quants"]))):
+        for n in names:
+            if not SAFE_NAME.match(n):
+                problems.append(f"{section}.{n}: unsafe name (letters, digits, '_.+-', no '..' or '/')")
+    lowered: dict[str, str] = {}
+    for run in runs(config):
+        if run.lower() in lowered:
+            problems.append(f"runs: duplicate artifact names {lowered[run.lower()]!r} and {run!r}")
+        lowered[run.lower()] = run
+    return problems
+
+
+def _check_eval(config: dict, workdir: Path) -> list[str]:
+    path = workdir / config["data"]["eval_prompts"]
+    if not path.is_file():
+        return [f"data.eval_prompts: {config['data']['eval_prompts']!r} does not exist"]
+    with open(path, "rb") as f:
+        n = sum(1 for line in f if line.strip())
+    if n < config["eval"]["n_prompts"]:
+        return [
+            f"eval.n_prompts: {config['eval']['n_prompts']} prompts asked but "
+            f"{config['data']['eval_prompts']} has only {n}"
+        ]
+    data = workdir / config["data"]["path"]
+    if not data.exists():
+        return [f"data.path: {config['data']['path']!r} does not exist"]
+    return []
+
+
+def check(config: dict, workdir: str | Path = ".", cuda_capability: tuple[int, int] | None = None) -> None:
+    """Raise ConfigError listing every problem of a schema-validated config."""
+    workdir = Path(workdir)
+    problems = (
+        _check_names(config)
+        + _check_base(config, workdir)
+        + _check_schemes(config, cuda_capability)
+        + _check_gguf(config)
+        + _check_eval(config, workdir)
+    )
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+

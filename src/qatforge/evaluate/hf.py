@@ -1,0 +1,122 @@
+"""Evaluation of HF artifacts (merged checkpoint, TorchAO directories) with transformers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+class HFRuntime:
+    """A transformers causal LM + tokenizer behind the runtime interface used by the evaluator.
+
+    ``compute_dtype``: "float32" (upcast, used for the merged model and the reference) or "auto"
+    (the dtype stored in the checkpoint, used for TorchAO directories).
+    """
+
+    def __init__(self, model_dir: str | Path, *, compute_dtype: str = "float32", trust_remote_code: bool = False):
+        import torch
+
+        from qatforge.model import load_causal_lm, load_tokenizer
+
+        dtype = torch.float32 if compute_dtype == "float32" else compute_dtype
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.compute_dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+
+    # --- tokenizer side -------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        from qatforge.chat import render
+
+        text = render(self.tokenizer, messages, add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def special_ids(self) -> dict[str, Any]:
+        return {
+            "bos_token_id": self.tokenizer.bos_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "add_bos": bool(getattr(self.tokenizer, "add_bos_token", False)),
+            "chat_template": self.tokenizer.chat_template,
+        }
+
+    # --- model side -----------------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """fp32 logits ``[len(ids), vocab]`` of one sequence (no padding)."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
+        return out.logits[0].float().numpy()
+
+    def greedy(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
+    ) -> tuple[list[int], float, float, int]:
+        """Argmax decoding with the KV cache; returns (ids, prompt_s, decode_s, decode_steps)."""
+        import torch
+
+        gen: list[int] = []
+        steps = 0
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model(input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long), use_cache=True)
+            nxt = int(out.logits[0, -1].argmax())
+            t1 = time.perf_counter()
+            past = out.past_key_values
+            while len(gen) < max_new_tokens and (ignore_stop or nxt not in stop_ids):
+                gen.append(nxt)
+                if len(gen) == max_new_tokens:
+                    break
+                out = self.model(
+                    input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=past, use_cache=True
+                )
+                past = out.past_key_values
+                nxt = int(out.logits[0, -1].argmax())
+                steps += 1
+            t2 = time.perf_counter()
+        return gen, t1 - t0, t2 - t1, steps
+
+
+def evaluate(
+    artifact_path: str | Path,
+    reference_dir: str | Path,
+    eval_prompts_path: str | Path | None,
+    *,
+    run: str,
+    qat_scheme: str | None,
+    format: str,
+    variant: str,
+    threads: int,
+    max_new_tokens: int,
+    speed_prompts: int,
+    speed_repeats: int,
+    thresholds: dict | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Evaluate an HF (``format='hf'``, fp32 compute) or TorchAO (``'torchao'``, stored dtype) dir."""
+    import torch
+
+    from qatforge.evaluate import evaluate_runtime
+    from qatforge.reference import load
+
+    if format not in ("hf", "torchao"):
+        raise ValueError(f"evaluate.hf handles formats hf and torchao, not {format!r}")
+    torch.set_num_threads(threads)
+    ref = load(reference_dir)
+    t0 = time.perf_counter()
+    rt = HFRuntime(
+        artifact_path, compute_dtype="float32" if format == "hf" else "auto", trust_remote_code=trust_remote_code
+    )
+    load_s = time.perf_counter() - t0
+    out = evaluate_runtime(
+        rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
+        speed_prompts=speed_prompts, speed_repeats=speed_repeats, thresholds=thresholds,
+        eval_prompts_path=eval_prompts_path,
+    )
+    out.update(load_s=load_s, runtime="transformers", compute_dtype=rt.compute_dtype)
+    return out

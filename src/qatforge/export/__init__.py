@@ -1,0 +1,1 @@
+"""Deployment exports built from a run's merged checkpoint."""

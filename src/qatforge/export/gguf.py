@@ -1,0 +1,519 @@
+"""GGUF export with llama.cpp's own tools: converter (subprocess), quantizer and imatrix.
+
+* ``convert``: the vendored ``convert_hf_to_gguf.py`` (see ``qatforge.llamacpp``) run in a
+  subprocess with the vendored gguf-py first on the path; the tokenizer is then checked to
+  tokenize a corpus identically in llama.cpp and HF.
+* ``quantize``: ``llama_cpp.llama_model_quantize`` (byte-identical to ``llama-quantize``), with an
+  optional importance matrix passed through the params; afterwards the tensor-type histogram is
+  read back and silent shape fallbacks (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, IQ*->IQ4_NL, ...)
+  are reported (warn) or refused (fail).
+* ``imatrix``: the ``llama-imatrix`` tool built from the same llama.cpp sources.
+
+Every artifact is written atomically and gets a ``<file>.json`` record (``write_export_record``).
+Only ``quant_types`` data is needed at import; llama_cpp/gguf/transformers load inside functions.
+``QUANT_TYPES`` (name -> ftype, from the llama_cpp bindings) is resolved lazily on first access.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES
+from qatforge.export.record import Log, as_log, source_record, write_export_record
+from qatforge.io import atomic_file, check_free_space, package_versions, size_bytes
+
+__all__ = [
+    "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "QUANT_TYPES", "OUTTYPES", "TENSOR_TYPE_NAMES",
+    "QUANT_OPTIONS", "FallbackError", "quant_types", "ggml_types", "check_quant", "convert",
+    "tokenizer_parity", "quantize", "imatrix", "write_calibration_text", "tensor_type_histogram",
+    "find_fallbacks", "gguf_metadata", "tool_info", "write_export_record", "source_record",
+]
+
+OUTTYPES = ("f32", "f16", "bf16")
+QK_K = 256  # super-block size of the K- and most IQ-quants
+# ggml tensor types valid for output_tensor_type / token_embedding_type (llama.h ggml_type names).
+TENSOR_TYPE_NAMES: tuple[str, ...] = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+    "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M",
+    "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "Q1_0", "Q2_0",
+)
+# Per-quant options accepted in a gguf.quants entry (besides type / imatrix).
+QUANT_OPTIONS = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "allow_requantize")
+# The types llama.cpp's tensor_type_fallback() substitutes when a row does not fit the block size.
+_FALLBACK_TARGETS = {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16"}
+_LEGACY_FTYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
+
+
+class FallbackError(RuntimeError):
+    """Quantization silently substituted another tensor type and ``on_fallback`` is ``fail``."""
+
+
+def __getattr__(name: str) -> Any:  # lazy module attribute: QUANT_TYPES loads the llama_cpp library
+    if name == "QUANT_TYPES":
+        return quant_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def quant_types() -> dict[str, int]:
+    """llama.cpp file types exposed by the installed bindings: name -> ``LLAMA_FTYPE_*`` value."""
+    import llama_cpp
+
+    out = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    for key in dir(llama_cpp):
+        if key.startswith(prefix):
+            out[key[len(prefix):]] = int(getattr(llama_cpp, key))
+    return out
+
+
+def ggml_types() -> dict[str, int]:
+    """ggml tensor types exposed by the installed bindings: name -> ``GGML_TYPE_*`` value."""
+    import llama_cpp
+
+    prefix = "GGML_TYPE_"
+    return {k[len(prefix):]: int(getattr(llama_cpp, k)) for k in dir(llama_cpp)
+            if k.startswith(prefix) and k != "GGML_TYPE_COUNT"}
+
+
+def check_quant(qtype: str, has_imatrix: bool = False, options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` for an unknown type (listing the valid ones), a missing imatrix or a bad option."""
+    if qtype not in QUANT_FTYPES:
+        raise ValueError(f"unknown llama.cpp quantization type {qtype!r}; valid types: {', '.join(QUANT_NAMES)}")
+    if qtype in NEEDS_IMATRIX and not has_imatrix:
+        raise ValueError(f"quantization type {qtype} needs an importance matrix (imatrix)")
+    for key, value in (options or {}).items():
+        if key not in QUANT_OPTIONS:
+            raise ValueError(f"unknown quantization option {key!r}; valid options: {', '.join(QUANT_OPTIONS)}")
+        if key in ("output_tensor_type", "token_embedding_type") and value is not None \
+                and value not in TENSOR_TYPE_NAMES:
+            raise ValueError(f"{key}: unknown ggml tensor type {value!r}; valid: {', '.join(TENSOR_TYPE_NAMES)}")
+
+
+def tool_info() -> dict[str, Any]:
+    """llama.cpp provenance: vendored source versions (commit, ggml) and the bindings' version."""
+    from qatforge import llamacpp
+
+    return {"name": "llama.cpp", **llamacpp.source_info(), **package_versions("llama_cpp_python")}
+
+
+# --------------------------------------------------------------------------- reading GGUF files
+
+def gguf_metadata(gguf_file: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """Scalar/string metadata of a GGUF file (arrays are summarised by their length)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(gguf_file))
+    out: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or (keys is not None and name not in keys):
+            continue
+        if field.types and field.types[0] == GGUFValueType.ARRAY:
+            out[name] = f"<array of {len(field.data)}>"
+        else:
+            value = field.contents()
+            out[name] = value.item() if hasattr(value, "item") else value
+    return out
+
+
+def tensor_type_histogram(gguf_file: str | os.PathLike) -> dict[str, int]:
+    """Number of tensors per ggml type in ``gguf_file``, e.g. ``{"F32": 9, "Q4_K": 12, "Q6_K": 4}``."""
+    from gguf import GGUFReader
+
+    hist: dict[str, int] = {}
+    for t in GGUFReader(str(gguf_file)).tensors:
+        hist[t.tensor_type.name] = hist.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(hist.items()))
+
+
+def find_fallbacks(gguf_file: str | os.PathLike, qtype: str) -> list[dict[str, Any]]:
+    """Tensors of a ``qtype`` file that llama.cpp demoted because their rows do not fit the block size.
+
+    For K/IQ file types (256-value super-blocks) a 2-D tensor stored in one of the fallback types
+    (Q4_0, Q5_0, Q5_1, Q8_0, IQ4_NL, F16) with a row length not divisible by 256 is a fallback;
+    for the 32-block types only an F16 tensor whose rows are not a multiple of 32 is.
+    """
+    from gguf import GGUFReader
+
+    check_quant(qtype, has_imatrix=True)
+    if qtype in ("F32", "F16", "BF16"):
+        return []
+    block = 32 if qtype in _LEGACY_FTYPES else QK_K
+    out = []
+    for t in GGUFReader(str(gguf_file)).tensors:
+        if len(t.shape) < 2:
+            continue
+        ncols, tname = int(t.shape[0]), t.tensor_type.name
+        if tname in _FALLBACK_TARGETS and ncols % block and (block == QK_K or tname == "F16"):
+            out.append({"tensor": t.name, "type": tname, "row_length": ncols})
+    return out
+
+
+# --------------------------------------------------------------------------- conversion
+
+def _run_tool(cmd: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None, what: str) -> str:
+    """Run ``cmd``, stream its output into the log, raise with the output tail on failure."""
+    log(f"$ {' '.join(str(c) for c in cmd)}")
+    proc = subprocess.run([str(c) for c in cmd], env=dict(env) if env is not None else None,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    out = proc.stdout or ""
+    for line in out.splitlines():
+        log(f"  {line}")
+    if proc.returncode != 0:
+        tail = "\n".join(out.splitlines()[-30:])
+        raise RuntimeError(f"{what} failed (exit code {proc.returncode}):\n{tail}")
+    return out
+
+
+def _converter_env() -> dict[str, str]:
+    from qatforge import llamacpp
+
+    import qatforge
+
+    gguf_py = llamacpp.find_gguf_py()
+    pkg_root = Path(qatforge.__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.pop("NO_LOCAL_GGUF", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(gguf_py), str(pkg_root)] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def tokenizer_parity(
+    gguf_file: str | os.PathLike, tokenizer_dir: str | os.PathLike, texts: Sequence[str], *, max_report: int = 5
+) -> dict[str, Any]:
+    """Tokenize ``texts`` with llama.cpp (``Llama(vocab_only=True)``) and with the HF tokenizer.
+
+    Both add their default special tokens and parse special-token text. Returns
+    ``{"n": N, "identical": k, "mismatches": [{"index", "text", "hf", "llama"}...]}``.
+    """
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    try:
+        mismatches, same = [], 0
+        for i, text in enumerate(texts):
+            ids_hf = list(hf(text, add_special_tokens=True)["input_ids"])
+            ids_ll = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) if text else []
+            if ids_hf == ids_ll:
+                same += 1
+            elif len(mismatches) < max_report:
+                mismatches.append({"index": i, "text": text[:200], "hf": ids_hf[:64], "llama": ids_ll[:64]})
+    finally:
+        llm.close()
+    return {"n": len(texts), "identical": same, "mismatches": mismatches}
+
+
+def default_parity_texts(tokenizer_dir: str | os.PathLike) -> list[str]:
+    """A small built-in corpus: edge-case strings plus a rendered multi-turn chat."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts = [
+        "Hello, world!", "  two  spaces and a tab\t", "line one\nline two\r\n\n", "123 4567 89.5 1,000",
+        "don't can't I'll we've", "Ünïcödé café — 日本語 🚀🦙", "", " ", "a" * 300,
+    ]
+    chat = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "And 7 * 6?"},
+    ]
+    if getattr(tok, "chat_template", None):
+        texts.append(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+def convert(
+    merged_dir: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    outtype: str = "bf16",
+    pre_tokenizer: str | None = "qwen2",
+    model_name: str | None = None,
+    parity_texts: Sequence[str] | None = None,
+    source: Mapping[str, Any] | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Convert an HF checkpoint to GGUF with llama.cpp's converter; write ``<out_file>.json``.
+
+    ``pre_tokenizer`` is used only when llama.cpp does not recognise the tokenizer's hash. The
+    result must tokenize ``parity_texts`` (default: a small built-in corpus) exactly like HF,
+    otherwise nothing is written. ``source`` (e.g. run, checkpoint) goes into the record.
+    Returns the record's provenance.
+    """
+    from qatforge import llamacpp
+
+    log = as_log(log)
+    merged_dir, out_file = Path(merged_dir), Path(out_file)
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype {outtype!r} not supported; valid: {', '.join(OUTTYPES)}")
+    if not (merged_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{merged_dir} is not an HF checkpoint (no config.json)")
+    weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors")) or size_bytes(merged_dir)
+    check_free_space(out_file, weights * (2 if outtype == "f32" else 1))
+    started = time.perf_counter()
+    llamacpp.find_converter()  # clear error before spawning anything
+    with atomic_file(out_file) as tmp:
+        report = tmp.with_name(tmp.name + ".pre.json")
+        cmd = [sys.executable, "-m", "qatforge.llamacpp", "convert", "--report", str(report)]
+        if pre_tokenizer:
+            cmd += ["--pre-tokenizer", pre_tokenizer]
+        cmd += ["--", str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
+        if model_name:
+            cmd += ["--model-name", model_name]
+        try:
+            _run_tool(cmd, log, env=_converter_env(), what=f"convert_hf_to_gguf.py on {merged_dir}")
+            import json
+
+            pre = json.loads(report.read_text()) if report.is_file() else {}
+        finally:
+            report.unlink(missing_ok=True)
+        texts = list(parity_texts) if parity_texts is not None else default_parity_texts(merged_dir)
+        parity = tokenizer_parity(tmp, merged_dir, texts)
+        log(f"tokenizer parity HF vs llama.cpp: {parity['identical']}/{parity['n']}")
+        if parity["identical"] != parity["n"]:
+            raise RuntimeError(
+                f"{out_file}: llama.cpp tokenizes {parity['n'] - parity['identical']} of {parity['n']} texts "
+                f"differently from the HF tokenizer (pre-tokenizer {pre.get('pre_tokenizer')!r}, "
+                f"recognized={pre.get('recognized')}); first mismatches: {parity['mismatches']}"
+            )
+        meta = gguf_metadata(tmp, keys=("general.architecture", "general.name", "general.file_type",
+                                        "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"))
+        hist = tensor_type_histogram(tmp)
+    settings = {"outtype": outtype, "pre_tokenizer_fallback": pre_tokenizer, "model_name": model_name}
+    extra = {"pre_tokenizer": pre, "tokenizer_parity": {"n": parity["n"], "identical": parity["identical"]},
+             "tensor_types": hist, "metadata": meta}
+    record = write_export_record(out_file, source=dict(source or source_record(merged_dir)), tool=tool_info(),
+                                 settings=settings, started=started, **extra)
+    log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
+    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+
+
+# --------------------------------------------------------------------------- quantization
+
+def _read_imatrix(path: str | os.PathLike) -> dict[str, Any]:
+    """Entries of a GGUF imatrix file, normalised as ``llama-quantize`` does (sum / count, or 1)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    sums, counts = {}, {}
+    for t in reader.tensors:
+        if t.name.endswith(".in_sum2"):
+            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        elif t.name.endswith(".counts"):
+            counts[t.name[: -len(".counts")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    if not sums:
+        raise ValueError(f"{path}: not a GGUF imatrix file (no '*.in_sum2' tensors)")
+    entries = {}
+    for name, s in sums.items():
+        if name not in counts:
+            raise ValueError(f"{path}: imatrix entry {name!r} has sums but no counts")
+        c = np.rint(counts[name])
+        per = s.reshape(len(c), -1)
+        vals = np.where(c[:, None] > 0, per / np.maximum(c[:, None], 1), 1.0).astype(np.float32).reshape(-1)
+        if not np.isfinite(vals).all():
+            raise ValueError(f"{path}: imatrix entry {name!r} has non-finite values")
+        entries[name] = np.ascontiguousarray(vals)
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    datasets = field("imatrix.datasets") or []
+    return {"entries": entries, "datasets": list(datasets), "chunk_count": field("imatrix.chunk_count"),
+            "chunk_size": field("imatrix.chunk_size")}
+
+
+def _kv_overrides(llama_cpp: Any, items: Sequence[tuple[str, Any]]) -> Any:
+    """A terminated ctypes array of ``llama_model_kv_override`` (str / int values)."""
+    arr = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
+    for i, (key, value) in enumerate(items):
+        arr[i].key = key.encode()
+        if isinstance(value, str):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            arr[i].value.val_str = value.encode()[:127]
+        else:
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = int(value)
+    arr[len(items)].key = b""
+    return arr
+
+
+def quantize(
+    src_gguf: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    qtype: str,
+    imatrix: str | os.PathLike | None = None,
+    options: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    on_fallback: str = "warn",
+    source: Mapping[str, Any] | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Quantize a GGUF file to ``qtype`` with ``llama_model_quantize``; write ``<out_file>.json``.
+
+    ``options``: ``pure``, ``leave_output_tensor``, ``output_tensor_type``,
+    ``token_embedding_type`` (ggml type names), ``allow_requantize`` (None values are ignored).
+    ``imatrix``: a GGUF imatrix file from ``imatrix()``. After writing, the tensor-type histogram
+    is recorded and fallbacks are warned about (``on_fallback="warn"``) or refused (``"fail"``,
+    raising ``FallbackError`` without leaving the output behind). Returns the record's provenance.
+    """
+    import llama_cpp
+
+    log = as_log(log)
+    src_gguf, out_file = Path(src_gguf), Path(out_file)
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    check_quant(qtype, imatrix is not None, opts)
+    if on_fallback not in ("warn", "fail"):
+        raise ValueError(f"on_fallback must be 'warn' or 'fail', got {on_fallback!r}")
+    if not src_gguf.is_file():
+        raise FileNotFoundError(f"source GGUF {src_gguf} not found")
+    ftypes, gtypes = quant_types(), ggml_types()
+    if qtype not in ftypes:
+        raise ValueError(f"quantization type {qtype} is not available in the installed llama_cpp bindings")
+    check_free_space(out_file, src_gguf.stat().st_size)
+    started = time.perf_counter()
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = int(threads or 0)
+    params.ftype = ftypes[qtype]
+    if opts.get("leave_output_tensor"):
+        params.quantize_output_tensor = False
+    params.pure = bool(opts.get("pure", False))
+    params.allow_requantize = bool(opts.get("allow_requantize", False))
+    for key in ("output_tensor_type", "token_embedding_type"):
+        if key in opts:
+            setattr(params, key, gtypes[opts[key]])
+
+    keep: list[Any] = []  # ctypes buffers that must outlive the call
+    imatrix_info: dict[str, Any] | None = None
+    if imatrix is not None:
+        im = _read_imatrix(imatrix)
+        entries = im["entries"]
+        arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+        for i, (name, vals) in enumerate(sorted(entries.items())):
+            name_b = ctypes.create_string_buffer(name.encode())
+            keep += [name_b, vals]
+            arr[i].name = ctypes.cast(name_b, ctypes.c_char_p)
+            arr[i].data = vals.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = vals.size
+        arr[len(entries)].name = None
+        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        # The same metadata llama-quantize records (file name only, so outputs are path-independent).
+        kv = [("quantize.imatrix.file", Path(imatrix).name)]
+        if im["datasets"]:
+            kv.append(("quantize.imatrix.dataset", str(im["datasets"][0])))
+        kv.append(("quantize.imatrix.entries_count", len(entries)))
+        if im["chunk_count"]:
+            kv.append(("quantize.imatrix.chunks_count", int(im["chunk_count"])))
+        kvo = _kv_overrides(llama_cpp, kv)
+        keep += [arr, kvo]
+        params.kv_overrides = ctypes.cast(kvo, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        imatrix_info = {"file": str(imatrix), "entries": len(entries), "chunks": im["chunk_count"],
+                        "chunk_size": im["chunk_size"], "datasets": im["datasets"]}
+
+    with atomic_file(out_file) as tmp:
+        log(f"llama_model_quantize {src_gguf.name} -> {out_file.name} ({qtype}, options={opts}, "
+            f"imatrix={Path(imatrix).name if imatrix else None}, threads={params.nthread})")
+        rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({src_gguf} -> {qtype}) failed with code {rc}")
+        hist = tensor_type_histogram(tmp)
+        fallbacks = find_fallbacks(tmp, qtype)
+        if fallbacks:
+            msg = (f"{out_file.name}: {len(fallbacks)} tensor(s) fell back to another type because their "
+                   f"rows do not fit the {qtype} block size: "
+                   + ", ".join(f"{f['tensor']}->{f['type']} (row {f['row_length']})" for f in fallbacks[:8]))
+            log(msg)
+            if on_fallback == "fail":
+                raise FallbackError(msg + " (gguf.on_fallback: fail)")
+            warnings.warn(msg, stacklevel=2)
+    del keep
+    settings = {"type": qtype, "options": opts, "imatrix": imatrix_info, "threads": params.nthread,
+                "on_fallback": on_fallback}
+    src_source = dict(source) if source else {}
+    src_source.setdefault("gguf", src_gguf.name)
+    record = write_export_record(out_file, source=src_source, tool=tool_info(), settings=settings,
+                                 started=started, tensor_types=hist, fallbacks=fallbacks)
+    log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.2f} MiB) tensor types {hist}")
+    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+
+
+# --------------------------------------------------------------------------- importance matrix
+
+def write_calibration_text(
+    conversations: Iterable[Sequence[Mapping[str, str]]], tokenizer_dir: str | os.PathLike, out_file: str | os.PathLike
+) -> dict[str, Any]:
+    """Render chats with the model's chat template into one calibration text file (atomically)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    n, chars = 0, 0
+    with atomic_file(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for conv in conversations:
+            text = tok.apply_chat_template(list(conv), tokenize=False)
+            f.write(text)
+            n, chars = n + 1, chars + len(text)
+    if n == 0:
+        Path(out_file).unlink(missing_ok=True)
+        raise ValueError("no conversations to render into the calibration text")
+    return {"conversations": n, "chars": chars}
+
+
+def imatrix(
+    model_gguf: str | os.PathLike,
+    calibration_text: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    chunks: int = 32,
+    ctx: int = 256,
+    threads: int = 1,
+    source: Mapping[str, Any] | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Compute an importance matrix (GGUF format) with ``llama-imatrix``; write ``<out_file>.json``.
+
+    Special tokens in the text (chat markup) are parsed as tokens. The text must hold at least
+    ``2 * ctx`` tokens; at most ``chunks`` windows of ``ctx`` tokens are processed.
+    """
+    from qatforge import llamacpp
+
+    log = as_log(log)
+    model_gguf, calibration_text, out_file = Path(model_gguf), Path(calibration_text), Path(out_file)
+    for p in (model_gguf, calibration_text):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found")
+    tool = llamacpp.find_imatrix_tool()
+    started = time.perf_counter()
+    with atomic_file(out_file) as tmp:
+        cmd = [tool, "-m", model_gguf, "-f", calibration_text, "-o", tmp, "--output-format", "gguf",
+               "--chunks", str(chunks), "-c", str(ctx), "-b", str(ctx), "-t", str(threads),
+               "--parse-special"]
+        out = _run_tool(cmd, log, what=f"llama-imatrix on {model_gguf.name}")
+        if not tmp.stat().st_size:
+            raise RuntimeError(f"llama-imatrix wrote nothing to {tmp}:\n{out[-2000:]}")
+        im = _read_imatrix(tmp)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+    settings = {"chunks": chunks, "ctx": ctx, "threads": threads, "calibration_text": str(calibration_text)}
+    extra = {"entries": len(im["entries"]), "chunks_processed": im["chunk_count"],
+             "perplexity": float(m.group(1)) if m else None}
+    src = dict(source) if source else {}
+    src.setdefault("gguf", model_gguf.name)
+    record = write_export_record(out_file, source=src, tool=tool_info() | {"executable": str(tool)},
+                                 settings=settings, started=started, **extra)
+    log(f"wrote {out_file}: {extra}")
+    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}

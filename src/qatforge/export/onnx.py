@@ -1,0 +1,217 @@
+"""ONNX export of a merged checkpoint with optimum-onnx, and its onnxruntime dynamic int8 variant.
+
+Both directories load on their own (``ORTModelForCausalLM.from_pretrained(dir)``): the tokenizer,
+chat template and generation config of the merged checkpoint are copied alongside. Both are
+written atomically, loaded in onnxruntime as a check, and carry an ``export.json`` record.
+optimum only *warns* when its own validation exceeds the tolerance, so the fp32 export is also
+compared with PyTorch here (max |logit diff| recorded; above ``atol`` the export fails).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from qatforge.export.record import as_log, source_record, write_export_record
+from qatforge.io import atomic_dir, check_free_space, package_versions, size_bytes
+
+TASK = "text-generation-with-past"
+# Files of an HF checkpoint needed to tokenize/chat/generate, copied next to the ONNX graph.
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+DEFAULT_CHECK_TEXTS = (
+    "Hello, world!",
+    "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n",
+)
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def _session_info(model_dir: Path, threads: int | None) -> dict[str, Any]:
+    """Load every ``*.onnx`` of ``model_dir`` in an onnxruntime ``InferenceSession``; names of its I/O."""
+    import onnxruntime as ort
+
+    out = {}
+    for f in sorted(model_dir.glob("*.onnx")):
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(f), sess_options=so, providers=["CPUExecutionProvider"])
+        out[f.name] = {"inputs": len(sess.get_inputs()), "outputs": len(sess.get_outputs())}
+        del sess
+    if not out:
+        raise FileNotFoundError(f"{model_dir}: no .onnx file was written")
+    return out
+
+
+def _check_texts(model_dir: Path, texts: Sequence[str] | None) -> list[str]:
+    if texts is not None:
+        return list(texts)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    out = list(DEFAULT_CHECK_TEXTS[:1])
+    if getattr(tok, "chat_template", None):
+        out.append(tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}],
+                                           tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def compare_with_torch(
+    onnx_dir: str | os.PathLike,
+    torch_dir: str | os.PathLike,
+    texts: Sequence[str] | None = None,
+    *,
+    max_new_tokens: int = 8,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Logits of ``ORTModelForCausalLM(onnx_dir)`` vs the fp32 PyTorch model of ``torch_dir``.
+
+    Returns ``{"max_abs_logit_diff", "texts", "greedy_identical"}`` (greedy continuation of
+    each text compared token by token).
+    """
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import onnxruntime as ort
+
+    onnx_dir, torch_dir = Path(onnx_dir), Path(torch_dir)
+    tok = AutoTokenizer.from_pretrained(str(onnx_dir))
+    texts = _check_texts(onnx_dir, texts)
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, session_options=so, use_cache=True)
+    pt_model = AutoModelForCausalLM.from_pretrained(str(torch_dir), dtype=torch.float32).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    max_diff, same = 0.0, 0
+    for text in texts:
+        enc = tok(text, return_tensors="pt", add_special_tokens=True)
+        with torch.no_grad():
+            ref = pt_model(**enc).logits.float()
+            got = ort_model(**enc).logits.float()
+            max_diff = max(max_diff, float((ref - got).abs().max()))
+            kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            g_ref = pt_model.generate(**enc, **kw)[0].tolist()
+            g_got = ort_model.generate(**enc, **kw)[0].tolist()
+        same += int(g_ref == g_got)
+    return {"max_abs_logit_diff": max_diff, "texts": len(texts), "greedy_identical": same}
+
+
+def export(
+    merged_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    atol: float = 1e-3,
+    check_texts: Sequence[str] | None = None,
+    threads: int | None = None,
+    opset: int | None = None,
+    source: Mapping[str, Any] | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """fp32 ONNX export (task ``text-generation-with-past``, optimum's validation on) of ``merged_dir``.
+
+    The export is loaded in onnxruntime and its logits compared with PyTorch on ``check_texts``;
+    a difference above ``atol`` fails the export. Writes ``out_dir/export.json``; returns its
+    provenance.
+    """
+    import torch
+    from optimum.exporters.onnx import main_export
+
+    log = as_log(log)
+    merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    if not (merged_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{merged_dir} is not an HF checkpoint (no config.json)")
+    if threads:
+        torch.set_num_threads(threads)
+    weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors")) or size_bytes(merged_dir)
+    check_free_space(out_dir, weights * 2)  # fp32 graph of a 16-bit checkpoint
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        log(f"optimum main_export {merged_dir} -> {out_dir} (task {TASK}, fp32, validation on)")
+        main_export(str(merged_dir), output=tmp, task=TASK, dtype="fp32", device="cpu", opset=opset,
+                    do_validation=True, local_files_only=True, trust_remote_code=False)
+        side = _copy_side_files(merged_dir, tmp)
+        sessions = _session_info(tmp, threads)
+        check = compare_with_torch(tmp, merged_dir, check_texts, threads=threads)
+        log(f"onnxruntime vs torch: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
+            f"greedy identical {check['greedy_identical']}/{check['texts']}")
+        if not check["max_abs_logit_diff"] <= atol:
+            raise RuntimeError(f"ONNX export of {merged_dir}: logits differ from PyTorch by "
+                               f"{check['max_abs_logit_diff']:.3g} > atol {atol}")
+    settings = {"variant": "fp32", "task": TASK, "dtype": "fp32", "opset": opset, "do_validation": True,
+                "atol": atol}
+    record = write_export_record(
+        out_dir, source=dict(source or source_record(merged_dir)), tool=_tool_info(), settings=settings,
+        started=started, sessions=sessions, side_files=side, check=check)
+    log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
+    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+
+
+def quantize_int8(
+    fp32_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    per_channel: bool = False,
+    reference_dir: str | os.PathLike | None = None,
+    check_texts: Sequence[str] | None = None,
+    threads: int | None = None,
+    source: Mapping[str, Any] | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """onnxruntime ``quantize_dynamic`` (QInt8 weights) of an fp32 export; other files copied.
+
+    Loaded in onnxruntime as a check; with ``reference_dir`` (the merged checkpoint) its logits
+    are compared with PyTorch and the difference recorded (not bounded). Writes
+    ``out_dir/export.json``; returns its provenance.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log = as_log(log)
+    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
+    graphs = sorted(fp32_dir.glob("*.onnx"))
+    if not graphs:
+        raise FileNotFoundError(f"{fp32_dir}: no .onnx file to quantize (run the fp32 export first)")
+    check_free_space(out_dir, size_bytes(fp32_dir) // 2)
+    started = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        for f in fp32_dir.iterdir():
+            if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx_data") and f.name != "export.json":
+                shutil.copy2(f, tmp / f.name)
+        for g in graphs:
+            external = any(fp32_dir.glob(g.name + "_data")) or any(fp32_dir.glob(g.stem + ".onnx_data"))
+            log(f"quantize_dynamic {g.name} (QInt8, per_channel={per_channel})")
+            quantize_dynamic(g, tmp / g.name, weight_type=QuantType.QInt8, per_channel=per_channel,
+                             use_external_data_format=external)
+        sessions = _session_info(tmp, threads)
+        check = compare_with_torch(tmp, reference_dir, check_texts, threads=threads) if reference_dir else None
+        if check:
+            log(f"int8 vs torch fp32: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
+                f"greedy identical {check['greedy_identical']}/{check['texts']}")
+    settings = {"variant": "int8", "method": "onnxruntime.quantization.quantize_dynamic",
+                "weight_type": "QInt8", "per_channel": per_channel}
+    src = dict(source) if source else {}
+    src.setdefault("onnx_fp32_dir", str(fp32_dir))
+    record = write_export_record(out_dir, source=src, tool=_tool_info(), settings=settings, started=started,
+                                 sessions=sessions, check=check)
+    log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
+    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+
+
+def _tool_info() -> dict[str, Any]:
+    return {"name": "optimum-onnx", **package_versions("optimum", "optimum-onnx", "onnx", "onnxruntime",
+                                                       "torch", "transformers")}

@@ -1,0 +1,77 @@
+"""Export records (``export.json`` / ``<file>.json``) and the plain-text log shared by the exporters.
+
+No heavy imports: the GGUF/ONNX/torchao exporters import this in their worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from qatforge.io import MANIFEST, package_versions, read_json, sha256_path, write_manifest
+
+class Log:
+    """Append timestamped lines to a log file (``log`` path), a callable, or stderr when ``None``."""
+
+    def __init__(self, log: str | os.PathLike | Callable[[str], None] | None = None):
+        self._target = log
+        self.path = Path(log) if isinstance(log, (str, os.PathLike)) else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        if callable(self._target):
+            self._target(line)
+        elif self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def as_log(log: Any) -> Log:
+    return log if isinstance(log, Log) else Log(log)
+
+
+def source_record(merged_dir: str | os.PathLike, **extra: Any) -> dict[str, Any]:
+    """Where an export comes from: merged dir, its sha256 (from its manifest when present), plus ``extra``.
+
+    ``extra`` typically holds ``run`` and ``checkpoint`` (e.g. ``checkpoint-80``).
+    """
+    merged_dir = Path(merged_dir)
+    manifest = merged_dir / MANIFEST
+    sha = None
+    if manifest.is_file():
+        sha = read_json(manifest).get("sha256")
+    if sha is None:
+        sha = sha256_path(merged_dir)
+    return {"merged_dir": str(merged_dir), "merged_sha256": sha, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def write_export_record(
+    artifact: str | os.PathLike,
+    *,
+    source: dict[str, Any],
+    tool: dict[str, Any],
+    settings: dict[str, Any],
+    started: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write the export record beside/inside ``artifact`` (sha256 and size via ``write_manifest``).
+
+    ``started`` is a ``time.perf_counter()`` value; the duration up to now is recorded.
+    """
+    provenance = {
+        "source": source,
+        "tool": tool,
+        "settings": settings,
+        "duration_s": round(time.perf_counter() - started, 3),
+        "python": sys.version.split()[0],
+        **extra,
+    }
+    return write_manifest(artifact, provenance)
+

@@ -1,0 +1,127 @@
+"""Atomic writes, hashing and provenance manifests shared by every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "export.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory that is renamed to ``final`` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling file path that is renamed to ``final`` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in exclude):
+        h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def size_bytes(path: str | os.PathLike) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed versions of the named distributions (missing ones are omitted)."""
+    out = {}
+    for n in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[n] = metadata.version(n)
+    return out
+
+
+def manifest_path(artifact: str | os.PathLike) -> Path:
+    """Where the manifest of ``artifact`` lives: inside a directory, beside a file."""
+    artifact = Path(artifact)
+    if artifact.is_dir():
+        return artifact / MANIFEST
+    return artifact.with_name(artifact.name + ".json")
+
+
+def write_manifest(artifact: str | os.PathLike, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Record sha256, size and provenance of a finished artifact next to it; return the record."""
+    record = {
+        "artifact": Path(artifact).name,
+        "sha256": sha256_path(artifact),
+        "size_bytes": size_bytes(artifact),
+        "provenance": provenance,
+    }
+    write_json(manifest_path(artifact), record)
+    return record
+
+
+def check_free_space(target: str | os.PathLike, needed_bytes: int, margin: float = 1.2) -> None:
+    """Fail before writing when the filesystem of ``target`` lacks ``needed_bytes * margin``."""
+    target = Path(target)
+    probe = target if target.exists() else target.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    want = int(needed_bytes * margin)
+    if free < want:
+        raise OSError(
+            f"not enough disk space for {target}: need about {want / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free on the filesystem of {probe}"
+        )

@@ -1,0 +1,99 @@
+"""Loading a base model / tokenizer through the real ``from_pretrained`` path, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class ModelError(ValueError):
+    """A model or tokenizer source that cannot be used as a chat causal LM."""
+
+
+def _is_local(path_or_id: str | os.PathLike) -> bool:
+    s = str(path_or_id)
+    return Path(s).expanduser().exists() or s.startswith(("/", "./", "../", "~")) or s.count("/") > 1
+
+
+def _check_local_dir(path: Path) -> None:
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ModelError(f"model path {path} is not a directory (expected an HF checkpoint directory)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json: not a Hugging Face model directory")
+
+
+def _check_causal_lm_config(path_or_id: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    local = Path(str(path_or_id)).expanduser()
+    if local.is_dir():
+        raw = json.loads((local / "config.json").read_text())
+        archs = raw.get("architectures") or []
+        if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+            raise ModelError(
+                f"{path_or_id}: config.json architectures {archs} is not a causal language model"
+            )
+    try:
+        config = AutoConfig.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load the config of {path_or_id} (not a local directory, not in the HF cache): {e}"
+        ) from e
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ModelError(
+            f"{path_or_id}: model_type {config.model_type!r} has no causal-LM class in transformers"
+        )
+    return config
+
+
+def check_chat_tokenizer(tokenizer: Any, source: str) -> None:
+    """Raise ``ModelError`` unless ``tokenizer`` has a chat template and an eos token."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"tokenizer of {source} has no chat template (chat_template is empty)")
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer of {source} has no eos token")
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` plus chat checks; pad falls back to eos when missing."""
+    from transformers import AutoTokenizer
+
+    if _is_local(path_or_id):
+        _check_local_dir(Path(str(path_or_id)).expanduser())
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from {path_or_id}: {e}") from e
+    check_chat_tokenizer(tok, str(path_or_id))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path_or_id: str | os.PathLike, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` (safetensors preferred) after checking the config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
+    local = _is_local(path_or_id)
+    if local:
+        _check_local_dir(Path(str(path_or_id)).expanduser())
+    _check_causal_lm_config(str(path_or_id), trust_remote_code)
+    use_st = None
+    if local:
+        d = Path(str(path_or_id)).expanduser()
+        use_st = True if any(d.glob("*.safetensors")) else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path_or_id), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=use_st
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a causal LM from {path_or_id}: {e}") from e
+    model.eval()
+    return model

@@ -1,0 +1,200 @@
+"""Parity metrics against a run's reference outputs, and the pass/fail judgement (numpy only).
+
+All functions take plain numpy arrays so that the GGUF and ONNX evaluation processes never need
+torch. Logits are compared on identical token ids (never on re-tokenized text).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# Pass/fail thresholds per format and variant. ``kld_mean``/``kld_max`` are upper bounds,
+# ``top1_agree``/``gen_match`` lower bounds; token parity (prompt ids, BOS/EOS, template) is
+# always required. Anchors: llama.cpp tools/perplexity/README.md, LLaMA-3-8B vs FP16 —
+# BF16 vs F16 KLD 2.5e-5 / same-top-p 99.74 %; Q8_0 0.0014 / 97.7 %; Q6_K 0.0055 / 96.0 %;
+# Q5_K_M 0.011; Q4_K_M 0.031 / 91.9 %; IQ4_XS (imatrix) 0.036; Q4_0 0.072. Each bound is the
+# anchor with head-room (KLD x~3, top-1 a few points lower) so that noise on a small eval set
+# does not flip a verdict; config/config.yaml (report.thresholds) overrides any entry.
+DEFAULT_THRESHOLDS: dict[str, dict[str, dict[str, float]]] = {
+    "hf": {
+        "merged": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.99},
+        "default": {"kld_mean": 1e-3, "top1_agree": 0.98, "gen_match": 0.9},
+    },
+    "gguf": {
+        "F32": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.98},
+        "F16": {"kld_mean": 1e-4, "top1_agree": 0.995, "gen_match": 0.95},
+        "BF16": {"kld_mean": 1e-4, "top1_agree": 0.995, "gen_match": 0.95},
+        "Q8_0": {"kld_mean": 0.005, "top1_agree": 0.97, "gen_match": 0.85},
+        "Q6_K": {"kld_mean": 0.015, "top1_agree": 0.95, "gen_match": 0.8},
+        "Q5_K_M": {"kld_mean": 0.03, "top1_agree": 0.93, "gen_match": 0.7},
+        "Q4_K_M": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
+        "IQ4_XS": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
+        "Q4_0": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},
+        "default": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},
+    },
+    "onnx": {
+        "fp32": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.98},
+        "int8": {"kld_mean": 0.03, "top1_agree": 0.93, "gen_match": 0.7},
+        "default": {"kld_mean": 0.03, "top1_agree": 0.93, "gen_match": 0.7},
+    },
+    "torchao": {
+        "int8": {"kld_mean": 0.005, "top1_agree": 0.97, "gen_match": 0.85},
+        "int8-int4": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
+        "default": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
+    },
+}
+
+UPPER_BOUNDS = ("kld_mean", "kld_max", "max_abs_diff")
+LOWER_BOUNDS = ("top1_agree", "gen_match", "accuracy")
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _check_pair(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ref, test = np.asarray(ref), np.asarray(test)
+    if ref.shape != test.shape:
+        raise ValueError(f"logit shapes differ: reference {ref.shape} vs test {test.shape}")
+    if ref.ndim != 2:
+        raise ValueError(f"expected [tokens, vocab] logits, got shape {ref.shape}")
+    if not np.isfinite(test).all():
+        raise ValueError("test logits contain NaN or inf")
+    return ref, test
+
+
+def kld(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per-token KL(ref || test) from raw logits ``[tokens, vocab]`` (nats)."""
+    ref, test = _check_pair(ref_logits, logits)
+    lp, lq = log_softmax(ref), log_softmax(test)
+    out = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return np.maximum(out, 0.0)  # rounding can give -1e-17
+
+
+def compare_logits(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """KLD mean/max, top-1 agreement ("same top p") and max |logit diff| over all tokens."""
+    ref, test = _check_pair(ref, test)
+    if ref.shape[0] == 0:
+        raise ValueError("no tokens to compare")
+    k = kld(ref, test)
+    return {
+        "kld_mean": float(k.mean()),
+        "kld_max": float(k.max()),
+        "top1_agree": float((ref.argmax(-1) == test.argmax(-1)).mean()),
+        "max_abs_diff": float(np.abs(ref.astype(np.float64) - test.astype(np.float64)).max()),
+    }
+
+
+def compare_logit_sets(refs: Sequence[np.ndarray], tests: Sequence[np.ndarray]) -> dict[str, float]:
+    """``compare_logits`` pooled over several sequences (token-weighted)."""
+    if len(refs) != len(tests):
+        raise ValueError(f"{len(refs)} reference sequences vs {len(tests)} test sequences")
+    return compare_logits(np.concatenate(list(refs)), np.concatenate(list(tests)))
+
+
+def token_parity(ref_ids: Sequence[Sequence[int]], ids: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Whether every prompt tokenizes to the reference ids; the share and first mismatches."""
+    if len(ref_ids) != len(ids):
+        raise ValueError(f"{len(ref_ids)} reference prompts vs {len(ids)} tokenized prompts")
+    same = [list(map(int, a)) == list(map(int, b)) for a, b in zip(ref_ids, ids)]
+    bad = [i for i, s in enumerate(same) if not s]
+    return {
+        "token_parity": not bad,
+        "token_parity_frac": float(np.mean(same)) if same else 1.0,
+        "token_mismatch_prompts": bad[:10],
+    }
+
+
+def gen_match(ref_gen_ids: Sequence[Sequence[int]], gen_ids: Sequence[Sequence[int]]) -> float:
+    """Fraction of greedy generations whose token ids are identical to the reference."""
+    if len(ref_gen_ids) != len(gen_ids):
+        raise ValueError(f"{len(ref_gen_ids)} reference generations vs {len(gen_ids)} generations")
+    if not ref_gen_ids:
+        raise ValueError("no generations to compare")
+    same = [list(map(int, a)) == list(map(int, b)) for a, b in zip(ref_gen_ids, gen_ids)]
+    return float(np.mean(same))
+
+
+def nll_terms(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
+    """Summed NLL and count of the tokens ``ids[t+1]`` with ``mask[t+1]`` predicted from ``logits[t]``."""
+    logits, ids, mask = np.asarray(logits), np.asarray(ids), np.asarray(mask, dtype=bool)
+    if logits.shape[0] != ids.shape[0] or ids.shape != mask.shape:
+        raise ValueError(f"shape mismatch: logits {logits.shape}, ids {ids.shape}, mask {mask.shape}")
+    sel = mask[1:]
+    if not sel.any():
+        return 0.0, 0
+    lp = log_softmax(logits[:-1][sel])
+    tgt = ids[1:][sel]
+    return float(-lp[np.arange(len(tgt)), tgt].sum()), int(sel.sum())
+
+
+def nll_from_logits(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
+    """Mean next-token NLL over the masked (assistant) positions of one sequence."""
+    total, n = nll_terms(logits, ids, mask)
+    if n == 0:
+        raise ValueError("no masked tokens to score")
+    return total / n
+
+
+def mean_nll(
+    logits: Sequence[np.ndarray], ids: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+) -> float:
+    """Token-weighted mean NLL over several sequences (same convention as ``chat.hf_nll``)."""
+    total, count = 0.0, 0
+    for lg, i, m in zip(logits, ids, masks, strict=True):
+        t, n = nll_terms(lg, i, m)
+        total, count = total + t, count + n
+    if count == 0:
+        raise ValueError("no assistant tokens to score")
+    return total / count
+
+
+def thresholds_for(
+    format: str, variant: str, table: Mapping[str, Any] | None = None
+) -> dict[str, float]:
+    """Thresholds of ``format``/``variant``: the built-in defaults overlaid with ``table``.
+
+    Lookup per source: the exact variant, else its case-insensitive match, else ``default``.
+    """
+
+    def pick(fmt_table: Mapping[str, Any] | None) -> dict[str, float]:
+        if not fmt_table:
+            return {}
+        if variant in fmt_table:
+            return dict(fmt_table[variant] or {})
+        for k, v in fmt_table.items():
+            if k.lower() == str(variant).lower():
+                return dict(v or {})
+        return dict(fmt_table.get("default") or {})
+
+    if format not in DEFAULT_THRESHOLDS and not (table and format in table):
+        raise KeyError(f"no parity thresholds for format {format!r} (known: {sorted(DEFAULT_THRESHOLDS)})")
+    out = pick(DEFAULT_THRESHOLDS.get(format))
+    out.update(pick((table or {}).get(format)))
+    unknown = set(out) - set(UPPER_BOUNDS) - set(LOWER_BOUNDS)
+    if unknown:
+        raise KeyError(f"unknown threshold keys for {format}/{variant}: {sorted(unknown)}")
+    return out
+
+
+def judge(metrics: Mapping[str, Any], thresholds: Mapping[str, float]) -> tuple[bool, list[str]]:
+    """Compare metrics with thresholds; token/template checks must hold. Returns (pass, failures)."""
+    failures: list[str] = []
+    for key in ("token_parity", "bos_ok", "eos_ok", "no_double_bos", "chat_template_equal"):
+        if key in metrics and metrics[key] is not None and not metrics[key]:
+            failures.append(f"{key} is false")
+    for key, bound in thresholds.items():
+        value = metrics.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            failures.append(f"{key} missing")
+        elif key in UPPER_BOUNDS and value > bound:
+            failures.append(f"{key} {value:.4g} > {bound:.4g}")
+        elif key in LOWER_BOUNDS and value < bound:
+            failures.append(f"{key} {value:.4g} < {bound:.4g}")
+    return not failures, failures

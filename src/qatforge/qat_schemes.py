@@ -1,0 +1,175 @@
+"""QAT / torchao scheme names, parsing and device support: pure, no torch import.
+
+Imported by the config validator at Snakefile parse time, so everything here must answer from
+the scheme name, the given CUDA capability and ``importlib.util.find_spec`` alone.
+
+Names are Unsloth's (``_prepare_model_for_qat``, torchao 0.18): ``int4``, ``int8-int4`` (alias
+``phone-deployment``), ``fp8-int4``, ``fp8-fp8``, ``int8``; plus explicit weight-only specs
+``int<bits>-w<group>`` (e.g. ``int2-w128``; also written ``w2g128`` or as a mapping
+``{weight_dtype: int2, group_size: 128}``) mapped to ``IntxWeightOnlyConfig(int<bits>, PerGroup(group))``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+UNSLOTH_SCHEMES = ("int4", "int8-int4", "fp8-int4", "fp8-fp8", "int8")
+ALIASES = {"phone-deployment": "int8-int4"}
+SCHEMES = UNSLOTH_SCHEMES + tuple(ALIASES)
+SPEC_FORMS = "int<bits>-w<group> (e.g. int2-w128), w<bits>g<group>, or {weight_dtype: int<bits>, group_size: <group>}"
+CPU_SCHEMES_HINT = "int8-int4, int8 or a weight-only spec such as int4-w32 / int2-w128"
+FP8_MIN_CAPABILITY = (8, 9)
+
+_SPEC = re.compile(r"^int([1-8])-w([1-9][0-9]*)$")
+_SPEC_SHORT = re.compile(r"^w([1-8])g([1-9][0-9]*)$")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A parsed scheme. ``group_size`` None means per-output-channel (per-axis) weights."""
+
+    name: str  # canonical name (aliases resolved, specs normalised to int<bits>-w<group>)
+    weight_bits: int | str  # 8, 4, 2, ... or "fp8"
+    group_size: int | None
+    activation: str | None  # None (weight-only), "int8" or "fp8" dynamic activations
+    embedding: bool  # the input embedding is quantized too (int8 per row)
+    unsloth: bool  # one of Unsloth's names
+    min_cuda_capability: tuple[int, int] | None  # None: runs on CPU
+    kernel_package: str | None  # extra package whose kernels the real quantization needs
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation is None
+
+
+_TABLE = {
+    "int4": Scheme("int4", 4, 128, None, False, True, (0, 0), "mslk"),
+    "int8-int4": Scheme("int8-int4", 4, 32, "int8", True, True, None, None),
+    "fp8-int4": Scheme("fp8-int4", 4, 128, "fp8", False, True, FP8_MIN_CAPABILITY, "mslk"),
+    "fp8-fp8": Scheme("fp8-fp8", "fp8", None, "fp8", False, True, FP8_MIN_CAPABILITY, None),
+    "int8": Scheme("int8", 8, None, None, False, True, None, None),
+}
+
+
+def _weight_only(bits: int, group: int) -> Scheme:
+    return Scheme(f"int{bits}-w{group}", bits, group, None, False, False, None, None)
+
+
+def parse_scheme(scheme: str | Mapping[str, Any]) -> Scheme:
+    """Parse a scheme name, alias or explicit weight-only spec; ``ValueError`` lists valid forms."""
+    if isinstance(scheme, Mapping):
+        unknown = set(scheme) - {"weight_dtype", "group_size"}
+        if unknown:
+            raise ValueError(f"qat scheme mapping has unknown keys {sorted(unknown)}; expected weight_dtype, group_size")
+        dtype, group = scheme.get("weight_dtype"), scheme.get("group_size")
+        m = re.fullmatch(r"(?:torch\.)?int([1-8])", str(dtype))
+        if not m:
+            raise ValueError(f"qat scheme weight_dtype {dtype!r} is not one of int1..int8")
+        if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+            raise ValueError(f"qat scheme group_size {group!r} is not a positive integer")
+        return _weight_only(int(m.group(1)), group)
+    if not isinstance(scheme, str):
+        raise ValueError(f"qat scheme must be a name or a mapping, got {type(scheme).__name__}")
+    name = ALIASES.get(scheme, scheme)
+    if name in _TABLE:
+        return _TABLE[name]
+    m = _SPEC.match(scheme) or _SPEC_SHORT.match(scheme)
+    if m:
+        return _weight_only(int(m.group(1)), int(m.group(2)))
+    raise ValueError(
+        f"unknown qat scheme {scheme!r}; valid: {', '.join(SCHEMES)}, or a weight-only spec {SPEC_FORMS}"
+    )
+
+
+def canonical(scheme: str | Mapping[str, Any]) -> str:
+    """The canonical (file-name safe) name of a scheme: aliases resolved, specs normalised."""
+    return parse_scheme(scheme).name
+
+
+def _has_package(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def device_support(
+    scheme: str | Mapping[str, Any], cuda_capability: tuple[int, int] | None = None
+) -> tuple[bool, str]:
+    """Whether ``scheme`` can be trained and really quantized on a device, and why not.
+
+    ``cuda_capability`` is the GPU's (major, minor) compute capability, None for CPU only (see
+    :func:`detect_cuda_capability`). Pure: no torch import.
+    """
+    try:
+        s = parse_scheme(scheme)
+    except ValueError as e:
+        return False, str(e)
+    if s.min_cuda_capability is not None:
+        if cuda_capability is None:
+            what = "fp8 dynamic activations need" if s.activation == "fp8" else "its int4 kernels need"
+            return False, (
+                f"qat scheme {s.name!r} cannot run on this CPU-only machine: {what} a CUDA GPU"
+                + (f" of compute capability >= {s.min_cuda_capability[0]}.{s.min_cuda_capability[1]}"
+                   if s.min_cuda_capability > (0, 0) else "")
+                + (f" and the {s.kernel_package!r} kernel package" if s.kernel_package else "")
+                + f"; use {CPU_SCHEMES_HINT} instead"
+            )
+        if tuple(cuda_capability) < s.min_cuda_capability:
+            need = ".".join(map(str, s.min_cuda_capability))
+            have = ".".join(map(str, cuda_capability))
+            return False, (
+                f"qat scheme {s.name!r} needs CUDA compute capability >= {need} (fp8), this GPU has {have}; "
+                f"use int4, {CPU_SCHEMES_HINT} instead"
+            )
+    if s.kernel_package and not _has_package(s.kernel_package):
+        return False, (
+            f"qat scheme {s.name!r}: torchao 0.18's int4 tensors need the {s.kernel_package!r} kernel package, "
+            f"which is not installed; install it or use {CPU_SCHEMES_HINT} instead"
+        )
+    return True, "ok"
+
+
+def problems(scheme: str | Mapping[str, Any], cuda_capability: tuple[int, int] | None = None) -> list[str]:
+    """Config-validator form of :func:`device_support`: an empty list when the scheme is usable."""
+    ok, reason = device_support(scheme, cuda_capability)
+    return [] if ok else [reason]
+
+
+def detect_cuda_capability() -> tuple[int, int] | None:
+    """The first CUDA GPU's compute capability, or None; torch-free, for Snakefile parse time.
+
+    ``QATFORGE_CUDA_CAPABILITY`` (``8.9`` or ``none``) overrides the probe; otherwise
+    ``nvidia-smi`` is asked when it is on PATH (no GPU driver → None).
+    """
+    env = os.environ.get("QATFORGE_CUDA_CAPABILITY")
+    if env is not None:
+        return _parse_capability(env, "QATFORGE_CUDA_CAPABILITY")
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    return _parse_capability(lines[0], "nvidia-smi") if lines else None
+
+
+def _parse_capability(text: str, source: str) -> tuple[int, int] | None:
+    text = text.strip().lower()
+    if text in ("", "none", "cpu"):
+        return None
+    m = re.fullmatch(r"(\d+)\.(\d+)", text)
+    if not m:
+        raise ValueError(f"{source}: compute capability {text!r} is not of the form 8.9 (or 'none')")
+    return int(m.group(1)), int(m.group(2))

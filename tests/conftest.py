@@ -1,0 +1,81 @@
+"""Session fixtures: one real build of the tiny pipeline (smoke config), copied per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles")
+SMOKE = ROOT / "tests" / "smoke_config.yaml"
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("quants",):
+            deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def copy_project(dest: Path) -> Path:
+    """A fresh project directory at ``dest`` with the smoke config as its config.yaml."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    deep_update(cfg, yaml.safe_load(SMOKE.read_text()))
+    (dest / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    (dest / "results").mkdir(exist_ok=True)
+    return dest
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 3600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real snakemake CLI of this interpreter in ``workdir``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_config(workdir: Path) -> dict:
+    return yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def pipeline_build(tmp_path_factory) -> Path:
+    """The tiny pipeline built once per test session with the smoke config (all targets)."""
+    work = copy_project(tmp_path_factory.mktemp("pipeline") / "project")
+    snakemake(work, "--cores", "2")
+    return work
+
+
+def clone_workdir(src: Path, dest: Path) -> Path:
+    """Copy a built workdir (results, .snakemake metadata, mtimes preserved)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture
+def built_workdir(pipeline_build, tmp_path) -> Path:
+    """A private copy of the built pipeline, safe to edit and rebuild."""
+    return clone_workdir(pipeline_build, tmp_path / "project")

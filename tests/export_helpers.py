@@ -1,0 +1,76 @@
+"""A tiny merged-style HF checkpoint (real project tokenizer + random Qwen3) shared by the export tests.
+
+Built once per pytest session under the session temp dir; each export test module requests it
+through its own fixture calling ``tiny_checkpoint(tmp_path_factory)``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+PARITY_EXTRA = [
+    "",
+    " ",
+    "\n\n",
+    "Hello, world!",
+    "  leading and trailing spaces  ",
+    "tabs\tand\nnewlines\r\nmixed",
+    "numbers 1234567 3.14159 1,000,000",
+    "Ünïcödé: naïve café, 日本語のテキスト, emoji 🚀🦙",
+    "don't won't I'll we've they're he'd",
+    "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n",
+]
+
+
+def synthetic_conversations(n: int = 240, seed: int = 0) -> list[list[dict]]:
+    """Deterministic arithmetic / copy chats, like the project's data (system/user/assistant)."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "swift", "ember", "delta", "maple", "quartz"]
+    convs = []
+    for i in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if i % 3 == 0:
+            q, ans = f"What is {a} + {b}?", str(a + b)
+        elif i % 3 == 1:
+            q, ans = f"What is {a} times {b}?", str(a * b)
+        else:
+            w = rng.sample(words, 3)
+            q, ans = f"Repeat the words: {' '.join(w)}.", " ".join(w)
+        conv = [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]
+        if i % 4 == 0:
+            conv.insert(0, {"role": "system", "content": "You are a careful assistant."})
+        convs.append(conv)
+    return convs
+
+
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Path of the session's tiny merged checkpoint (safetensors + tokenizer + chat template)."""
+    root = tmp_path_factory.getbasetemp() / "tiny-merged"
+    if (root / "config.json").is_file():
+        return root
+    import torch
+
+    from qatforge.io import atomic_dir
+    from qatforge.tiny import build_model, build_tokenizer
+
+    torch.set_num_threads(2)
+    convs = synthetic_conversations()
+    tok = build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=512)
+    model = build_model(tok, hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, head_dim=64, seed=0)
+    with torch.no_grad():  # larger-than-init weights so quantization errors are visible but finite
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(2.0)
+    with atomic_dir(root) as tmp:
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return root
+
+
+def parity_corpus(tokenizer, n: int = 60) -> list[str]:
+    """Rendered chats (with and without generation prompt) plus edge-case strings."""
+    convs = synthetic_conversations(n, seed=1)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in convs]
+    texts += [tokenizer.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True) for c in convs[:10]]
+    return texts + PARITY_EXTRA

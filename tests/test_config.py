@@ -1,0 +1,189 @@
+"""Config validation: schema (Snakemake's validate) and the checks JSON schema cannot express."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import ROOT, copy_project
+from qatforge import config as qcfg
+
+SCHEMA = str(ROOT / "config" / "schema.yaml")
+
+
+@pytest.fixture
+def cfg():
+    c = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    validate(c, SCHEMA)
+    return c
+
+
+def problems_of(c, workdir=ROOT, cuda=None):
+    with pytest.raises(qcfg.ConfigError) as e:
+        qcfg.check(c, workdir, cuda_capability=cuda)
+    return str(e.value)
+
+
+def test_default_config_is_valid(cfg):
+    qcfg.check(cfg, ROOT)
+    assert len(qcfg.artifacts(cfg)) == 2 * (1 + 1 + 6 + 2) + 2 - 1  # hf, BF16, 6 quants, 2 onnx; torchao 2 + 1
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"bogus_key": 1}, "bogus_key"),
+        ({"train": {"max_steps": "ten"}}, "max_steps"),
+        ({"gguf": {"outtype": "q4"}}, "outtype"),
+        ({"runs": {"../evil": {"qat_scheme": None}}}, "../evil"),
+        ({"runs": {"a/b": {}}}, "a/b"),
+        ({"data": {"on_bad_rows": "ignore"}}, "on_bad_rows"),
+    ],
+)
+def test_schema_rejects_with_the_key_named(cfg, patch, needle):
+    bad = copy.deepcopy(cfg)
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(bad.get(k), dict) and k != "runs":
+            bad[k].update(v)
+        else:
+            bad[k] = v
+    with pytest.raises(Exception) as e:
+        validate(bad, SCHEMA)
+    assert needle in str(e.value)
+
+
+def test_unknown_quant_type_lists_valid_ones(cfg):
+    cfg["gguf"]["quants"]["Q4_K_X"] = {"type": "Q4_K_X"}
+    msg = problems_of(cfg)
+    assert "gguf.quants.Q4_K_X.type" in msg and "Q4_K_M" in msg and "IQ4_XS" in msg
+
+
+def test_imatrix_types_need_an_imatrix(cfg):
+    cfg["gguf"]["quants"]["IQ2_XXS"] = {"type": "IQ2_XXS"}
+    assert "gguf.quants.IQ2_XXS: type IQ2_XXS needs an importance matrix" in problems_of(cfg)
+
+
+def test_unknown_scheme_lists_valid_ones(cfg):
+    cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "int3-magic"
+    msg = problems_of(cfg)
+    assert "runs.qat-int8-int4.qat_scheme" in msg and "int8-int4" in msg and "phone-deployment" in msg
+
+
+@pytest.mark.parametrize("scheme", ["fp8-int4", "fp8-fp8", "int4"])
+def test_scheme_the_cpu_cannot_run_is_rejected_with_reason(cfg, scheme):
+    cfg["runs"]["qat-int8-int4"]["qat_scheme"] = scheme
+    msg = problems_of(cfg)
+    assert f"runs.qat-int8-int4.qat_scheme: scheme {scheme!r}" in msg and "use int8-int4" in msg
+
+
+def test_fp8_allowed_on_a_capable_gpu(cfg):
+    cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "fp8-fp8"
+    qcfg.check(cfg, ROOT, cuda_capability=(9, 0))  # a GPU cannot exist here: capability is passed in
+    assert "compute capability" in problems_of(cfg, cuda=(8, 0))
+
+
+def test_duplicate_artifact_names(cfg):
+    cfg["gguf"]["quants"]["BF16"] = {"type": "Q8_0"}
+    cfg["gguf"]["quants"]["q8_0"] = {"type": "Q8_0"}
+    cfg["runs"]["Baseline"] = {"qat_scheme": None}
+    msg = problems_of(cfg)
+    assert "gguf.quants.BF16: duplicate artifact name" in msg
+    assert "duplicate artifact names 'Q8_0' and 'q8_0'" in msg
+    assert "runs: duplicate artifact names 'baseline' and 'Baseline'" in msg
+
+
+def test_default_quant_must_exist(cfg):
+    cfg["gguf"]["default_quant"] = "Q3_K_M"
+    assert "gguf.default_quant" in problems_of(cfg)
+
+
+def test_model_base_missing_or_not_causal_lm(cfg, tmp_path):
+    cfg["model"]["base"] = str(tmp_path / "nope")
+    assert "does not exist" in problems_of(cfg)
+    enc = tmp_path / "bert"
+    enc.mkdir()
+    (enc / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    cfg["model"]["base"] = str(enc)
+    assert "is not a causal LM" in problems_of(cfg)
+
+
+def test_tokenizer_without_chat_template_or_eos(cfg, tmp_path):
+    m = tmp_path / "lm"
+    m.mkdir()
+    (m / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    (m / "tokenizer_config.json").write_text(json.dumps({}))
+    cfg["model"]["base"] = str(m)
+    msg = problems_of(cfg)
+    assert "has no chat template" in msg and "has no eos_token" in msg
+
+
+def test_eval_prompts_too_few(cfg):
+    cfg["eval"]["n_prompts"] = 10**6
+    assert "eval.n_prompts" in problems_of(cfg)
+
+
+def test_unknown_run_in_targets_is_named(tmp_path):
+    work = copy_project(tmp_path / "p")
+    proc = _snakemake_cli(work, "-n", "--cores", "1", "results/runs/nosuch/merged")
+    assert proc.returncode != 0
+    assert "results/runs/nosuch/merged" in proc.stdout + proc.stderr
+
+
+def test_train_settings_are_per_run(cfg):
+    cfg["runs"]["baseline"]["train"] = {"lr": 1e-3, "lora": {"r": 8}}
+    s = qcfg.train_settings(cfg, "baseline")
+    other = qcfg.train_settings(cfg, "qat-int8-int4")
+    assert s["lr"] == 1e-3 and s["lora"]["r"] == 8 and s["lora"]["alpha"] == 32
+    assert other["lora"]["r"] == 16 and other["qat_scheme"] == "int8-int4" and s["qat_scheme"] is None
+    assert "select_metric" not in s
+
+
+def _snakemake_cli(workdir: Path, *args, pythonpath: str | None = None):
+    env = None
+    if pythonpath:
+        import os
+
+        env = {**os.environ, "PYTHONPATH": pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_bad_config_fails_fast_through_snakemake(tmp_path):
+    work = copy_project(tmp_path / "p")
+    c = yaml.safe_load((work / "config" / "config.yaml").read_text())
+    c["runs"]["qat-int8-int4"]["qat_scheme"] = "fp8-fp8"
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(c))
+    t0 = time.monotonic()
+    proc = _snakemake_cli(work, "-n", "--cores", "1")
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 30
+    assert "runs.qat-int8-int4.qat_scheme" in proc.stderr + proc.stdout
+    assert "compute capability" in proc.stderr + proc.stdout
+
+
+def test_snakefile_parse_imports_no_torch(tmp_path):
+    """A dry run with torch/transformers made unimportable still parses and plans the DAG."""
+    work = copy_project(tmp_path / "p")
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    for mod in ("torch", "transformers", "llama_cpp", "onnxruntime", "torchao"):
+        (blocker / f"{mod}.py").write_text(f"raise ImportError('{mod} imported at parse time')\n")
+    proc = _snakemake_cli(work, "-n", "--cores", "1", pythonpath=str(blocker))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "build_base" in proc.stdout and "report" in proc.stdout
+
+
+def test_lint_clean(tmp_path):
+    work = copy_project(tmp_path / "p")
+    proc = _snakemake_cli(work, "--lint")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr

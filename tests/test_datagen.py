@@ -1,0 +1,68 @@
+"""The shipped dataset generator: deterministic, balanced, exact answers, eval disjoint from train."""
+
+import json
+from pathlib import Path
+
+from qatforge import datagen
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_is_deterministic_and_seed_dependent():
+    a, b = datagen.generate(7, 200), datagen.generate(7, 200)
+    assert a == b
+    assert datagen.generate(8, 200) != a
+    assert len(a) == 200
+
+
+def test_rows_are_valid_chat_conversations():
+    rows = datagen.generate(0, 300)
+    for r in rows:
+        msgs = r["messages"]
+        assert msgs[0]["role"] == "system"
+        assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * ((len(msgs) - 1) // 2)
+        assert all(isinstance(m["content"], str) and m["content"] for m in msgs)
+    assert any(len(r["messages"]) == 5 for r in rows)  # some multi-turn conversations
+
+
+def test_answers_are_exactly_right():
+    rows = datagen.eval_prompts(3, 50)
+    for r in rows:
+        q, a, task = r["messages"][-1]["content"], r["answer"], r["task"]
+        arg = q.split(": ", 1)[-1]
+        if task == "reverse":
+            assert a == " ".join(reversed(arg.split()))
+        elif task == "sort":
+            assert a == " ".join(sorted(arg.split()))
+        elif task == "uppercase":
+            assert a == arg.upper()
+        elif task == "lookup":
+            key = q.rstrip("?").split()[-1]
+            table = dict(kv.split("=") for kv in q.split(". ")[0].split(" ", 1)[1].split(", "))
+            assert a == table[key]
+        elif task == "convert":
+            nums = [int(t) for t in q.rstrip(".?").split() if t.isdigit()]
+            assert int(a) % nums[0] == 0 and int(a) // nums[0] in (10, 100, 1000)
+    assert {r["task"] for r in rows} == set(datagen.TASKS)
+
+
+def test_eval_prompts_disjoint_from_training_and_unique():
+    train_users = {m["content"] for r in datagen.generate(0, 4000) for m in r["messages"] if m["role"] == "user"}
+    ev = datagen.eval_prompts(0, 200)
+    users = [r["messages"][-1]["content"] for r in ev]
+    assert len(set(users)) == 200
+    assert not train_users & set(users)
+    assert all(r["messages"][-1]["role"] == "user" for r in ev)
+
+
+def test_main_writes_files_and_shipped_files_match_generator(tmp_path):
+    datagen.main(["--out", str(tmp_path), "--n", "50", "--n-eval", "10", "--seed", "0"])
+    chat = [json.loads(l) for l in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert chat == datagen.generate(0, 50)
+    assert len((tmp_path / "eval_prompts.jsonl").read_text().splitlines()) == 10
+    # The committed files are exactly what the default command produces.
+    shipped = (ROOT / "data" / "chat.jsonl").read_text().splitlines()
+    assert [json.loads(l) for l in shipped] == datagen.generate(0, len(shipped))
+    shipped_eval = [json.loads(l) for l in (ROOT / "data" / "eval_prompts.jsonl").read_text().splitlines()]
+    assert shipped_eval == datagen.eval_prompts(0, len(shipped_eval))
+    assert (ROOT / "data" / "chat.jsonl").stat().st_size < 3 * 2**20

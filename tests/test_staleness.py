@@ -1,0 +1,77 @@
+"""Issue 6: after a config edit, `snakemake -n` schedules exactly the stale jobs (real Snakemake)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+from conftest import read_config, snakemake, write_config
+
+RUN_OTHER = "qat-int8-int4"
+
+
+def planned_jobs(workdir: Path) -> list[tuple[str, str]]:
+    """(rule, first output) of every job a dry run would execute."""
+    out = snakemake(workdir, "-n", "--cores", "2").stdout
+    if "Nothing to be done" in out:
+        return []
+    jobs = []
+    for m in re.finditer(r"^rule (\w+):\n(?:.*\n)*?\s+output: ([^\s,]+)", out, flags=re.M):
+        jobs.append((m.group(1), m.group(2)))
+    assert jobs, f"could not parse the dry run:\n{out}"
+    return jobs
+
+
+def test_no_change_nothing_to_do(built_workdir):
+    out = snakemake(built_workdir, "-n", "--cores", "2").stdout
+    assert "Nothing to be done" in out, out
+
+
+def test_touching_dataset_without_changing_bytes_reruns_nothing(built_workdir):
+    cfg = read_config(built_workdir)
+    for key in ("path", "eval_prompts"):
+        os.utime(built_workdir / cfg["data"][key])
+    assert planned_jobs(built_workdir) == []
+
+
+def test_edit_one_quant_rebuilds_only_that_quant(built_workdir):
+    cfg = read_config(built_workdir)
+    cfg["gguf"]["quants"]["Q8_0"]["pure"] = True
+    write_config(built_workdir, cfg)
+    jobs = planned_jobs(built_workdir)
+    rules = Counter(rule for rule, _ in jobs)
+    assert rules == Counter({"gguf_quantize": 2, "evaluate_gguf": 2, "report": 1, "parity_gate": 1}), jobs
+    assert all("Q8_0" in out for rule, out in jobs if rule in ("gguf_quantize", "evaluate_gguf")), jobs
+
+
+def test_add_quant_builds_only_its_jobs_and_remove_reruns_only_report(built_workdir):
+    cfg = read_config(built_workdir)
+    cfg["gguf"]["quants"]["Q5_K_M"] = {"type": "Q5_K_M"}
+    write_config(built_workdir, cfg)
+    jobs = planned_jobs(built_workdir)
+    assert Counter(r for r, _ in jobs) == Counter(
+        {"gguf_quantize": 2, "evaluate_gguf": 2, "report": 1, "parity_gate": 1}
+    ), jobs
+    assert all("Q5_K_M" in out for r, out in jobs if r in ("gguf_quantize", "evaluate_gguf")), jobs
+
+    del cfg["gguf"]["quants"]["Q5_K_M"]
+    del cfg["gguf"]["quants"]["Q4_0"]
+    write_config(built_workdir, cfg)
+    jobs = planned_jobs(built_workdir)
+    assert Counter(r for r, _ in jobs) == Counter({"report": 1, "parity_gate": 1}), jobs
+
+
+def test_lora_change_of_one_run_rebuilds_only_that_run(built_workdir):
+    cfg = read_config(built_workdir)
+    cfg["runs"]["baseline"]["train"] = {"lora": {"r": 8}}
+    write_config(built_workdir, cfg)
+    jobs = planned_jobs(built_workdir)
+    rules = {r for r, _ in jobs}
+    assert {"train", "select_best", "merge", "gguf_convert", "onnx_export", "reference", "report"} <= rules
+    for rule, out in jobs:
+        if rule in ("report", "parity_gate"):
+            continue
+        assert "/baseline/" in out, f"{rule} -> {out} is not part of the edited run"
+        assert RUN_OTHER not in out
