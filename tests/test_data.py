@@ -131,3 +131,12 @@ def test_shipped_eval_prompts_load():
 
     rows = data.load_eval_prompts(Path(__file__).resolve().parents[1] / "data" / "eval_prompts.jsonl", 200)
     assert len(rows) == 200
+
+
+def test_json_array_file(tmp_path):
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(GOOD[:3], indent=1))
+    assert data.load_rows(src) == GOOD[:3]
+    src.write_text(json.dumps([GOOD[0], {"messages": []}]))
+    with pytest.raises(data.DataError, match=r"d\.json: item 2: empty"):
+        data.prepare(src, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.5, max_tokens=256)

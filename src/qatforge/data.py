@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant")
-ACCEPTED = "JSONL (.jsonl/.json lines), Parquet (.parquet) or a local `datasets` save_to_disk directory"
+ACCEPTED = "JSONL (.jsonl/.ndjson, or .json lines or array), Parquet (.parquet) or a local `datasets` save_to_disk directory"
 CHARS_PER_TOKEN = 4  # bound used for the over-length check when no tokenizer is given
 MESSAGE_OVERHEAD_TOKENS = 4  # role header + end-of-turn tokens per message (ChatML)
 
@@ -36,6 +36,12 @@ def _load_with_locations(path: str | os.PathLike) -> tuple[list[Any], list[str]]
         rows = ds.to_list()
         return rows, [f"row {i + 1}" for i in range(len(rows))]
     suffix = "".join(path.suffixes[-1:]).lower()
+    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from e
+        return rows, [f"item {i + 1}" for i in range(len(rows))]
     if suffix in (".jsonl", ".json", ".ndjson"):
         rows, locs = [], []
         with open(path, encoding="utf-8") as f:

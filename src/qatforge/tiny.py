@@ -182,7 +182,7 @@ def warmup(
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += int(batch["attention_mask"].sum())
-        run_loss += float(loss)
+        run_loss += float(loss.detach())
         run_n += 1
         if (step + 1) % log_every == 0 or step == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - t0
@@ -216,11 +216,13 @@ def build_base(
     eval_prompts: Sequence[dict] | None = None,
     max_new_tokens: int = 24,
     threads: int | None = None,
+    model_kwargs: dict | None = None,
 ) -> dict:
     """Train the tokenizer, build and warm up the tiny model, save an HF checkpoint atomically.
 
     Returns metrics (parameters, final loss, wall time, and exact-match accuracy when
     ``eval_prompts`` rows are given); they are also written to ``out_dir/warmup.json``.
+    ``model_kwargs`` overrides ``build_model`` dimensions (tests use smaller models).
     """
     import torch
 
@@ -238,7 +240,7 @@ def build_base(
     tokenizer = build_tokenizer(
         (t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=vocab_size
     )
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, **(model_kwargs or {}))
     n_params = sum(p.numel() for p in model.parameters())
 
     log_file = open(log_path, "w") if log_path else None

@@ -237,11 +237,19 @@ def _make_callback(loss_csv: Path, settings: TrainSettings, log: Callable[[str],
             self.last_tokens: float | None = None
             self.ema: float | None = None
             self.min_ema = math.inf
-            new = not loss_csv.is_file()
-            self.f = open(loss_csv, "a", newline="")
-            self.w = csv.DictWriter(self.f, fieldnames=LOSS_FIELDS)
-            if new:
-                self.w.writeheader()
+            self.f: Any = None
+            self.w: Any = None
+
+        def _write(self, rec: dict) -> None:
+            if self.f is None:  # append: a resumed run continues the trimmed file
+                loss_csv.parent.mkdir(parents=True, exist_ok=True)
+                new = not loss_csv.is_file()
+                self.f = open(loss_csv, "a", newline="")
+                self.w = csv.DictWriter(self.f, fieldnames=LOSS_FIELDS)
+                if new:
+                    self.w.writeheader()
+            self.w.writerow(rec)
+            self.f.flush()
 
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             logs = logs or {}
@@ -264,8 +272,7 @@ def _make_callback(loss_csv: Path, settings: TrainSettings, log: Callable[[str],
             rec = {"step": step, "loss": f"{loss:.6g}", "grad_norm": f"{gn:.6g}",
                    "lr": f"{float(logs.get('learning_rate', float('nan'))):.6g}",
                    "tokens_per_s": f"{tps:.1f}", "elapsed_s": f"{now - self.t0:.2f}"}
-            self.w.writerow(rec)
-            self.f.flush()
+            self._write(rec)
             if step <= settings.dense_steps or step % settings.log_every == 0 or step == state.max_steps:
                 log(f"step {step}/{state.max_steps}: loss {loss:.4f} grad_norm {gn:.3g} lr {rec['lr']} "
                     f"tokens/s {rec['tokens_per_s']}")
@@ -283,7 +290,9 @@ def _make_callback(loss_csv: Path, settings: TrainSettings, log: Callable[[str],
             self.min_ema = min(self.min_ema, self.ema)
 
         def on_train_end(self, args, state, control, **kw):  # noqa: ANN001
-            self.f.close()
+            if self.f is not None:
+                self.f.close()
+                self.f = None
 
     return Watch()
 
@@ -384,24 +393,30 @@ def _is_oom(e: BaseException) -> bool:
     )
 
 
-def _train_once(
-    base_dir: Path,
+def build_trainer(
+    base_dir: str | os.PathLike,
     train_rows: list[dict],
     eval_rows: list[dict],
-    work_dir: Path,
+    work_dir: str | os.PathLike,
     settings: TrainSettings,
-    backend: str,
-    resume: Path | None,
-    log: Callable[[str], None],
-) -> dict[str, Any]:
+    *,
+    backend: str = "hf",
+    log: Callable[[str], None] = print,
+) -> tuple[Any, int]:
+    """The configured ``SFTTrainer`` (LoRA model, QAT applied, callbacks) and the fake-quant count.
+
+    Rows are pre-tokenized ``{input_ids, labels}``; trl 1.14 treats a dataset with ``input_ids``
+    as processed (no re-tokenization) and its collator keeps given ``labels`` (pads with -100).
+    """
     import datasets
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
 
     datasets.disable_progress_bars()
+    work_dir = Path(work_dir)
     setup = _setup_unsloth if backend == "unsloth" else _setup_hf
-    model, tok, n_fq = setup(base_dir, settings, log)
+    model, tok, n_fq = setup(Path(base_dir), settings, log)
     from trl import SFTConfig, SFTTrainer  # after unsloth's import when that backend is used
 
     _, bf16 = _dtype_for_device()
@@ -421,6 +436,7 @@ def _train_once(
         optim="adamw_torch",
         logging_steps=1,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # NaN/inf losses must reach the divergence check
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=None,
@@ -452,13 +468,28 @@ def _train_once(
         callbacks=[_make_callback(work_dir / LOSS_CSV, settings, log)],
     )
     trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
+    return trainer, n_fq
+
+
+def _train_once(
+    base_dir: Path,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    work_dir: Path,
+    settings: TrainSettings,
+    backend: str,
+    resume: Path | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    trainer, n_fq = build_trainer(base_dir, train_rows, eval_rows, work_dir, settings, backend=backend, log=log)
     t0 = time.perf_counter()
     start_step = checkpoint_step(resume) if resume else 0
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - t0
     state = trainer.state
-    if not complete_checkpoints(work_dir) or checkpoint_step(complete_checkpoints(work_dir)[-1]) != state.global_step:
-        trainer._save_checkpoint(trainer.model, trial=None)  # the final step is always kept
+    done = complete_checkpoints(work_dir)
+    if not done or checkpoint_step(done[-1]) != state.global_step:  # HF saves the last step itself
+        raise TrainingError(f"{work_dir}: no complete checkpoint of the final step {state.global_step}")
     state.save_to_json(str(work_dir / "trainer_state.json"))
     steps_run = state.global_step - start_step
     return {
@@ -468,7 +499,7 @@ def _train_once(
         "seconds_per_step": round(seconds / steps_run, 4) if steps_run else None,
         "final_loss": result.training_loss if steps_run else None,
         "fake_quantized_modules": n_fq,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
 
 

@@ -178,6 +178,7 @@ class SlurmCluster:
     _munged_pid: int | None = field(default=None, init=False, repr=False)
     _backups: dict[Path, Path | None] = field(default_factory=dict, init=False, repr=False)
     _lock_fd: int | None = field(default=None, init=False, repr=False)
+    _prev_sigterm: object = field(default=None, init=False, repr=False)
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> "SlurmCluster":
@@ -196,6 +197,7 @@ class SlurmCluster:
             raise FileNotFoundError(f"SLURM/munge programs not installed: {', '.join(missing)}")
         t0 = time.monotonic()
         self._acquire_lock()
+        self._trap_sigterm()
         try:
             hw = _node_hardware()
             self.cpus = self.cpus or max(hw["CPUs"], MIN_CPUS)
@@ -231,6 +233,7 @@ class SlurmCluster:
             else:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
         self._release_lock()
+        self._untrap_sigterm()
 
     # -- public helpers --------------------------------------------------------------------
     @property
@@ -313,6 +316,23 @@ class SlurmCluster:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    def _trap_sigterm(self) -> None:
+        """Turn SIGTERM (e.g. from `timeout` around pytest) into SystemExit so that stop() runs."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or self._prev_sigterm is not None:
+            return
+
+        def _exit(signum, frame):
+            raise SystemExit(128 + signum)
+
+        self._prev_sigterm = signal.signal(signal.SIGTERM, _exit)
+
+    def _untrap_sigterm(self) -> None:
+        if self._prev_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._prev_sigterm)
+            self._prev_sigterm = None
 
     def _write_config(self) -> None:
         assert self.state_dir is not None

@@ -112,14 +112,12 @@ def evaluate_runtime(
 ) -> dict[str, Any]:
     """The measurements shared by every runtime (everything except load time, size, RSS)."""
     from qatforge.chat import is_correct
-    from qatforge.parity import compare_logit_sets, gen_match, judge, mean_nll, thresholds_for, token_parity
+    from qatforge.parity import (
+        compare_logit_sets, gen_match, judge, mean_nll, nll_terms, thresholds_for, token_parity,
+    )
     from qatforge.reference import check_prompts
 
     check_prompts(ref, eval_prompts_path)
-    if max_new_tokens > ref.meta["max_new_tokens"]:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} exceeds the reference's {ref.meta['max_new_tokens']}; rebuild the reference"
-        )
     ids = [rt.prompt_ids(m) for m in ref.prompts]
     out: dict[str, Any] = token_parity([p.tolist() for p in ref.prompt_ids], ids)
     special = rt.special_ids()
@@ -140,6 +138,9 @@ def evaluate_runtime(
     test_logits = [rt.logits(s.tolist()) for s in ref.nll_ids]
     out.update(compare_logit_sets(ref.nll_logits, test_logits))
     out["nll"] = mean_nll(test_logits, ref.nll_ids, ref.nll_mask)
+    terms = [nll_terms(lg, i, m) for lg, i, m in zip(test_logits, ref.nll_ids, ref.nll_mask)]
+    out["per_seq_nll_sum"] = [t[0] for t in terms]  # for bootstrap CIs over conversations
+    out["per_seq_tokens"] = [t[1] for t in terms]
     out["ppl"] = math.exp(out["nll"])
     out["ref_accuracy"] = ref.meta.get("accuracy")
     out["ref_nll"] = ref.meta.get("nll")
@@ -165,8 +166,22 @@ def provenance(artifact: str | Path) -> dict[str, Any]:
     rec = read_json(mp) if mp.is_file() else {}
     prov = rec.get("provenance") or {}
     sha = rec.get("sha256") or sha256_path(artifact)
-    src = prov.get("checkpoint") or prov.get("source_checkpoint") or prov.get("source") or str(artifact)
+    src = _nested(prov, "checkpoint") or _nested(prov, "merged_dir") or str(artifact)
     return {"sha256": sha, "source_checkpoint": str(src), "manifest": str(mp) if rec else None}
+
+
+def _nested(d: Any, key: str, depth: int = 3) -> Any:
+    """First string value of ``key`` in ``d`` or its nested dicts (breadth-first, e.g. provenance.source)."""
+    level = [d]
+    for _ in range(depth):
+        nxt = []
+        for x in level:
+            if isinstance(x, dict):
+                if isinstance(x.get(key), str) and x[key]:
+                    return x[key]
+                nxt += [v for v in x.values() if isinstance(v, dict)]
+        level = nxt
+    return None
 
 
 def run_eval(
@@ -192,7 +207,7 @@ def run_eval(
     false, the error in ``failures``) so that the report lists it instead of stopping the run.
     """
     from qatforge.bench import peak_rss_mb, size_mb
-    from qatforge.io import write_json
+    from qatforge.io import atomic_file
 
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
@@ -229,8 +244,9 @@ def run_eval(
     ordered = {c: result[c] for c in REPORT_COLUMNS}
     ordered.update({k: v for k, v in result.items() if k not in ordered})
     ordered = _jsonable(ordered)
-    if out_json is not None:
-        write_json(out_json, ordered)
+    if out_json is not None:  # report columns first, in their fixed order (write_json would sort keys)
+        with atomic_file(out_json) as tmp:
+            tmp.write_text(json.dumps(ordered, indent=2, allow_nan=False) + "\n")
     return ordered
 
 

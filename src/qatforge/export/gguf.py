@@ -16,6 +16,7 @@ Only ``quant_types`` data is needed at import; llama_cpp/gguf/transformers load 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -24,14 +25,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES
 from qatforge.export.record import Log, as_log, source_record, write_export_record
 from qatforge.io import atomic_file, check_free_space, package_versions, size_bytes
 
 __all__ = [
-    "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "QUANT_TYPES", "OUTTYPES", "TENSOR_TYPE_NAMES",
+    "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "QUANT_TYPES", "OUTTYPES", "GGML_TYPES", "TENSOR_TYPE_NAMES",
     "QUANT_OPTIONS", "FallbackError", "quant_types", "ggml_types", "check_quant", "convert",
     "tokenizer_parity", "quantize", "imatrix", "write_calibration_text", "tensor_type_histogram",
     "find_fallbacks", "gguf_metadata", "tool_info", "write_export_record", "source_record",
@@ -39,11 +40,18 @@ __all__ = [
 
 OUTTYPES = ("f32", "f16", "bf16")
 QK_K = 256  # super-block size of the K- and most IQ-quants
-# ggml tensor types valid for output_tensor_type / token_embedding_type (llama.h ggml_type names).
-TENSOR_TYPE_NAMES: tuple[str, ...] = (
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-    "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M",
-    "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "Q1_0", "Q2_0",
+# ggml tensor types (name -> GGML_TYPE_* of the vendored ggml.h). The llama_cpp bindings omit some
+# (BF16, TQ*) and PyPI's gguf 0.19.0 lacks Q2_0, so this table is static; a test checks it against both.
+GGML_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9, "Q2_K": 10,
+    "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15, "IQ2_XXS": 16, "IQ2_XS": 17,
+    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23, "I8": 24,
+    "I16": 25, "I32": 26, "I64": 27, "F64": 28, "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35,
+    "MXFP4": 39, "NVFP4": 40, "Q1_0": 41, "Q2_0": 42,
+}
+# Types valid for output_tensor_type / token_embedding_type (storage types, not internal ones).
+TENSOR_TYPE_NAMES: tuple[str, ...] = tuple(
+    n for n in GGML_TYPES if n not in ("Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64")
 )
 # Per-quant options accepted in a gguf.quants entry (besides type / imatrix).
 QUANT_OPTIONS = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "allow_requantize")
@@ -75,7 +83,7 @@ def quant_types() -> dict[str, int]:
 
 
 def ggml_types() -> dict[str, int]:
-    """ggml tensor types exposed by the installed bindings: name -> ``GGML_TYPE_*`` value."""
+    """``GGML_TYPE_*`` constants exposed by the installed llama_cpp bindings (a subset of ``GGML_TYPES``)."""
     import llama_cpp
 
     prefix = "GGML_TYPE_"
@@ -336,6 +344,39 @@ def _read_imatrix(path: str | os.PathLike) -> dict[str, Any]:
             "chunk_size": field("imatrix.chunk_size")}
 
 
+@contextlib.contextmanager
+def _capture_llama_log(log: Log) -> Iterator[list[str]]:
+    """Route llama.cpp's log output into ``log`` while the block runs (then restore llama_cpp's)."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        chunks.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield chunks
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        for line in "".join(chunks).splitlines():
+            if line.strip():
+                log(f"  llama.cpp: {line}")
+
+
+_FALLBACK_LOG = re.compile(
+    r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+\d+ \(required for type\s+(\S+)\).*?"
+    r"-> falling back to\s+(\S+)", re.S)
+
+
+def _logged_fallbacks(text: str) -> list[dict[str, Any]]:
+    """Fallbacks as llama.cpp reports them in its quantization log."""
+    return [{"tensor": m.group(1), "type": m.group(4), "row_length": int(m.group(2)), "wanted": m.group(3)}
+            for m in _FALLBACK_LOG.finditer(text)]
+
+
 def _kv_overrides(llama_cpp: Any, items: Sequence[tuple[str, Any]]) -> Any:
     """A terminated ctypes array of ``llama_model_kv_override`` (str / int values)."""
     arr = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
@@ -381,7 +422,7 @@ def quantize(
         raise ValueError(f"on_fallback must be 'warn' or 'fail', got {on_fallback!r}")
     if not src_gguf.is_file():
         raise FileNotFoundError(f"source GGUF {src_gguf} not found")
-    ftypes, gtypes = quant_types(), ggml_types()
+    ftypes = quant_types()
     if qtype not in ftypes:
         raise ValueError(f"quantization type {qtype} is not available in the installed llama_cpp bindings")
     check_free_space(out_file, src_gguf.stat().st_size)
@@ -397,7 +438,7 @@ def quantize(
     params.allow_requantize = bool(opts.get("allow_requantize", False))
     for key in ("output_tensor_type", "token_embedding_type"):
         if key in opts:
-            setattr(params, key, gtypes[opts[key]])
+            setattr(params, key, GGML_TYPES[opts[key]])
 
     keep: list[Any] = []  # ctypes buffers that must outlive the call
     imatrix_info: dict[str, Any] | None = None
@@ -416,7 +457,7 @@ def quantize(
         # The same metadata llama-quantize records (file name only, so outputs are path-independent).
         kv = [("quantize.imatrix.file", Path(imatrix).name)]
         if im["datasets"]:
-            kv.append(("quantize.imatrix.dataset", str(im["datasets"][0])))
+            kv.append(("quantize.imatrix.dataset", Path(str(im["datasets"][0])).name))
         kv.append(("quantize.imatrix.entries_count", len(entries)))
         if im["chunk_count"]:
             kv.append(("quantize.imatrix.chunks_count", int(im["chunk_count"])))
@@ -429,11 +470,16 @@ def quantize(
     with atomic_file(out_file) as tmp:
         log(f"llama_model_quantize {src_gguf.name} -> {out_file.name} ({qtype}, options={opts}, "
             f"imatrix={Path(imatrix).name if imatrix else None}, threads={params.nthread})")
-        rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _capture_llama_log(log) as chunks:
+            rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({src_gguf} -> {qtype}) failed with code {rc}")
+            tail = "".join(chunks)[-3000:]
+            raise RuntimeError(f"llama_model_quantize({src_gguf} -> {qtype}) failed with code {rc}:\n{tail}")
         hist = tensor_type_histogram(tmp)
-        fallbacks = find_fallbacks(tmp, qtype)
+        # llama.cpp's own report, plus a structural check of the written file (names not in the log).
+        fallbacks = _logged_fallbacks("".join(chunks))
+        seen = {f["tensor"] for f in fallbacks}
+        fallbacks += [f for f in find_fallbacks(tmp, qtype) if f["tensor"] not in seen]
         if fallbacks:
             msg = (f"{out_file.name}: {len(fallbacks)} tensor(s) fell back to another type because their "
                    f"rows do not fit the {qtype} block size: "

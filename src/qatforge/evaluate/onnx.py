@@ -1,0 +1,213 @@
+"""Evaluation of an ONNX export with onnxruntime directly (no torch, no transformers).
+
+The prompt is rendered from the directory's own chat template with jinja2 (the same sandboxed
+settings transformers uses: trim_blocks, lstrip_blocks, loopcontrols) and tokenized with
+``tokenizers``; decoding feeds input_ids / attention_mask / position_ids and the KV cache
+(``past_key_values.N.key|value`` → ``present.N.key|value``), starting from an empty cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def find_onnx_file(model_dir: Path) -> Path:
+    """The model file of an export directory: the only ``*.onnx``, else ``model.onnx``."""
+    files = sorted(model_dir.glob("*.onnx"))
+    if len(files) == 1:
+        return files[0]
+    for name in ("model.onnx", "model_quantized.onnx"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise FileNotFoundError(
+        f"{model_dir}: expected one .onnx model file, found {[f.name for f in files] or 'none'}"
+    )
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_chat_template(model_dir: Path) -> str:
+    """The chat template saved with the tokenizer (``chat_template.jinja`` or tokenizer_config)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tmpl = cfg.get("chat_template")
+    if isinstance(tmpl, list):  # named templates: use "default"
+        tmpl = {t["name"]: t["template"] for t in tmpl}.get("default")
+    if not tmpl:
+        raise ValueError(f"{model_dir}: no chat template (chat_template.jinja / tokenizer_config.json)")
+    return tmpl
+
+
+def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: bool, **special: Any) -> str:
+    """Render a HF chat template with jinja2 in a sandbox, as ``apply_chat_template`` does."""
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template error: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, **special
+    )
+
+
+class OnnxRuntime:
+    """An optimum ``text-generation-with-past`` export run with onnxruntime on CPU."""
+
+    def __init__(self, model_dir: str | Path, *, threads: int = 1):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise NotADirectoryError(f"ONNX artifact {self.dir} is not a directory")
+        self.onnx_file = find_onnx_file(self.dir)
+        tok_file = self.dir / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{self.dir}: tokenizer.json missing (the export must carry its tokenizer)")
+        self.tokenizer = Tokenizer.from_file(str(tok_file))
+        cfg_p = self.dir / "tokenizer_config.json"
+        self.tok_cfg = json.loads(cfg_p.read_text()) if cfg_p.is_file() else {}
+        self.template = load_chat_template(self.dir)
+        self.special_tokens = {
+            k: _token_text(self.tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+        }
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.onnx_file), so, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        if "input_ids" not in self.inputs or "logits" not in self.output_names:
+            raise ValueError(f"{self.onnx_file}: not a causal-LM export (inputs {list(self.inputs)})")
+        for n in self.past_names:
+            present = n.replace("past_key_values.", "present.")
+            if present not in self.output_names:
+                raise ValueError(f"{self.onnx_file}: input {n} has no matching output {present}")
+
+    def _token_id(self, text: str | None) -> int | None:
+        return None if text is None else self.tokenizer.token_to_id(text)
+
+    # --- tokenizer side -------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+        text = render_chat(
+            self.template, messages, True, **{k: v for k, v in self.special_tokens.items() if v is not None}
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def special_ids(self) -> dict[str, Any]:
+        return {
+            "bos_token_id": self._token_id(self.special_tokens["bos_token"]),
+            "eos_token_id": self._token_id(self.special_tokens["eos_token"]),
+            "add_bos": bool(self.tok_cfg.get("add_bos_token", False)),
+            "chat_template": self.template,
+        }
+
+    # --- model side -----------------------------------------------------------------------
+    def _empty_past(self) -> dict[str, np.ndarray]:
+        past = {}
+        for n in self.past_names:
+            meta = self.inputs[n]
+            shape = [1 if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(meta.shape)]
+            past[n] = np.zeros(shape, dtype=_ORT_TYPES.get(meta.type, np.float32))
+        return past
+
+    def _step(self, ids: Sequence[int], past: dict[str, np.ndarray], n_past: int) -> tuple[np.ndarray, dict]:
+        n = len(ids)
+        feed = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((1, n_past + n), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.arange(n_past, n_past + n, dtype=np.int64)[None, :]
+        feed.update(past)
+        outs = self.session.run(None, feed)
+        named = dict(zip(self.output_names, outs))
+        new_past = {n_: named[n_.replace("past_key_values.", "present.")] for n_ in self.past_names}
+        return named["logits"][0], new_past
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self._step(list(ids), self._empty_past(), 0)[0].astype(np.float32)
+
+    def greedy(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
+    ) -> tuple[list[int], float, float, int]:
+        gen: list[int] = []
+        steps = 0
+        t0 = time.perf_counter()
+        logits, past = self._step(list(prompt_ids), self._empty_past(), 0)
+        nxt = int(logits[-1].argmax())
+        t1 = time.perf_counter()
+        n_past = len(prompt_ids)
+        while len(gen) < max_new_tokens and (ignore_stop or nxt not in stop_ids):
+            gen.append(nxt)
+            if len(gen) == max_new_tokens:
+                break
+            logits, past = self._step([nxt], past, n_past)
+            n_past += 1
+            nxt = int(logits[-1].argmax())
+            steps += 1
+        t2 = time.perf_counter()
+        return gen, t1 - t0, t2 - t1, steps
+
+
+def evaluate(
+    artifact_path: str | Path,
+    reference_dir: str | Path,
+    eval_prompts_path: str | Path | None,
+    *,
+    run: str,
+    qat_scheme: str | None,
+    format: str,
+    variant: str,
+    threads: int,
+    max_new_tokens: int,
+    speed_prompts: int,
+    speed_repeats: int,
+    thresholds: dict | None = None,
+) -> dict[str, Any]:
+    """Evaluate an ONNX export directory against the run's reference (onnxruntime, CPU)."""
+    from qatforge.evaluate import evaluate_runtime
+    from qatforge.io import package_versions
+    from qatforge.reference import load
+
+    if format != "onnx":
+        raise ValueError(f"evaluate.onnx handles format onnx, not {format!r}")
+    ref = load(reference_dir)
+    t0 = time.perf_counter()
+    rt = OnnxRuntime(artifact_path, threads=threads)
+    load_s = time.perf_counter() - t0
+    out = evaluate_runtime(
+        rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
+        speed_prompts=speed_prompts, speed_repeats=speed_repeats, thresholds=thresholds,
+        eval_prompts_path=eval_prompts_path,
+    )
+    out.update(load_s=load_s, runtime="onnxruntime", onnx_file=rt.onnx_file.name,
+               runtime_versions=package_versions("onnxruntime", "tokenizers", "jinja2"))
+    return out

@@ -1,0 +1,45 @@
+"""Cheap validation of model files opened from config paths (no heavy imports)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+
+
+class ArtifactError(ValueError):
+    """A file that is truncated, foreign or of an unsupported version."""
+
+
+def check_gguf(path: str | Path) -> int:
+    """Validate a GGUF header (magic, version, counts) and return the version."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: GGUF file does not exist")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise ArtifactError(f"{path}: truncated GGUF file ({len(head)} bytes, header needs 24)")
+    if head[:4] != GGUF_MAGIC:
+        raise ArtifactError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in GGUF_VERSIONS:
+        raise ArtifactError(f"{path}: unsupported GGUF version {version} (supported: {GGUF_VERSIONS})")
+    if n_tensors == 0 or n_kv == 0:
+        raise ArtifactError(f"{path}: GGUF file has {n_tensors} tensors and {n_kv} metadata keys")
+    return version
+
+
+def check_onnx(path: str | Path) -> None:
+    """Validate an ONNX model file (protobuf with an opset and a graph) with onnx's own checker."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: ONNX file does not exist")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # onnx raises ValidationError, DecodeError, OSError…
+        raise ArtifactError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e)[:200]})") from e

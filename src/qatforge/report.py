@@ -1,0 +1,512 @@
+"""The polars report: one row per evaluated artifact, QAT vs PTQ, a recommendation, plots, gate.
+
+Inputs are only the per-artifact evaluation JSONs (``qatforge.evaluate.run_eval``) plus a few
+parameters, so a change to one artifact reruns only its evaluation and this aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from qatforge.io import atomic_dir, atomic_file, read_json
+
+log = logging.getLogger("qatforge.report")
+
+REPORT_COLUMNS = (
+    "run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256", "size_mb",
+    "accuracy", "nll", "ppl", "load_s", "prompt_tps", "gen_tps", "peak_rss_mb",
+    "kld_mean", "kld_max", "top1_agree", "gen_match", "token_parity", "parity_pass",
+)
+EXTRA_COLUMNS = ("threads", "n_prompts", "failures")
+STR_COLUMNS = ("run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256")
+BOOL_COLUMNS = ("token_parity", "parity_pass")
+FLOAT_COLUMNS = tuple(c for c in REPORT_COLUMNS if c not in STR_COLUMNS + BOOL_COLUMNS)
+FORMAT_ORDER = {"hf": 0, "torchao": 1, "gguf": 2, "onnx": 3}
+TARGETS = (("llama.cpp / Ollama", "gguf"), ("torchao", "torchao"), ("ONNX Runtime", "onnx"))
+NO_SCHEME = "none"
+BOOTSTRAP = 2000
+FULL_PRECISION_GGUF = {"F32", "F16", "BF16"}
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def load_evals(eval_jsons: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Read the evaluation JSONs; clear error naming the file for a missing column or bad value."""
+    rows = []
+    seen: dict[tuple, Path] = {}
+    for p in map(Path, eval_jsons):
+        try:
+            rec = read_json(p)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: cannot read evaluation JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}: evaluation JSON is not an object")
+        missing = [c for c in REPORT_COLUMNS if c not in rec]
+        if missing:
+            raise ValueError(f"{p}: missing report columns {missing}")
+        if rec["format"] not in FORMAT_ORDER:
+            raise ValueError(f"{p}: unknown format {rec['format']!r} (expected one of {list(FORMAT_ORDER)})")
+        key = (rec["run"], rec["format"], rec["variant"])
+        if key in seen:
+            raise ValueError(f"{p}: duplicate artifact {'/'.join(key)} (also in {seen[key]})")
+        seen[key] = p
+        rec = dict(rec)
+        rec["qat_scheme"] = rec["qat_scheme"] or NO_SCHEME
+        rec["_path"] = str(p)
+        rows.append(rec)
+    if not rows:
+        raise ValueError("no evaluation JSONs given")
+    return rows
+
+
+def _sort_key(r: Mapping[str, Any]) -> tuple:
+    return (bool(r["parity_pass"]), r["run"], FORMAT_ORDER[r["format"]], -(r["size_mb"] or 0.0), r["variant"])
+
+
+def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """polars DataFrame with the report columns in fixed order (failing rows first)."""
+    import polars as pl
+
+    rows = sorted(rows, key=_sort_key)
+    data: dict[str, list] = {c: [] for c in REPORT_COLUMNS + EXTRA_COLUMNS}
+    for r in rows:
+        for c in REPORT_COLUMNS:
+            v = r.get(c)
+            if c in FLOAT_COLUMNS:
+                v = float("nan") if v is None else float(v)
+            elif c in BOOL_COLUMNS:
+                v = bool(v)
+            else:
+                v = str(v)
+            data[c].append(v)
+        data["threads"].append(int(r.get("threads") or 0))
+        data["n_prompts"].append(int(r.get("n_prompts") or 0))
+        data["failures"].append("; ".join(r.get("failures") or []) or "none")
+    schema = {c: pl.String for c in STR_COLUMNS} | {c: pl.Float64 for c in FLOAT_COLUMNS}
+    schema |= {c: pl.Boolean for c in BOOL_COLUMNS} | {"threads": pl.Int64, "n_prompts": pl.Int64, "failures": pl.String}
+    return pl.DataFrame(data, schema={c: schema[c] for c in REPORT_COLUMNS + EXTRA_COLUMNS})
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+# --------------------------------------------------------------------------------------------
+def bootstrap_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    lo, hi = np.nanpercentile(values, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def _resample_idx(n: int, b: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(b, n))
+
+
+def paired_accuracy_losses(
+    base: Sequence[bool], ptq: Sequence[bool], qat: Sequence[bool], *, b: int = BOOTSTRAP, seed: int = 0
+) -> dict[str, Any]:
+    """Accuracy lost by PTQ and by QAT relative to the baseline, paired bootstrap over prompts."""
+    x0, xp, xq = (np.asarray(v, dtype=float) for v in (base, ptq, qat))
+    if not (len(x0) == len(xp) == len(xq)) or len(x0) == 0:
+        raise ValueError(f"per-prompt results differ in length: {len(x0)}, {len(xp)}, {len(xq)}")
+    idx = _resample_idx(len(x0), b, seed)
+    ptq_b = x0[idx].mean(1) - xp[idx].mean(1)
+    qat_b = x0[idx].mean(1) - xq[idx].mean(1)
+    return _losses(x0.mean() - xp.mean(), x0.mean() - xq.mean(), ptq_b, qat_b, len(x0))
+
+
+def paired_nll_losses(
+    base: Mapping[str, Sequence[float]], ptq: Mapping[str, Sequence[float]], qat: Mapping[str, Sequence[float]],
+    *, b: int = BOOTSTRAP, seed: int = 0,
+) -> dict[str, Any]:
+    """NLL added by PTQ and by QAT (token-weighted), paired bootstrap over eval conversations."""
+    cnt = np.asarray(base["per_seq_tokens"], dtype=float)
+    s0, sp, sq = (np.asarray(r["per_seq_nll_sum"], dtype=float) for r in (base, ptq, qat))
+    if not (len(s0) == len(sp) == len(sq) == len(cnt)) or len(cnt) == 0:
+        raise ValueError("per-conversation NLL lists differ in length")
+    idx = _resample_idx(len(cnt), b, seed)
+    c = cnt[idx].sum(1)
+    ptq_b = (sp[idx].sum(1) - s0[idx].sum(1)) / c
+    qat_b = (sq[idx].sum(1) - s0[idx].sum(1)) / c
+    tot = cnt.sum()
+    return _losses((sp.sum() - s0.sum()) / tot, (sq.sum() - s0.sum()) / tot, ptq_b, qat_b, len(cnt))
+
+
+def _losses(ptq: float, qat: float, ptq_b: np.ndarray, qat_b: np.ndarray, n: int) -> dict[str, Any]:
+    ptq_ci = bootstrap_ci(ptq_b)
+    # The PTQ loss is "within noise" when its 95 % CI reaches zero (or it is not a loss at all).
+    meaningful = ptq > 0 and ptq_ci[0] > 0
+    out = {"n": n, "ptq_loss": float(ptq), "ptq_loss_ci": ptq_ci, "qat_loss": float(qat),
+           "qat_loss_ci": bootstrap_ci(qat_b), "gain": float(ptq - qat), "gain_ci": bootstrap_ci(ptq_b - qat_b),
+           "meaningful": bool(meaningful), "recovered": None, "recovered_ci": None}
+    if meaningful:
+        ok = ptq_b > 0
+        out["recovered"] = float((ptq - qat) / ptq)
+        out["recovered_ci"] = bootstrap_ci((ptq_b[ok] - qat_b[ok]) / ptq_b[ok])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# report sections
+# --------------------------------------------------------------------------------------------
+def _find(rows: Sequence[Mapping], run: str, fmt: str, variant: str) -> Mapping | None:
+    for r in rows:
+        if r["run"] == run and r["format"] == fmt and r["variant"] == variant:
+            return r
+    return None
+
+
+def baseline_run(rows: Sequence[Mapping]) -> str | None:
+    """The run without a QAT scheme that has a merged HF row ("baseline" preferred)."""
+    runs = sorted({r["run"] for r in rows if r["qat_scheme"] == NO_SCHEME and r["format"] == "hf"
+                   and r["variant"] == "merged"})
+    if not runs:
+        return None
+    return "baseline" if "baseline" in runs else runs[0]
+
+
+def qat_vs_ptq(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Each QAT run's quantized artifacts vs the baseline run's artifact of the same scheme/quant."""
+    base_run = baseline_run(rows)
+    if base_run is None:
+        return []
+    base = _find(rows, base_run, "hf", "merged")
+    out = []
+    for qrun in sorted({r["run"] for r in rows if r["qat_scheme"] != NO_SCHEME}):
+        scheme = next(r["qat_scheme"] for r in rows if r["run"] == qrun)
+        pairs = [("torchao", scheme)]
+        pairs += sorted(
+            {(r["format"], r["variant"]) for r in rows if r["run"] == qrun and r["format"] in ("gguf", "onnx")
+             and r["variant"].upper() not in FULL_PRECISION_GGUF and r["variant"] != "fp32"},
+            key=lambda fv: (FORMAT_ORDER[fv[0]], fv[1]),
+        )
+        for fmt, variant in pairs:
+            q, p = _find(rows, qrun, fmt, variant), _find(rows, base_run, fmt, variant)
+            item: dict[str, Any] = {"qat_run": qrun, "baseline_run": base_run, "scheme": scheme,
+                                    "format": fmt, "variant": variant, "qat": q, "ptq": p, "base": base,
+                                    "qat_merged": _find(rows, qrun, "hf", "merged")}
+            if q is None or p is None:
+                item["missing"] = [n for n, r in (("QAT artifact", q), ("PTQ artifact", p)) if r is None]
+                out.append(item)
+                continue
+            if all(r.get("per_prompt_correct") for r in (base, p, q)):
+                item["accuracy"] = paired_accuracy_losses(
+                    base["per_prompt_correct"], p["per_prompt_correct"], q["per_prompt_correct"], seed=seed
+                )
+            if all(r.get("per_seq_nll_sum") for r in (base, p, q)):
+                item["nll"] = paired_nll_losses(base, p, q, seed=seed)
+            out.append(item)
+    return out
+
+
+def recommend(rows: Sequence[Mapping], accuracy_margin: float) -> dict[str, Any]:
+    """Per deployment target: the smallest artifact passing parity within the accuracy margin."""
+    base_run = baseline_run(rows)
+    base = _find(rows, base_run, "hf", "merged") if base_run else None
+    out: dict[str, Any] = {"baseline": base, "accuracy_margin": accuracy_margin, "targets": {}}
+    for target, fmt in TARGETS:
+        cands = [r for r in rows if r["format"] == fmt]
+        entry: dict[str, Any] = {"format": fmt, "candidates": len(cands), "choice": None, "reason": ""}
+        if base is None:
+            entry["reason"] = "no baseline merged model evaluated"
+        elif not cands:
+            entry["reason"] = f"no {fmt} artifact evaluated"
+        else:
+            floor = base["accuracy"] - accuracy_margin
+            ok = [r for r in cands if r["parity_pass"] and r["accuracy"] is not None and r["accuracy"] >= floor - 1e-12]
+            if ok:
+                entry["choice"] = min(ok, key=lambda r: (r["size_mb"], -r["accuracy"], r.get("nll") or 0.0))
+            else:
+                n_pass = sum(bool(r["parity_pass"]) for r in cands)
+                entry["reason"] = (f"none of {len(cands)} {fmt} artifacts passes parity and reaches accuracy "
+                                   f">= {floor:.3f} ({n_pass} pass parity)")
+        out["targets"][target] = entry
+    return out
+
+
+def _fmt(v: Any, col: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "**NO**"
+    if col in ("kld_mean", "kld_max"):
+        return f"{v:.2e}"
+    if col in ("accuracy", "top1_agree", "gen_match"):
+        return f"{v:.3f}"
+    if col in ("nll",):
+        return f"{v:.4f}"
+    if col in ("ppl", "size_mb", "load_s"):
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    if col in ("prompt_tps", "gen_tps", "peak_rss_mb"):
+        return f"{v:.0f}"
+    if col == "sha256":
+        return str(v)[:12]
+    return str(v)
+
+
+def _label(r: Mapping | None) -> str:
+    return "n/a" if r is None else f"{r['run']}/{r['format']}/{r['variant']}"
+
+
+def markdown_table(rows: Sequence[Mapping], cols: Sequence[str] = REPORT_COLUMNS) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c), c).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _ci(ci: Sequence[float] | None, scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if ci is None else f"[{ci[0] * scale:+.3g}{unit}, {ci[1] * scale:+.3g}{unit}]"
+
+
+def _qat_section(items: Sequence[Mapping]) -> list[str]:
+    md = ["## QAT vs PTQ", ""]
+    if not items:
+        md += ["No QAT run paired with a baseline run (a run with qat_scheme and a baseline merged model) "
+               "was evaluated.", ""]
+        return md
+    md += [
+        "Each QAT run's quantized artifact against the baseline run's artifact of the same scheme or quant "
+        "(PTQ), both measured against the baseline merged model. *Loss* = baseline − artifact for "
+        "accuracy (points) and artifact − baseline for NLL (nats/token); *recovered* = (PTQ loss − QAT loss) "
+        "/ PTQ loss. 95 % intervals: paired bootstrap over prompts (accuracy) and over eval conversations "
+        "(NLL), {} resamples. Exact match on N prompts moves in steps of 1/N.".format(BOOTSTRAP),
+        "",
+        "| scheme / quant | artifact | accuracy | NLL | PPL | size MiB | KLD mean | top-1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for it in items:
+        for name, r in (("baseline merged", it["base"]), ("QAT run merged", it["qat_merged"]),
+                        ("PTQ (baseline run)", it["ptq"]), ("QAT", it["qat"])):
+            if r is None:
+                continue
+            md.append(f"| {it['format']} {it['variant']} | {name}: {_label(r)} | {_fmt(r['accuracy'], 'accuracy')} | "
+                      f"{_fmt(r['nll'], 'nll')} | {_fmt(r['ppl'], 'ppl')} | {_fmt(r['size_mb'], 'size_mb')} | "
+                      f"{_fmt(r['kld_mean'], 'kld_mean')} | {_fmt(r['top1_agree'], 'top1_agree')} |")
+    md.append("")
+    for it in items:
+        head = f"**{it['format']} {it['variant']}** ({it['qat_run']} vs {it['baseline_run']})"
+        if it.get("missing"):
+            md += [f"- {head}: not comparable, missing {', '.join(it['missing'])}.", ""]
+            continue
+        for measure, unit, scale in (("accuracy", " pt", 100.0), ("nll", "", 1.0)):
+            s = it.get(measure)
+            if s is None:
+                md.append(f"- {head}, {measure}: per-item results missing, no interval.")
+                continue
+            base_txt = (f"- {head}, {measure}: PTQ loss {s['ptq_loss'] * scale:+.3g}{unit} {_ci(s['ptq_loss_ci'], scale, unit)}, "
+                        f"QAT loss {s['qat_loss'] * scale:+.3g}{unit} {_ci(s['qat_loss_ci'], scale, unit)}, "
+                        f"QAT − PTQ gain {s['gain'] * scale:+.3g}{unit} {_ci(s['gain_ci'], scale, unit)} (n={s['n']}). ")
+            if s["meaningful"]:
+                base_txt += (f"QAT recovers {s['recovered'] * 100:.0f} % of the PTQ loss "
+                             f"(95 % CI {s['recovered_ci'][0] * 100:.0f} % to {s['recovered_ci'][1] * 100:.0f} %).")
+                if s["gain_ci"][0] <= 0 <= s["gain_ci"][1]:
+                    base_txt += " The QAT − PTQ difference itself is within noise."
+            else:
+                base_txt += ("The PTQ loss is within noise (its interval reaches zero or it is no loss), "
+                             "so a recovery share is not meaningful.")
+            md.append(base_txt)
+        md.append("")
+    return md
+
+
+def _recommend_section(rec: Mapping[str, Any]) -> list[str]:
+    md = ["## Recommendation", ""]
+    base = rec["baseline"]
+    if base is not None:
+        md += [f"Baseline: {_label(base)}, accuracy {_fmt(base['accuracy'], 'accuracy')}; accepted artifacts pass "
+               f"parity and reach accuracy >= {base['accuracy'] - rec['accuracy_margin']:.3f} "
+               f"(margin {rec['accuracy_margin']}). The smallest such artifact per target:", ""]
+    md += ["| target | recommended artifact | size MiB | accuracy | KLD mean | top-1 | gen tok/s | sha256 |",
+           "|---|---|---|---|---|---|---|---|"]
+    for target, e in rec["targets"].items():
+        c = e["choice"]
+        if c is None:
+            md.append(f"| {target} | none: {e['reason']} | | | | | | |")
+        else:
+            md.append(f"| {target} | {_label(c)} | {_fmt(c['size_mb'], 'size_mb')} | {_fmt(c['accuracy'], 'accuracy')} | "
+                      f"{_fmt(c['kld_mean'], 'kld_mean')} | {_fmt(c['top1_agree'], 'top1_agree')} | "
+                      f"{_fmt(c['gen_tps'], 'gen_tps')} | {_fmt(c['sha256'], 'sha256')} |")
+    md.append("")
+    if base is not None:
+        md += [f"Rollback artifact (every target): the baseline merged model {_label(base)} "
+               f"(`{base.get('artifact') or base['source_checkpoint']}`, sha256 {_fmt(base['sha256'], 'sha256')}), the 16-bit source of "
+               "truth every export was built from.", ""]
+    return md
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated in (smaller size, higher quality), by increasing size."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
+    """quality_vs_size.png (accuracy and NLL vs size, Pareto front) and tokens_per_s.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"hf": "tab:blue", "torchao": "tab:orange", "gguf": "tab:green", "onnx": "tab:purple"}
+    good = [r for r in rows if r["size_mb"] is not None and r["accuracy"] is not None]
+    names = ["quality_vs_size.png", "tokens_per_s.png"]
+    with atomic_dir(plots_dir) as tmp:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+        for ax, col, better in ((axes[0], "accuracy", 1.0), (axes[1], "nll", -1.0)):
+            sub = [r for r in good if r.get(col) is not None]
+            for fmt, c in colors.items():
+                for passed, marker in ((True, "o"), (False, "x")):
+                    pick = [r for r in sub if r["format"] == fmt and bool(r["parity_pass"]) == passed]
+                    if pick:
+                        ax.scatter([r["size_mb"] for r in pick], [r[col] for r in pick], c=c, marker=marker, s=36,
+                                   label=fmt if passed else f"{fmt} (parity fails)")
+            # the front only over artifacts that pass parity (the ones a recommendation may pick)
+            sub = [r for r in sub if r["parity_pass"]]
+            pts = [(r["size_mb"], better * r[col]) for r in sub]
+            for r in good:
+                if r.get(col) is None:
+                    continue
+                mark = "" if r["parity_pass"] else " ✗"
+                ax.annotate(f"{r['run']}/{r['variant']}{mark}", (r["size_mb"], r[col]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+            front = pareto_front(pts)
+            if front:
+                ax.plot([sub[i]["size_mb"] for i in front], [sub[i][col] for i in front], "k--", lw=0.8,
+                        label="Pareto front")
+            ax.set_xscale("log")
+            ax.set_xlabel("size on disk (MiB, log)")
+            ax.set_ylabel("exact-match accuracy" if col == "accuracy" else "NLL (nats/token, lower is better)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle("Quality vs size per artifact")
+        fig.tight_layout()
+        fig.savefig(tmp / names[0], dpi=110)
+        plt.close(fig)
+
+        srt = sorted(rows, key=lambda r: (r["run"], FORMAT_ORDER[r["format"]], r["variant"]))
+        labels = [_label(r) for r in srt]
+        fig, axes = plt.subplots(1, 2, figsize=(13, max(3.0, 0.28 * len(srt) + 1.5)), sharey=True)
+        for ax, col, title in ((axes[0], "gen_tps", "generated tokens/s"), (axes[1], "prompt_tps", "prompt tokens/s")):
+            vals = [r[col] if r[col] is not None and not math.isnan(r[col]) else 0.0 for r in srt]
+            ax.barh(range(len(srt)), vals, color=[colors[r["format"]] for r in srt])
+            ax.set_yticks(range(len(srt)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(title)
+            ax.grid(axis="x", alpha=0.3)
+        threads = sorted({r.get("threads") for r in rows if r.get("threads")})
+        fig.suptitle(f"Speed per artifact (threads: {', '.join(map(str, threads)) or 'n/a'})")
+        fig.tight_layout()
+        fig.savefig(tmp / names[1], dpi=110)
+        plt.close(fig)
+    return [Path(plots_dir) / n for n in names]
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
+def _row_dicts(df: Any, rows: Sequence[Mapping]) -> list[dict]:
+    """Frame rows (sorted, typed) joined with the JSON extras they came from."""
+    by_key = {(r["run"], r["format"], r["variant"]): r for r in rows}
+    out = []
+    for d in df.to_dicts():
+        full = dict(by_key[(d["run"], d["format"], d["variant"])])
+        full.update({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items() if k != "failures"})
+        out.append(full)
+    return out
+
+
+def build_report(
+    eval_jsons: Sequence[str | Path],
+    out_csv: str | Path,
+    out_md: str | Path,
+    plots_dir: str | Path,
+    *,
+    accuracy_margin: float,
+    fail_on_parity: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write report.csv, report.md and the plots from the per-artifact JSONs; return a summary."""
+    raw = load_evals(eval_jsons)
+    df = to_frame(raw)
+    rows = _row_dicts(df, raw)
+    failing = [r for r in rows if not r["parity_pass"]]
+    for r in failing:
+        log.error("parity FAILED: %s: %s", _label(r), "; ".join(r.get("failures") or []) or "no reason recorded")
+
+    with atomic_file(out_csv) as tmp:
+        df.write_csv(tmp)
+
+    comparisons = qat_vs_ptq(rows, seed=seed)
+    rec = recommend(rows, accuracy_margin)
+    plots = make_plots(rows, plots_dir)
+
+    md = ["# qatforge report", ""]
+    md.append(f"{len(rows)} artifacts from {len({r['run'] for r in rows})} runs; "
+              f"{len(rows) - len(failing)} pass parity, {len(failing)} fail. "
+              f"Parity gate: {'on — the pipeline fails while any row fails' if fail_on_parity else 'off (report only)'}.")
+    md.append("")
+    if failing:
+        md += ["## Parity failures", ""]
+        for r in failing:
+            md.append(f"- **{_label(r)}**: {'; '.join(r.get('failures') or []) or 'no reason recorded'}")
+        md.append("")
+    md += ["## All artifacts", "",
+           "Failing rows first. Quality: exact-match accuracy on the eval prompts (greedy, the runtime's own "
+           "chat template) and mean NLL / PPL on the eval conversations' assistant tokens. Parity against the "
+           "run's reference (its merged model): KL divergence and top-1 agreement on identical token ids, "
+           "share of identical greedy generations, and tokenizer/template parity. Speed: median of repeats, "
+           "warm-up excluded.", "", markdown_table(rows), ""]
+    md += _qat_section(comparisons)
+    md += _recommend_section(rec)
+    md += ["## Plots", ""]
+    md += [f"![{p.stem}]({Path(os.path.relpath(p, Path(out_md).parent)).as_posix()})" for p in plots] + [""]
+    with atomic_file(out_md) as tmp:
+        tmp.write_text("\n".join(md))
+
+    return {
+        "rows": len(rows),
+        "failing": [_label(r) for r in failing],
+        "recommendation": {t: (_label(e["choice"]) if e["choice"] else None) for t, e in rec["targets"].items()},
+        "rollback": _label(rec["baseline"]) if rec["baseline"] else None,
+        "qat_vs_ptq": [
+            {k: it.get(k) for k in ("qat_run", "baseline_run", "format", "variant", "accuracy", "nll", "missing")}
+            for it in comparisons
+        ],
+        "plots": [str(p) for p in plots],
+    }
+
+
+def parity_gate(report_csv: str | Path, out_ok: str | Path) -> None:
+    """Write ``out_ok`` when every row of the report passes parity, else raise listing the failures."""
+    import polars as pl
+
+    df = pl.read_csv(report_csv)
+    if "parity_pass" not in df.columns:
+        raise ValueError(f"{report_csv}: no parity_pass column")
+    if df.height == 0:
+        raise ValueError(f"{report_csv}: the report has no rows")
+    bad = df.filter(~pl.col("parity_pass"))
+    if bad.height:
+        lines = [
+            f"  {r['run']}/{r['format']}/{r['variant']}: {r.get('failures', '') or 'no reason recorded'} "
+            f"(kld_mean={r['kld_mean']}, top1_agree={r['top1_agree']}, gen_match={r['gen_match']}, "
+            f"token_parity={r['token_parity']})"
+            for r in bad.to_dicts()
+        ]
+        raise RuntimeError(f"parity failed for {bad.height} of {df.height} artifacts in {report_csv}:\n" + "\n".join(lines))
+    with atomic_file(out_ok) as tmp:
+        tmp.write_text(f"all {df.height} artifacts in {Path(report_csv).name} pass parity\n")

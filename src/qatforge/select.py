@@ -1,0 +1,195 @@
+"""Checkpoint selection: score every saved LoRA checkpoint, pick one, record all candidates."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+METRICS = ("accuracy", "eval_loss")
+
+
+class SelectError(ValueError):
+    """No usable checkpoint, an unknown metric, or a pinned checkpoint that does not exist."""
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-{step}`` holding a LoRA adapter, by step."""
+    from qatforge.train import checkpoint_step
+
+    root = Path(checkpoints_dir)
+    if not root.is_dir():
+        raise SelectError(f"{root}: checkpoints directory not found")
+    out = []
+    for d in root.iterdir():
+        step = checkpoint_step(d)
+        if step is not None and d.is_dir() and (d / "adapter_config.json").is_file():
+            out.append((step, d))
+    if not out:
+        raise SelectError(f"{root}: no checkpoint-<step>/ directory with an adapter_config.json")
+    return sorted(out)
+
+
+def parse_pinned(pinned: str | int | None) -> int | None:
+    """``checkpoint-40`` / ``40`` / 40 → 40; None stays None."""
+    if pinned is None:
+        return None
+    s = str(pinned).strip()
+    s = s[len("checkpoint-"):] if s.startswith("checkpoint-") else s
+    if not s.isdigit():
+        raise SelectError(f"pinned checkpoint {pinned!r} is not 'checkpoint-<step>' or a step number")
+    return int(s)
+
+
+def rank_key(metric: str) -> Callable[[dict], tuple]:
+    """Sort key, best first: the metric, then the other metric, then the later step."""
+    if metric == "accuracy":
+        return lambda c: (-c["accuracy"], c["eval_loss"], -c["step"])
+    if metric == "eval_loss":
+        return lambda c: (c["eval_loss"], -c["accuracy"], -c["step"])
+    raise SelectError(f"unknown select metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def choose(candidates: list[dict], metric: str, pinned: int | None = None) -> dict:
+    """The pinned candidate, or the best by ``metric`` (ties: other metric, then later step)."""
+    if not candidates:
+        raise SelectError("no candidates to choose from")
+    if pinned is not None:
+        for c in candidates:
+            if c["step"] == pinned:
+                return c
+        raise SelectError(
+            f"pinned checkpoint-{pinned} does not exist; available: "
+            + ", ".join(f"checkpoint-{c['step']}" for c in candidates)
+        )
+    usable = [c for c in candidates if math.isfinite(c["eval_loss"])]
+    if not usable:
+        raise SelectError("every checkpoint has a non-finite eval loss")
+    return sorted(usable, key=rank_key(metric))[0]
+
+
+def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int, max_new_tokens: int) -> dict:
+    from qatforge.chat import hf_exact_match, hf_nll
+
+    t0 = time.perf_counter()
+    loss = hf_nll(model, tok, convs, max_len)
+    acc, correct, _ = hf_exact_match(model, tok, prompts, max_new_tokens)
+    tasks: dict[str, list[bool]] = {}
+    for row, ok in zip(prompts, correct):
+        tasks.setdefault(row.get("task") or "all", []).append(ok)
+    return {
+        "eval_loss": loss,
+        "accuracy": acc,
+        "per_task": {t: sum(v) / len(v) for t, v in sorted(tasks.items())},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def select_best(
+    base_dir: str | os.PathLike,
+    checkpoints_dir: str | os.PathLike,
+    eval_parquet: str | os.PathLike,
+    eval_prompts_path: str | os.PathLike,
+    out_json: str | os.PathLike,
+    *,
+    metric: str = "accuracy",
+    pinned: str | int | None = None,
+    n_prompts: int = 100,
+    max_new_tokens: int = 24,
+    qat_scheme: str | None = None,
+    n_eval: int | None = None,
+    max_len: int = 256,
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Score every checkpoint (eval-split NLL + greedy exact match) and write ``out_json``.
+
+    QAT runs are scored as they trained: with the scheme's fake quantization on the base weights.
+    The base model (adapters disabled) is scored too, for reference. ``n_eval`` limits the
+    eval-split conversations (None: all). Returns the record written.
+    """
+    import torch
+    from peft import PeftModel
+
+    from qatforge.data import load_eval_prompts, read_conversations
+    from qatforge.io import write_json
+    from qatforge.model import load_causal_lm, load_tokenizer
+    from qatforge.qat import prepare_qat
+
+    if metric not in METRICS:
+        raise SelectError(f"unknown select metric {metric!r}; choose one of {', '.join(METRICS)}")
+    pin = parse_pinned(pinned)
+    ckpts = list_checkpoints(checkpoints_dir)
+    if pin is not None and pin not in {s for s, _ in ckpts}:
+        raise SelectError(
+            f"pinned checkpoint-{pin} not found in {checkpoints_dir}; available: "
+            + ", ".join(p.name for _, p in ckpts)
+        )
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
+    convs = read_conversations(eval_parquet)[: n_eval or None]
+    prompts = load_eval_prompts(eval_prompts_path, n_prompts)
+
+    base = load_causal_lm(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = None
+    candidates = []
+    for i, (step, path) in enumerate(ckpts):
+        name = f"step{step}"
+        if model is None:
+            model = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=False)
+            if qat_scheme:
+                prepare_qat(model, qat_scheme, log=log)
+        else:
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        model.set_adapter(name)
+        model.eval()
+        scores = _score(model, tok, convs, prompts, max_len, max_new_tokens)
+        candidates.append({"step": step, "checkpoint": path.name, **scores})
+        log(f"{path.name}: eval_loss {scores['eval_loss']:.4f} accuracy {scores['accuracy']:.3f}")
+        if i:
+            model.delete_adapter(f"step{ckpts[i - 1][0]}")
+    with model.disable_adapter():
+        base_scores = _score(model, tok, convs, prompts, max_len, max_new_tokens)
+    log(f"base (adapters off{', fake-quantized' if qat_scheme else ''}): eval_loss "
+        f"{base_scores['eval_loss']:.4f} accuracy {base_scores['accuracy']:.3f}")
+
+    best = choose(candidates, metric, pin)
+    record = {
+        "metric": metric,
+        "pinned": f"checkpoint-{pin}" if pin is not None else None,
+        "best": best,
+        "selected": best["checkpoint"],
+        "checkpoint": best["checkpoint"],
+        "step": best["step"],
+        "accuracy": best["accuracy"],
+        "eval_loss": best["eval_loss"],
+        "candidates": candidates,
+        "base": base_scores,
+        "qat_scheme": qat_scheme,
+        "scored_with_fake_quant": bool(qat_scheme),
+        "n_prompts": len(prompts),
+        "n_eval_conversations": len(convs),
+        "max_new_tokens": max_new_tokens,
+        "checkpoints_dir": str(checkpoints_dir),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    write_json(out_json, record)
+    log(f"selected {best['checkpoint']} by {metric}" + (" (pinned)" if pin is not None else "")
+        + f": accuracy {best['accuracy']:.3f}, eval_loss {best['eval_loss']:.4f}")
+    return record
+
+
+def best_checkpoint_dir(best_json: str | os.PathLike, checkpoints_dir: str | os.PathLike) -> Path:
+    """The adapter directory a ``best.json`` chose."""
+    from qatforge.io import read_json
+
+    rec = read_json(best_json)
+    path = Path(checkpoints_dir) / rec["selected"]
+    if not (path / "adapter_config.json").is_file():
+        raise SelectError(f"{best_json} chose {rec['selected']}, but {path} holds no adapter")
+    return path

@@ -1,0 +1,180 @@
+"""Per-artifact evaluation against a reference: HF (same and perturbed model), GGUF and ONNX.
+
+GGUF and ONNX evaluations run in a subprocess that must not import torch or transformers.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from qatforge import reference
+from qatforge.evaluate import REPORT_COLUMNS, run_eval
+
+SYSTEM = {"role": "system", "content": "Reply with the answer only."}
+WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
+EVAL_KW = dict(threads=1, max_new_tokens=8, speed_prompts=2, speed_repeats=2)
+
+
+def _make_tiny(root: Path, n_conv: int = 60) -> dict:
+    """A random tiny Qwen3 (qatforge.tiny) saved as a merged dir, plus eval parquet / prompts."""
+    import torch
+
+    from qatforge import tiny
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    convs, prompts = [], []
+    for _ in range(n_conv):
+        ws = [WORDS[j] for j in rng.integers(0, len(WORDS), 3)]
+        q, a = f"Reverse: {' '.join(ws)}", " ".join(reversed(ws))
+        convs.append([SYSTEM, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        prompts.append({"messages": [SYSTEM, {"role": "user", "content": q}], "answer": a, "task": "reverse"})
+    tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=320)
+    model = tiny.build_model(tok, hidden=256, intermediate=256, layers=1, heads=4, kv_heads=2, head_dim=64, seed=0)
+    merged = root / "merged"
+    model.save_pretrained(merged, safe_serialization=True)
+    tok.save_pretrained(merged)
+    # a perturbed copy: same tokenizer, noisy weights
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(root / "perturbed", safe_serialization=True)
+    tok.save_pretrained(root / "perturbed")
+    dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+    pl.DataFrame({"messages": convs}, schema={"messages": dtype}).write_parquet(root / "eval.parquet")
+    with open(root / "eval_prompts.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in prompts)
+    return {"root": root, "merged": merged, "perturbed": root / "perturbed", "prompts": root / "eval_prompts.jsonl",
+            "parquet": root / "eval.parquet"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    t = _make_tiny(tmp_path_factory.mktemp("eval"))
+    t["reference"] = t["root"] / "reference"
+    reference.build(t["merged"], t["parquet"], t["prompts"], t["reference"],
+                    n_prompts=6, n_nll=4, max_new_tokens=8, max_len=64, threads=1)
+    return t
+
+
+def _check_row(res: dict) -> None:
+    assert tuple(res)[: len(REPORT_COLUMNS)] == REPORT_COLUMNS
+    assert 0 <= res["accuracy"] <= 1 and 0 <= res["top1_agree"] <= 1 and 0 <= res["gen_match"] <= 1
+    assert res["nll"] > 0 and res["ppl"] > 1 and res["kld_mean"] >= 0 and res["kld_max"] >= res["kld_mean"]
+    assert res["size_mb"] > 0 and res["peak_rss_mb"] > 0 and res["load_s"] > 0
+    assert res["prompt_tps"] > 0 and res["gen_tps"] > 0
+    assert len(res["sha256"]) == 64 and res["source_checkpoint"]
+    assert len(res["per_prompt_correct"]) == res["n_prompts"] == 6
+
+
+def _subprocess_eval(artifact: Path, t: dict, fmt: str, variant: str, out: Path) -> tuple[dict, list[str]]:
+    """run_eval in a fresh interpreter; returns the JSON row and the heavy modules it imported."""
+    code = (
+        "import json, sys\n"
+        "from qatforge.evaluate import run_eval\n"
+        "a = json.loads(sys.argv[1])\n"
+        "run_eval(a['artifact'], a['reference'], a['prompts'], a['out'], run='r', qat_scheme=None,\n"
+        "         format=a['format'], variant=a['variant'], **a['kw'])\n"
+        "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))\n"
+    )
+    arg = json.dumps({"artifact": str(artifact), "reference": str(t["reference"]), "prompts": str(t["prompts"]),
+                      "out": str(out), "format": fmt, "variant": variant, "kw": EVAL_KW})
+    p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(out.read_text()), json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_hf_same_model_is_exact(tiny, tmp_path):
+    out = tmp_path / "hf.json"
+    res = run_eval(tiny["merged"], tiny["reference"], tiny["prompts"], out, run="baseline", qat_scheme=None,
+                   format="hf", variant="merged", **EVAL_KW)
+    assert json.loads(out.read_text()) == res
+    _check_row(res)
+    assert res["kld_mean"] < 1e-9 and res["top1_agree"] == 1.0 and res["gen_match"] == 1.0
+    assert res["token_parity"] is True and res["parity_pass"] is True and res["failures"] == []
+    assert res["bos_ok"] and res["eos_ok"] and res["no_double_bos"] and res["chat_template_equal"]
+    ref = reference.load(tiny["reference"])
+    assert res["nll"] == pytest.approx(ref.meta["nll"], abs=1e-6)
+    assert res["accuracy"] == ref.meta["accuracy"]
+    assert res["format"] == "hf" and res["run"] == "baseline" and res["qat_scheme"] is None
+
+
+def test_hf_perturbed_model_fails_parity(tiny, tmp_path):
+    res = run_eval(tiny["perturbed"], tiny["reference"], tiny["prompts"], tmp_path / "p.json", run="baseline",
+                   qat_scheme=None, format="hf", variant="merged", **EVAL_KW)
+    _check_row(res)
+    assert res["token_parity"] is True  # same tokenizer
+    assert res["kld_mean"] > 1e-3 and res["top1_agree"] < 1.0
+    assert res["parity_pass"] is False and any(f.startswith("kld_mean") for f in res["failures"])
+
+
+def test_bad_artifact_is_named_or_recorded(tiny, tmp_path):
+    bogus = tmp_path / "Model-Q4_0.gguf"
+    bogus.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="Model-Q4_0.gguf is not a GGUF file"):
+        run_eval(bogus, tiny["reference"], tiny["prompts"], None, run="r", qat_scheme=None, format="gguf",
+                 variant="Q4_0", **EVAL_KW)
+    res = run_eval(bogus, tiny["reference"], tiny["prompts"], tmp_path / "e.json", run="r", qat_scheme=None,
+                   format="gguf", variant="Q4_0", record_errors=True, **EVAL_KW)
+    assert res["parity_pass"] is False and "not a GGUF file" in res["failures"][0]
+    assert res["accuracy"] is None and tuple(res)[: len(REPORT_COLUMNS)] == REPORT_COLUMNS
+    with pytest.raises(ValueError, match="unknown format 'tflite'"):
+        run_eval(bogus, tiny["reference"], None, None, run="r", qat_scheme=None, format="tflite", variant="x")
+
+
+def test_gguf_f32_matches_reference_without_torch(tiny, tmp_path):
+    from qatforge.export import gguf
+
+    f32 = tmp_path / "Tiny-F32.gguf"
+    gguf.convert(tiny["merged"], f32, outtype="f32", source={"run": "r", "checkpoint": "checkpoint-7"})
+    res, heavy = _subprocess_eval(f32, tiny, "gguf", "F32", tmp_path / "gguf.json")
+    assert heavy == []
+    _check_row(res)
+    assert res["source_checkpoint"] == "checkpoint-7"
+    assert res["token_parity"] and res["chat_template_equal"] and res["eos_ok"] and res["bos_ok"]
+    assert res["no_double_bos"] and res["add_bos"] is False
+    assert res["kld_mean"] < 1e-5 and res["top1_agree"] == 1.0 and res["gen_match"] == 1.0
+    assert res["parity_pass"], res["failures"]
+    assert res["kv_cache_type"] == "f32"
+
+    q8 = tmp_path / "Tiny-Q8_0.gguf"
+    gguf.quantize(f32, q8, qtype="Q8_0")
+    res8, heavy = _subprocess_eval(q8, tiny, "gguf", "Q8_0", tmp_path / "q8.json")
+    assert heavy == [] and res8["token_parity"]
+    assert res["kld_mean"] < res8["kld_mean"] < 0.0014  # below llama.cpp's published Q8_0 mean KLD
+    assert res8["size_mb"] < res["size_mb"] / 2
+
+
+def test_onnx_fp32_matches_reference_without_torch(tiny, tmp_path):
+    from qatforge.export import onnx
+
+    fp32 = tmp_path / "onnx" / "fp32"
+    onnx.export(tiny["merged"], fp32, threads=1)
+    res, heavy = _subprocess_eval(fp32, tiny, "onnx", "fp32", tmp_path / "onnx.json")
+    assert heavy == []
+    _check_row(res)
+    assert res["token_parity"] and res["chat_template_equal"] and res["eos_ok"]
+    assert res["kld_mean"] < 1e-9 and res["top1_agree"] == 1.0 and res["gen_match"] == 1.0
+    assert res["max_abs_diff"] < 1e-4 and res["parity_pass"], res["failures"]
+
+
+def test_torchao_int8_loads_with_transformers(tiny, tmp_path):
+    from qatforge.export import torchao
+
+    out = tmp_path / "torchao" / "int8"
+    torchao.ptq(tiny["merged"], out, "int8", threads=1, source={"run": "baseline", "checkpoint": "checkpoint-3"})
+    res = run_eval(out, tiny["reference"], tiny["prompts"], tmp_path / "tao.json", run="baseline", qat_scheme=None,
+                   format="torchao", variant="int8", **EVAL_KW)
+    _check_row(res)
+    assert res["runtime"] == "transformers" and res["source_checkpoint"] == "checkpoint-3"
+    assert res["token_parity"] and res["chat_template_equal"]
+    # int8 weights + int8 dynamic activations: a small but non-zero divergence from the fp32 reference
+    assert 0 < res["kld_mean"] < 1e-3
+    from qatforge.bench import size_mb
+
+    assert res["size_mb"] < 0.5 * size_mb(tiny["merged"])

@@ -1,0 +1,112 @@
+"""Parity math on hand-made arrays: KL divergence, top-1 agreement, NLL, thresholds, judgement."""
+
+import math
+
+import numpy as np
+import pytest
+
+from qatforge import parity
+
+
+def test_kld_zero_for_identical_and_shift_invariant():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5, 7)).astype(np.float32)
+    assert np.allclose(parity.kld(ref, ref), 0.0, atol=1e-12)
+    # softmax is invariant to a per-row constant: KL must be too
+    assert np.allclose(parity.kld(ref, ref + np.arange(5)[:, None]), 0.0, atol=1e-9)
+
+
+def test_kld_matches_hand_computation():
+    ref = np.array([[0.0, 0.0]])  # p = (0.5, 0.5)
+    test = np.log(np.array([[0.9, 0.1]]))  # q = (0.9, 0.1)
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert parity.kld(ref, test)[0] == pytest.approx(want, rel=1e-12)
+    # KL is not symmetric: KL(q || p) differs
+    back = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert parity.kld(test, ref)[0] == pytest.approx(back, rel=1e-12)
+
+
+def test_compare_logits_top1_and_max_abs():
+    ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [0.0, 0.0, 1.0]])
+    test = ref.copy()
+    test[3] = [2.0, 0.0, 1.0]  # argmax moves from 2 to 0; largest |diff| = 2
+    m = parity.compare_logits(ref, test)
+    assert m["top1_agree"] == 0.75
+    assert m["max_abs_diff"] == 2.0
+    k = parity.kld(ref, test)
+    assert m["kld_mean"] == pytest.approx(k.mean()) and m["kld_max"] == pytest.approx(k[3])
+    assert k[:3].max() == 0.0 and k[3] > 0
+
+
+def test_compare_logit_sets_pools_tokens():
+    a, b = np.zeros((2, 3)), np.zeros((3, 3))
+    b2 = b.copy()
+    b2[0] = [0.0, 1.0, 0.0]  # argmax of zeros is 0; this one is 1
+    pooled = parity.compare_logit_sets([a, b], [a, b2])
+    assert pooled["top1_agree"] == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match="2 reference sequences vs 1"):
+        parity.compare_logit_sets([a, b], [a])
+
+
+def test_shape_and_nan_errors():
+    with pytest.raises(ValueError, match="shapes differ"):
+        parity.compare_logits(np.zeros((2, 3)), np.zeros((2, 4)))
+    bad = np.zeros((2, 3))
+    bad[1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        parity.kld(np.zeros((2, 3)), bad)
+
+
+def test_nll_from_logits_uses_shifted_mask():
+    # vocab 4, uniform predictions except position 1 which puts all mass on token 3
+    logits = np.zeros((4, 4))
+    logits[1] = [-50.0, -50.0, -50.0, 50.0]
+    ids = np.array([0, 1, 3, 2])
+    mask = np.array([False, False, True, True])  # score ids[2] (from logits[1]) and ids[3] (from logits[2])
+    total, n = parity.nll_terms(logits, ids, mask)
+    assert n == 2
+    assert total == pytest.approx(0.0 + math.log(4), abs=1e-9)
+    assert parity.nll_from_logits(logits, ids, mask) == pytest.approx(math.log(4) / 2, abs=1e-9)
+    # token-weighted pooling over sequences
+    pooled = parity.mean_nll([logits, np.zeros((2, 4))], [ids, np.array([1, 2])], [mask, np.array([False, True])])
+    assert pooled == pytest.approx(2 * math.log(4) / 3, abs=1e-9)
+    with pytest.raises(ValueError, match="no masked tokens"):
+        parity.nll_from_logits(logits, ids, np.zeros(4, dtype=bool))
+
+
+def test_token_parity_and_gen_match():
+    tp = parity.token_parity([[1, 2, 3], [4, 5]], [[1, 2, 3], [4, 6]])
+    assert tp["token_parity"] is False and tp["token_parity_frac"] == 0.5 and tp["token_mismatch_prompts"] == [1]
+    assert parity.token_parity([[1], [2]], [np.array([1]), [2]])["token_parity"] is True
+    assert parity.gen_match([[1, 2], [3], []], [[1, 2], [3, 4], []]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        parity.gen_match([[1]], [[1], [2]])
+
+
+def test_thresholds_lookup_and_override():
+    q8 = parity.thresholds_for("gguf", "Q8_0")
+    assert q8["kld_mean"] >= 0.0014  # never stricter than llama.cpp's published Q8_0 mean KLD
+    assert parity.thresholds_for("gguf", "q8_0") == q8  # case-insensitive variant
+    assert parity.thresholds_for("gguf", "Q3_K_S") == parity.DEFAULT_THRESHOLDS["gguf"]["default"]
+    table = {"gguf": {"Q8_0": {"kld_mean": 0.01}}, "onnx": {"default": {"gen_match": 0.5}}}
+    over = parity.thresholds_for("gguf", "Q8_0", table)
+    assert over["kld_mean"] == 0.01 and over["top1_agree"] == q8["top1_agree"]
+    assert parity.thresholds_for("onnx", "int4", table)["gen_match"] == 0.5
+    with pytest.raises(KeyError, match="format 'tflite'"):
+        parity.thresholds_for("tflite", "x")
+    with pytest.raises(KeyError, match="unknown threshold keys"):
+        parity.thresholds_for("hf", "merged", {"hf": {"merged": {"kld": 1.0}}})
+
+
+def test_judge():
+    th = {"kld_mean": 0.01, "top1_agree": 0.9, "gen_match": 0.5}
+    ok, fails = parity.judge({"kld_mean": 0.001, "top1_agree": 0.95, "gen_match": 0.6, "token_parity": True}, th)
+    assert ok and fails == []
+    ok, fails = parity.judge(
+        {"kld_mean": 0.02, "top1_agree": 0.95, "gen_match": 0.6, "token_parity": False, "chat_template_equal": False}, th
+    )
+    assert not ok
+    assert "token_parity is false" in fails and "chat_template_equal is false" in fails
+    assert any(f.startswith("kld_mean 0.02 > 0.01") for f in fails)
+    ok, fails = parity.judge({"top1_agree": 0.95, "gen_match": 0.6}, th)
+    assert not ok and fails == ["kld_mean missing"]

@@ -1,0 +1,138 @@
+"""Integration: the real pipeline on the tiny default (smoke settings), built once per session."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import read_config, snakemake
+from qatforge import config as qcfg
+from qatforge.io import sha256_path
+from qatforge.verify import verify
+
+COLUMNS = [
+    "run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256", "size_mb", "accuracy",
+    "nll", "ppl", "load_s", "prompt_tps", "gen_tps", "peak_rss_mb", "kld_mean", "kld_max",
+    "top1_agree", "gen_match", "token_parity", "parity_pass",
+]
+
+
+@pytest.fixture(scope="module")
+def report(pipeline_build):
+    return pl.read_csv(pipeline_build / "results" / "report.csv")
+
+
+def test_report_has_one_complete_row_per_artifact(pipeline_build, report):
+    cfg = read_config(pipeline_build)
+    from snakemake.utils import validate
+
+    validate(cfg, str(pipeline_build / "config" / "schema.yaml"))
+    expected = {(r, f, v) for r, f, v in qcfg.artifacts(cfg)}
+    assert report.columns[: len(COLUMNS)] == COLUMNS
+    got = {(r["run"], r["format"], r["variant"]) for r in report.iter_rows(named=True)}
+    assert got == expected
+    must_fill = [c for c in COLUMNS if c != "qat_scheme"]
+    nulls = {c: report[c].null_count() for c in must_fill if report[c].null_count()}
+    assert not nulls, f"empty cells: {nulls}"
+
+
+def test_report_figures_are_in_range(report):
+    assert report["accuracy"].is_between(0, 1).all()
+    assert (report["nll"] > 0).all() and (report["ppl"] >= 1).all()
+    assert ((report["ppl"] - report["nll"].exp()).abs() < 1e-3 * report["ppl"]).all()
+    for col in ("size_mb", "load_s", "prompt_tps", "gen_tps", "peak_rss_mb"):
+        assert (report[col] > 0).all(), col
+    assert (report["kld_mean"] >= 0).all() and (report["kld_max"] >= report["kld_mean"]).all()
+    assert report["top1_agree"].is_between(0, 1).all() and report["gen_match"].is_between(0, 1).all()
+    assert report["sha256"].str.len_chars().eq(64).all()
+    merged = report.filter(pl.col("format") == "hf")
+    assert (merged["kld_mean"] < 1e-6).all() and (merged["top1_agree"] == 1).all()
+    assert merged["token_parity"].all()
+    gguf = report.filter(pl.col("format") == "gguf")
+    assert gguf["token_parity"].all(), "llama.cpp must tokenize the eval prompts like HF"
+    q8 = gguf.filter(pl.col("variant") == "Q8_0")["kld_mean"].max()
+    q4 = gguf.filter(pl.col("variant") == "Q4_0")["kld_mean"].min()
+    assert q8 < q4, "8-bit quantization must stay closer to the reference than 4-bit"
+
+
+def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):
+    md = (pipeline_build / "results" / "report.md").read_text()
+    assert "QAT vs PTQ" in md and "Recommendation" in md
+    assert "int8-int4" in md
+
+
+def test_every_gguf_has_export_record_without_fallbacks_for_q4_k_m(pipeline_build):
+    for run in ("baseline", "qat-int8-int4"):
+        rec = json.loads(next((pipeline_build / "results/runs" / run / "gguf").glob("*-Q4_K_M.gguf.json")).read_text())
+        prov = rec["provenance"]
+        assert rec["sha256"] and prov["tensor_types"]
+        assert not prov.get("fallbacks"), prov.get("fallbacks")
+    modelfile = (pipeline_build / "results/runs/baseline/gguf/Modelfile").read_text()
+    assert modelfile.startswith("FROM ./") and "Q4_K_M.gguf" in modelfile and "PARAMETER stop" in modelfile
+
+
+def test_hashes_verify_and_tampering_is_reported(built_workdir):
+    ok, bad = verify(built_workdir / "results")
+    assert len(ok) >= 20 and bad == []
+    q8 = next((built_workdir / "results/runs/baseline/gguf").glob("*-Q8_0.gguf"))
+    with open(q8, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    ok, bad = verify(built_workdir / "results")
+    assert len(bad) == 1 and "Q8_0" in bad[0]
+
+
+def test_snakemake_html_report(built_workdir):
+    snakemake(built_workdir, "--report", "results/report.html")
+    html = (built_workdir / "results" / "report.html").read_text(errors="replace")
+    assert "report.csv" in html and "quality_vs_size.png" in html and "tokens_per_s.png" in html
+
+
+def test_rebuild_from_same_checkpoint_inputs_is_byte_identical(built_workdir):
+    """Retrain one run from the same base and config: merged, GGUF and ONNX bytes are identical."""
+    run = "baseline"
+    res = built_workdir / "results" / "runs" / run
+    bf16 = next((res / "gguf").glob("*-BF16.gguf"))
+    targets = {"merged": res / "merged", "gguf": bf16, "onnx": res / "onnx" / "fp32"}
+    before = {k: sha256_path(p) for k, p in targets.items()}
+    snakemake(
+        built_workdir, "--cores", "2", "--forcerun", "train",
+        *[str(p.relative_to(built_workdir)) for p in targets.values()],
+    )
+    after = {k: sha256_path(p) for k, p in targets.items()}
+    assert after == before
+
+
+def test_killed_export_leaves_no_partial_output_and_rerun_succeeds(built_workdir):
+    out = built_workdir / "results/runs/baseline/onnx/fp32"
+    target = str(out.relative_to(built_workdir))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--forcerun", "onnx_export", target],
+        cwd=built_workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    tmp_seen = False
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.name.startswith(".fp32.tmp-") for p in out.parent.iterdir()):
+            tmp_seen = True
+            time.sleep(2)
+            break
+        time.sleep(0.2)
+    assert tmp_seen, "the export never started writing"
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed export must not leave a complete-looking output"
+    snakemake(built_workdir, "--cores", "2", target)
+    assert (out / "model.onnx").is_file() and (out / "export.json").is_file()
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name], "stale temp dirs left behind"

@@ -1,0 +1,139 @@
+"""The reference (built once from the merged model): contents, numpy-only loading, atomicity, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from qatforge import reference
+from qatforge.io import sha256_path
+
+SYSTEM = {"role": "system", "content": "Reply with the answer only."}
+WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
+
+
+def make_tiny(root: Path, n_conv: int = 60) -> dict:
+    """A random tiny Qwen3 + tokenizer (qatforge.tiny) saved as a merged dir, with eval files."""
+    import torch
+
+    from qatforge import tiny
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    convs, prompts = [], []
+    for i in range(n_conv):
+        ws = [WORDS[j] for j in rng.integers(0, len(WORDS), 3)]
+        q, a = f"Reverse: {' '.join(ws)}", " ".join(reversed(ws))
+        convs.append([SYSTEM, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
+        prompts.append({"messages": [SYSTEM, {"role": "user", "content": q}], "answer": a, "task": "reverse"})
+    tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=320)
+    model = tiny.build_model(tok, hidden=256, intermediate=256, layers=1, heads=4, kv_heads=2, head_dim=64, seed=0)
+    merged = root / "merged"
+    model.save_pretrained(merged, safe_serialization=True)
+    tok.save_pretrained(merged)
+    dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+    pl.DataFrame({"messages": convs}, schema={"messages": dtype}).write_parquet(root / "eval.parquet")
+    with open(root / "eval_prompts.jsonl", "w") as f:
+        for p in prompts:
+            f.write(json.dumps(p) + "\n")
+    return {"merged": merged, "parquet": root / "eval.parquet", "prompts": root / "eval_prompts.jsonl",
+            "model": model, "tokenizer": tok}
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    t = make_tiny(root)
+    meta = reference.build(t["merged"], t["parquet"], t["prompts"], root / "reference",
+                           n_prompts=6, n_nll=4, max_new_tokens=8, max_len=64, threads=1)
+    return t, root / "reference", meta
+
+
+def test_reference_contents_match_the_model(tiny_ref):
+    import torch
+
+    from qatforge.chat import IGNORE_INDEX, encode_for_training, render
+    from qatforge.data import read_conversations
+
+    t, ref_dir, meta = tiny_ref
+    tok, model = t["tokenizer"], t["model"]
+    assert sorted(p.name for p in ref_dir.iterdir()) == ["reference.json", "reference.npz"]
+    ref = reference.load(ref_dir)
+    assert len(ref.prompt_ids) == len(ref.gen_ids) == 6 and len(ref.nll_ids) == 4
+    assert all(isinstance(a, np.ndarray) for a in ref.prompt_ids + ref.nll_logits)
+    # prompt ids: the chat template with the generation prompt, tokenized without extra specials
+    text = render(tok, ref.prompts[0], add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert ref.prompt_ids[0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    # full fp32 logits and the assistant mask of the eval conversations
+    conv = read_conversations(t["parquet"])[1]
+    enc = encode_for_training(tok, conv, 64)
+    assert ref.nll_ids[1].tolist() == enc["input_ids"]
+    assert ref.nll_mask[1].tolist() == [lab != IGNORE_INDEX for lab in enc["labels"]]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].numpy()
+    assert ref.nll_logits[1].dtype == np.float32 and ref.nll_logits[1].shape == (len(enc["input_ids"]), len(tok))
+    np.testing.assert_allclose(ref.nll_logits[1], want, atol=1e-5)
+    # greedy generation: argmax continuation, stop token excluded, at most max_new_tokens
+    g = ref.gen_ids[0].tolist()
+    assert 0 < len(g) <= 8 and tok.eos_token_id not in g
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([ref.prompt_ids[0].tolist()])).logits[0, -1].argmax().item()
+    assert g[0] == first
+    # metadata
+    assert meta["eos_token_id"] == tok.eos_token_id and meta["bos_token_id"] is None
+    assert meta["stop_token_ids"] == [tok.eos_token_id]
+    assert meta["chat_template"] == tok.chat_template
+    assert [p["answer"] for p in meta["prompts"]][:1] == [json.loads(t["prompts"].read_text().splitlines()[0])["answer"]]
+    assert meta["merged_sha256"] == sha256_path(t["merged"])
+    assert len(meta["tokenizer_sha256"]) == 64 and meta["vocab_size"] == len(tok)
+    assert meta["n_nll_tokens"] == sum(len(x) for x in ref.nll_ids)
+    assert 0 < meta["nll"] < 20 and len(meta["per_prompt_correct"]) == 6
+
+
+def test_load_needs_numpy_only(tiny_ref):
+    _, ref_dir, _ = tiny_ref
+    code = (
+        "import sys; from qatforge.reference import load; r = load(sys.argv[1]); "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print(len(r.prompt_ids), heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ref_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "6 []"
+
+
+def test_failed_build_leaves_nothing(tiny_ref, tmp_path):
+    t, _, _ = tiny_ref
+    with pytest.raises(ValueError, match="need n_nll=999"):
+        reference.build(t["merged"], t["parquet"], t["prompts"], tmp_path / "reference",
+                        n_prompts=2, n_nll=999, max_new_tokens=4, max_len=64)
+    assert not (tmp_path / "reference").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".reference")]
+
+
+def test_load_errors(tiny_ref, tmp_path):
+    _, ref_dir, _ = tiny_ref
+    with pytest.raises(FileNotFoundError, match="reference.npz is missing"):
+        reference.load(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "reference.json").write_text((ref_dir / "reference.json").read_text())
+    (bad / "reference.npz").write_bytes((ref_dir / "reference.npz").read_bytes()[:500])  # truncated
+    with pytest.raises(ValueError, match="cannot read reference arrays"):
+        reference.load(bad)
+
+
+def test_check_prompts_detects_changed_eval_prompts(tiny_ref, tmp_path):
+    t, ref_dir, _ = tiny_ref
+    ref = reference.load(ref_dir)
+    reference.check_prompts(ref, t["prompts"])  # unchanged: fine
+    rows = [json.loads(line) for line in t["prompts"].read_text().splitlines()]
+    rows[2]["answer"] = "something else"
+    changed = tmp_path / "prompts.jsonl"
+    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="prompt 3 differs from the reference"):
+        reference.check_prompts(ref, changed)

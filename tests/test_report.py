@@ -1,0 +1,175 @@
+"""The polars report on synthetic evaluation JSONs: schema, order, QAT vs PTQ, recommendation, gate."""
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from qatforge import report
+from qatforge.evaluate import REPORT_COLUMNS
+
+N_PROMPTS = 100
+N_SEQ = 20
+
+
+def _row(run, scheme, fmt, variant, size, n_correct, nll, *, ok=True, kld=1e-4, seed=0, failures=None):
+    rng = np.random.default_rng(seed)
+    correct = [True] * n_correct + [False] * (N_PROMPTS - n_correct)
+    tokens = [10] * N_SEQ
+    sums = list(rng.normal(nll * 10, 0.5, N_SEQ))
+    # make the token-weighted mean exactly `nll`
+    sums = [s - (sum(sums) / (10 * N_SEQ) - nll) * 10 for s in sums]
+    return {
+        "run": run, "qat_scheme": scheme, "format": fmt, "variant": variant,
+        "source_checkpoint": f"results/runs/{run}/checkpoints/checkpoint-120", "sha256": f"{seed:064x}",
+        "size_mb": size, "accuracy": n_correct / N_PROMPTS, "nll": nll, "ppl": math.exp(nll), "load_s": 0.1,
+        "prompt_tps": 1000.0 + seed, "gen_tps": 300.0 + seed, "peak_rss_mb": 150.0,
+        "kld_mean": kld, "kld_max": kld * 20, "top1_agree": 0.99 if ok else 0.7, "gen_match": 0.95 if ok else 0.2,
+        "token_parity": True, "parity_pass": ok,
+        "failures": failures if failures is not None else ([] if ok else ["top1_agree 0.7 < 0.88"]),
+        "per_prompt_correct": correct, "per_seq_nll_sum": sums, "per_seq_tokens": tokens,
+        "threads": 1, "n_prompts": N_PROMPTS,
+    }
+
+
+def _synthetic():
+    b, q = "baseline", "qat-int8-int4"
+    return [
+        _row(b, None, "hf", "merged", 8.0, 90, 0.50, kld=0.0, seed=1),
+        _row(b, None, "torchao", "int8-int4", 3.0, 60, 0.80, kld=0.05, seed=2),  # big PTQ loss
+        _row(b, None, "torchao", "int8", 4.0, 89, 0.51, kld=0.002, seed=3),
+        _row(b, None, "gguf", "BF16", 8.1, 90, 0.50, kld=2e-5, seed=4),
+        _row(b, None, "gguf", "Q8_0", 4.4, 90, 0.501, kld=0.001, seed=5),
+        _row(b, None, "gguf", "Q4_K_M", 2.6, 88, 0.52, kld=0.03, seed=6),
+        _row(b, None, "gguf", "Q4_0", 2.4, 89, 0.53, kld=0.07, seed=7, ok=False),
+        _row(b, None, "onnx", "fp32", 8.2, 90, 0.50, kld=1e-12, seed=8),
+        _row(b, None, "onnx", "int8", 2.2, 70, 0.60, kld=0.01, seed=9),  # passes parity, too inaccurate
+        _row(q, "int8-int4", "hf", "merged", 8.0, 89, 0.505, kld=0.0, seed=10),
+        _row(q, "int8-int4", "torchao", "int8-int4", 3.0, 85, 0.55, kld=0.01, seed=11),
+        _row(q, "int8-int4", "gguf", "BF16", 8.1, 89, 0.505, kld=2e-5, seed=12),
+        _row(q, "int8-int4", "gguf", "Q4_0", 2.4, 89, 0.52, kld=0.02, seed=13),
+    ]
+
+
+@pytest.fixture()
+def built(tmp_path):
+    paths = []
+    for i, r in enumerate(_synthetic()):
+        p = tmp_path / "eval" / r["run"] / r["format"] / f"{r['variant']}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(r))
+        paths.append(p)
+    out = tmp_path / "results"
+    summary = report.build_report(
+        paths, out / "report.csv", out / "report.md", out / "plots", accuracy_margin=0.05, fail_on_parity=True
+    )
+    return out, summary, paths
+
+
+def test_csv_schema_order_and_ranges(built):
+    out, summary, paths = built
+    df = pl.read_csv(out / "report.csv")
+    assert tuple(df.columns[: len(REPORT_COLUMNS)]) == REPORT_COLUMNS
+    assert report.REPORT_COLUMNS == REPORT_COLUMNS
+    assert df.height == len(paths) == summary["rows"]
+    assert df.schema["parity_pass"] == pl.Boolean and df.schema["token_parity"] == pl.Boolean
+    for c in ("size_mb", "accuracy", "nll", "ppl", "kld_mean", "top1_agree", "gen_match", "gen_tps"):
+        assert df.schema[c] == pl.Float64
+    assert df.null_count().sum_horizontal().item() == 0
+    assert df["accuracy"].is_between(0, 1).all() and df["top1_agree"].is_between(0, 1).all()
+    assert (df["kld_mean"] >= 0).all() and (df["size_mb"] > 0).all()
+    # failing rows first, baseline's scheme recorded as "none"
+    assert df["parity_pass"].to_list()[0] is False and all(df["parity_pass"].to_list()[1:])
+    assert set(df.filter(pl.col("run") == "baseline")["qat_scheme"]) == {"none"}
+    assert summary["failing"] == ["baseline/gguf/Q4_0"]
+
+
+def test_markdown_sections_and_failing_rows_first(built, caplog):
+    out, _, _ = built
+    md = (out / "report.md").read_text()
+    assert md.index("## Parity failures") < md.index("## All artifacts") < md.index("## QAT vs PTQ") < md.index(
+        "## Recommendation"
+    )
+    table = md.split("## All artifacts")[1]
+    first_data_row = [line for line in table.splitlines() if line.startswith("| baseline") or line.startswith("| qat")][0]
+    assert "Q4_0" in first_data_row and "**NO**" in first_data_row
+    assert "top1_agree 0.7 < 0.88" in md
+    assert "![quality_vs_size](plots/quality_vs_size.png)" in md
+
+
+def test_qat_vs_ptq_recovery_and_noise(built):
+    _, summary, _ = built
+    comps = {(c["format"], c["variant"]): c for c in summary["qat_vs_ptq"]}
+    assert set(comps) == {("torchao", "int8-int4"), ("gguf", "Q4_0")}
+    tao = comps[("torchao", "int8-int4")]["accuracy"]
+    # base 0.90, PTQ 0.60, QAT 0.85: loss 0.30 vs 0.05 -> recovers 25/30
+    assert tao["ptq_loss"] == pytest.approx(0.30) and tao["qat_loss"] == pytest.approx(0.05)
+    assert tao["meaningful"] and tao["recovered"] == pytest.approx(25 / 30)
+    lo, hi = tao["recovered_ci"]
+    assert lo < 25 / 30 < hi
+    nll = comps[("torchao", "int8-int4")]["nll"]
+    assert nll["ptq_loss"] == pytest.approx(0.30) and nll["qat_loss"] == pytest.approx(0.05)
+    assert nll["meaningful"] and nll["recovered"] == pytest.approx(25 / 30)
+    # GGUF Q4_0: base 90 vs PTQ 89 correct on 100 prompts -> one step of 1/N, within noise
+    q4 = comps[("gguf", "Q4_0")]["accuracy"]
+    assert q4["ptq_loss"] == pytest.approx(0.01) and not q4["meaningful"] and q4["recovered"] is None
+    md = (built[0] / "report.md").read_text()
+    assert "QAT recovers 83 % of the PTQ loss" in md
+    assert "within noise" in md and "not meaningful" in md
+
+
+def test_recommendation_smallest_passing_within_margin(built):
+    out, summary, _ = built
+    rec = summary["recommendation"]
+    # baseline Q4_0 fails parity; the QAT run's Q4_0 (2.4 MiB, passes, 0.89 >= 0.90 - 0.05) is the
+    # smallest passing one, ahead of baseline Q4_K_M (2.6 MiB)
+    assert rec["llama.cpp / Ollama"] == "qat-int8-int4/gguf/Q4_0"
+    # torchao int8-int4 of the QAT run (0.85) is within the margin and smaller than int8
+    assert rec["torchao"] == "qat-int8-int4/torchao/int8-int4"
+    # ONNX int8 passes parity but loses 20 points: fp32 it is
+    assert rec["ONNX Runtime"] == "baseline/onnx/fp32"
+    assert summary["rollback"] == "baseline/hf/merged"
+    md = (out / "report.md").read_text().split("## Recommendation")[1]
+    assert "qat-int8-int4/gguf/Q4_0" in md and "Rollback artifact" in md and "baseline/hf/merged" in md
+
+
+def test_plots_written(built):
+    out, summary, _ = built
+    for p in summary["plots"]:
+        data = open(p, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_gate(built, tmp_path):
+    out, _, paths = built
+    with pytest.raises(RuntimeError, match=r"(?s)parity failed for 1 of 13.*baseline/gguf/Q4_0: top1_agree 0.7 < 0.88"):
+        report.parity_gate(out / "report.csv", out / "parity.ok")
+    assert not (out / "parity.ok").exists()
+    # drop the failing artifact: the gate passes and writes its marker
+    good = [p for p in paths if not p.match("*/baseline/gguf/Q4_0.json")]
+    report.build_report(good, out / "r2.csv", out / "r2.md", out / "plots2", accuracy_margin=0.05)
+    report.parity_gate(out / "r2.csv", out / "parity.ok")
+    assert "all 12 artifacts" in (out / "parity.ok").read_text()
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    row = _row("baseline", None, "hf", "merged", 1.0, 50, 1.0)
+    del row["kld_mean"]
+    bad.write_text(json.dumps(row))
+    with pytest.raises(ValueError, match=r"bad.json: missing report columns \['kld_mean'\]"):
+        report.load_evals([bad])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for p in (a, b):
+        p.write_text(json.dumps(_row("baseline", None, "hf", "merged", 1.0, 50, 1.0)))
+    with pytest.raises(ValueError, match="duplicate artifact baseline/hf/merged"):
+        report.load_evals([a, b])
+    with pytest.raises(ValueError, match="no evaluation JSONs"):
+        report.load_evals([])
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.9), (0.5, 0.1), (3.0, 0.95)]
+    assert report.pareto_front(pts) == [3, 0, 4]

@@ -1,0 +1,92 @@
+"""Checkpoint selection on real checkpoints of a tiny run: every candidate scored, choice recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qatforge import select as S
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny random base, an eval split, a prompt file and a 4-step LoRA run with 2 checkpoints."""
+    import torch
+
+    from qatforge import data, tiny
+    from qatforge.train import TrainSettings, train_run
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("select")
+    src = root / "chat.jsonl"
+    src.write_text("\n".join((ROOT / "data/chat.jsonl").read_text().splitlines()[:160]) + "\n")
+    data.prepare(src, root / "train.parquet", root / "eval.parquet", seed=1, eval_fraction=0.1, max_tokens=256)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join((ROOT / "data/eval_prompts.jsonl").read_text().splitlines()[:6]) + "\n")
+    convs = data.read_conversations(root / "train.parquet")
+    tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=300)
+    model = tiny.build_model(tok, layers=1, intermediate=256, seed=2)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    settings = TrainSettings(max_steps=4, save_steps=2, batch_size=4, lr=3e-3, lora_r=4, lora_alpha=8, threads=1,
+                             max_len=96, eval_rows=0, backend="hf")
+    train_run(root / "base", root / "train.parquet", root / "eval.parquet", root / "ckpts", settings,
+              log=lambda m: None)
+    return root
+
+
+def _select(run, out, **kw):
+    args = dict(n_prompts=6, max_new_tokens=6, n_eval=8, max_len=96, threads=1, log=lambda m: None)
+    return S.select_best(run / "base", run / "ckpts", run / "eval.parquet", run / "prompts.jsonl", out, **{**args, **kw})
+
+
+def test_select_scores_all_and_records(run, tmp_path):
+    rec = _select(run, tmp_path / "best.json", metric="eval_loss")
+    on_disk = json.loads((tmp_path / "best.json").read_text())
+    assert on_disk["selected"] == rec["selected"]
+    cands = rec["candidates"]
+    assert [c["step"] for c in cands] == [2, 4]
+    assert all(set(c) >= {"eval_loss", "accuracy", "per_task", "checkpoint"} for c in cands)
+    assert rec["selected"] == min(cands, key=lambda c: c["eval_loss"])["checkpoint"]
+    assert rec["n_prompts"] == 6 and rec["n_eval_conversations"] == 8 and rec["pinned"] is None
+    # Adapters are really applied: scores differ between checkpoints and from the base.
+    assert len({c["eval_loss"] for c in cands} | {rec["base"]["eval_loss"]}) == 3
+    assert S.best_checkpoint_dir(tmp_path / "best.json", run / "ckpts") == run / "ckpts" / rec["selected"]
+
+
+def test_select_pinned_and_qat(run, tmp_path):
+    rec = _select(run, tmp_path / "best.json", metric="accuracy", pinned="checkpoint-2", qat_scheme="int8-int4")
+    assert rec["selected"] == "checkpoint-2" and rec["pinned"] == "checkpoint-2"
+    assert rec["scored_with_fake_quant"] and len(rec["candidates"]) == 2
+    with pytest.raises(S.SelectError, match="checkpoint-3 not found.*checkpoint-2, checkpoint-4"):
+        _select(run, tmp_path / "x.json", pinned=3)
+    assert not (tmp_path / "x.json").exists()
+    with pytest.raises(S.SelectError, match="unknown select metric"):
+        _select(run, tmp_path / "x.json", metric="bleu")
+
+
+def test_choose_ranking_and_ties():
+    c = [
+        {"step": 2, "checkpoint": "checkpoint-2", "accuracy": 0.5, "eval_loss": 1.0},
+        {"step": 4, "checkpoint": "checkpoint-4", "accuracy": 0.5, "eval_loss": 0.9},
+        {"step": 6, "checkpoint": "checkpoint-6", "accuracy": 0.5, "eval_loss": 0.9},
+        {"step": 8, "checkpoint": "checkpoint-8", "accuracy": 0.4, "eval_loss": float("nan")},
+    ]
+    assert S.choose(c, "accuracy")["step"] == 6  # accuracy tie → lower loss → later step
+    assert S.choose(c, "eval_loss")["step"] == 6
+    assert S.choose(c, "accuracy", pinned=8)["step"] == 8
+    assert S.parse_pinned("checkpoint-40") == S.parse_pinned("40") == S.parse_pinned(40) == 40
+    with pytest.raises(S.SelectError):
+        S.parse_pinned("best")
+
+
+def test_missing_checkpoints_dir(tmp_path):
+    with pytest.raises(S.SelectError, match="not found"):
+        S.list_checkpoints(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(S.SelectError, match="no checkpoint-<step>"):
+        S.list_checkpoints(tmp_path / "empty")

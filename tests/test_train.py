@@ -1,0 +1,257 @@
+"""LoRA / QAT training with trl's SFTTrainer on a tiny random Qwen3: outputs, labels, resume, divergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qatforge import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(max_steps=6, save_steps=2, batch_size=4, lr=1e-3, lora_r=4, lora_alpha=8, threads=1,
+                max_len=96, eval_rows=8, seed=7, backend="hf")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny random base (1 layer, hidden 256) and a train/eval split of 240 shipped conversations."""
+    import torch
+
+    from qatforge import data, tiny
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("train")
+    src = root / "chat.jsonl"
+    src.write_text("\n".join((ROOT / "data/chat.jsonl").read_text().splitlines()[:240]) + "\n")
+    data.prepare(src, root / "train.parquet", root / "eval.parquet", seed=1, eval_fraction=0.1, max_tokens=256)
+    convs = data.read_conversations(root / "train.parquet")
+    tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=300)
+    model = tiny.build_model(tok, layers=1, intermediate=256, seed=1)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    return root
+
+
+def _run(env, name, log=None, **over):
+    settings = T.TrainSettings(**{**SETTINGS, **over})
+    msgs = []
+    summary = T.train_run(env / "base", env / "train.parquet", env / "eval.parquet", env / name, settings,
+                          work_dir=env / f"{name}.work", log=log or msgs.append)
+    return summary, msgs
+
+
+@pytest.fixture(scope="module")
+def baseline(env):
+    return _run(env, "baseline")
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_train_writes_checkpoints_state_and_loss_csv(env, baseline):
+    summary, msgs = baseline
+    out = env / "baseline"
+    assert summary["checkpoints"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for c in summary["checkpoints"]:
+        assert (out / c / "adapter_model.safetensors").is_file() and (out / c / "adapter_config.json").is_file()
+        assert json.loads((out / c / "trainer_state.json").read_text())["global_step"] == int(c.split("-")[1])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 6
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert list(rows[0]) == list(T.LOSS_FIELDS)
+    assert all(float(r["loss"]) > 0 and float(r["grad_norm"]) > 0 for r in rows)
+    assert float(rows[-1]["tokens_per_s"]) > 0
+    assert json.loads((out / "train.json").read_text())["global_step"] == 6
+    assert summary["fake_quantized_modules"] == 0 and summary["resumed_from_step"] is None
+    assert not (env / "baseline.work").exists()  # moved into the output, work dir removed
+    assert any(m.startswith("step 1/6") for m in msgs)  # dense early logging
+    # Training changed the adapters (LoRA B starts at zero).
+    assert any(float(v.abs().max()) > 0 for k, v in _adapter(out / "checkpoint-6").items() if "lora_B" in k)
+
+
+def test_qat_training_fake_quantizes(env):
+    summary, msgs = _run(env, "qat", max_steps=2, save_steps=2, qat_scheme="phone-deployment")
+    assert summary["fake_quantized_modules"] == 9
+    assert summary["settings"]["qat_scheme"] == "int8-int4"
+    assert any("9 modules fake-quantized" in m for m in msgs)
+    assert (env / "qat" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_trainer_keeps_assistant_only_labels(env):
+    """trl must not re-tokenize or re-mask: the collated labels are exactly encode_for_training's."""
+    from qatforge.chat import IGNORE_INDEX, encode_for_training
+    from qatforge.data import read_conversations
+    from qatforge.model import load_tokenizer
+
+    tok = load_tokenizer(env / "base")
+    convs = read_conversations(env / "train.parquet")[:3]
+    rows = T.tokenize_split(tok, convs, 96, "train")
+    assert rows[0] == encode_for_training(tok, convs[0], 96)
+    settings = T.TrainSettings(**SETTINGS)
+    trainer, _ = T.build_trainer(env / "base", rows, [], env / "labels.work", settings, log=lambda m: None)
+    assert [trainer.train_dataset[i]["input_ids"] for i in range(3)] == [r["input_ids"] for r in rows]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    for i, r in enumerate(rows):
+        n = len(r["labels"])
+        assert batch["labels"][i, :n].tolist() == r["labels"]
+        assert set(batch["labels"][i, n:].tolist()) <= {IGNORE_INDEX}
+    # Only assistant content (and its end-of-turn token) is trained on.
+    kept = tok.decode([t for t in rows[0]["labels"] if t != IGNORE_INDEX])
+    first_answer = next(m["content"] for m in convs[0] if m["role"] == "assistant")
+    assert kept.startswith(first_answer + "<|im_end|>")
+    assert "<|im_start|>" not in kept and "user" not in kept and "system" not in kept
+
+
+def test_resume_after_kill_matches_uninterrupted_run(env, baseline):
+    """A SIGKILLed training job rerun resumes from its last complete checkpoint, to identical adapters."""
+    out, work = env / "killed", env / "killed.work"
+    settings = json.dumps(SETTINGS)
+    cmd = [sys.executable, "-m", "qatforge.train", str(env / "base"), str(env / "train.parquet"),
+           str(env / "eval.parquet"), str(out), "--work-dir", str(work), "--settings", settings]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not T.complete_checkpoints(work):
+            assert proc.poll() is None, "training finished or failed before the first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done = T.complete_checkpoints(work)
+    last = T.checkpoint_step(done[-1])
+    assert last < 6 and not out.exists()
+    summary, msgs = _run(env, "killed")
+    assert summary["resumed_from_step"] == last
+    assert any(f"resuming from checkpoint-{last}" in m for m in msgs)
+    assert summary["steps_this_process"] == 6 - last
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    ref_rows = list(csv.DictReader(open(env / "baseline" / "loss.csv")))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    a, b = _adapter(out / "checkpoint-6"), _adapter(env / "baseline" / "checkpoint-6")
+    assert a.keys() == b.keys()
+    import torch
+
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+OOM_SCRIPT = """
+import json, resource, sys
+from qatforge import train as T
+env, big = sys.argv[1], int(sys.argv[2])
+
+def run(name, batch):
+    s = T.TrainSettings(max_steps=1, save_steps=1, batch_size=batch, lr=1e-3, threads=1, max_len=256,
+                        eval_rows=0, backend="hf", lora_r=4, lora_alpha=8)
+    return T.train_run(env + "/base", env + "/train.parquet", env + "/eval.parquet", env + "/" + name, s,
+                       log=lambda m: None)
+
+run("oom_calib", 2)  # the address space a small batch needs ...
+peak = int(dict(l.split(":", 1) for l in open("/proc/self/status"))["VmPeak"].split()[0]) * 1024
+limit = peak + 300 * 2**20  # ... plus 300 MiB: far less than a batch of 512 needs
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+print(json.dumps(run("oom", big)))
+"""
+
+
+def test_out_of_memory_retries_with_half_batch(env):
+    """A real allocation failure (address-space limit) → retry with half batch, double accumulation."""
+    proc = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(env), "512"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    retries = summary["oom_retries"]
+    assert retries and "allocate memory" in retries[0]["error"]
+    assert (retries[0]["batch_size"], retries[0]["grad_accum"]) == (256, 2)
+    s = summary["settings"]
+    assert s["batch_size"] < 512 and s["batch_size"] * s["grad_accum"] == 512  # same effective batch
+    assert summary["checkpoints"] == ["checkpoint-1"]
+
+
+def test_stale_work_dir_is_discarded(env):
+    """A work dir left by other settings is not resumed from."""
+    work = env / "stale.work"
+    (work / "checkpoint-2").mkdir(parents=True)
+    (work / "fingerprint.txt").write_text("other\n")
+    summary, msgs = _run(env, "stale", max_steps=2, save_steps=2)
+    assert summary["resumed_from_step"] is None
+    assert any("discarding" in m for m in msgs)
+
+
+def test_nan_divergence_stops_with_the_step(env):
+    """An absurd learning rate overflows the adapters to inf/NaN within a few steps: stop, name the step."""
+    with pytest.raises(T.TrainingDiverged, match=r"diverged at step \d+: .*non-finite"):
+        _run(env, "diverge", max_steps=20, save_steps=20, lr=1e30, eval_rows=0)
+    assert not (env / "diverge").exists()
+    rows = list(csv.DictReader(open(env / "diverge.work" / "loss.csv")))
+    assert "nan" in (rows[-1]["loss"], rows[-1]["grad_norm"])
+
+
+def _feed(tmp_path, losses, **over):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    settings = T.TrainSettings(**{**SETTINGS, "dense_steps": 2, **over})
+    cb = T._make_callback(tmp_path / "loss.csv", settings, lambda m: None)
+    state = TrainerState()
+    state.max_steps = len(losses)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    try:
+        for i, loss in enumerate(losses, start=1):
+            state.global_step = i
+            cb.on_log(args, state, TrainerControl(), logs={"loss": loss, "grad_norm": 1.0, "learning_rate": 1e-3})
+    finally:
+        cb.on_train_end(args, state, TrainerControl())
+    return [r["step"] for r in csv.DictReader(open(tmp_path / "loss.csv"))]
+
+
+def test_divergence_checks_of_the_callback(tmp_path):
+    with pytest.raises(T.TrainingDiverged, match="step 2.*non-finite"):
+        _feed(tmp_path / "a", [2.0, float("nan"), 1.0])
+    assert _feed(tmp_path / "b", [2.0, 1.5, 1.0, 0.8, 0.9, 0.7, 0.75]) == [str(i) for i in range(1, 8)]
+    with pytest.raises(T.TrainingDiverged, match=r"step \d+: smoothed loss .* running minimum"):
+        _feed(tmp_path / "c", [2.0, 1.0, 0.5, 0.4, 0.4, 9.0, 9.0, 9.0, 9.0])
+    steps = [r["step"] for r in csv.DictReader(open(tmp_path / "c" / "loss.csv"))]
+    assert steps[-1] in ("6", "7", "8", "9")  # the bad step is recorded before stopping
+
+
+def test_unsupported_scheme_fails_before_training(env):
+    t0 = time.perf_counter()
+    with pytest.raises(T.TrainingError, match="fp8-fp8.*CPU"):
+        _run(env, "fp8", qat_scheme="fp8-fp8")
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(ValueError, match="unknown qat scheme"):
+        T.TrainSettings(qat_scheme="int3-int5")
+
+
+def test_settings_from_config_and_backend():
+    import yaml
+
+    from qatforge import config as qcfg
+
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    s = T.TrainSettings.from_config(qcfg.train_settings(cfg, "qat-int8-int4"), threads=2, max_len=256)
+    assert (s.lora_r, s.lora_alpha, s.lora_dropout) == (16, 32, 0.0)
+    assert s.target_modules == T.DEFAULT_TARGETS and s.qat_scheme == "int8-int4" and s.seed == cfg["seed"]
+    assert s.max_steps == cfg["train"]["max_steps"] and s.lr == cfg["train"]["lr"]
+    with pytest.raises(ValueError, match="train.batch_size"):
+        T.TrainSettings(batch_size=0)
+    assert T.resolve_backend("hf") == "hf"
+    assert T.resolve_backend("auto") == "hf"  # no CUDA here
+    with pytest.raises(ValueError, match="backend"):
+        T.resolve_backend("deepspeed")
+    if not __import__("importlib").util.find_spec("unsloth"):
+        with pytest.raises(T.TrainingError, match="unsloth is not installed"):
+            T.resolve_backend("unsloth")
