@@ -1,12 +1,14 @@
 rule gguf_convert:
     input:
         merged="results/runs/{run}/merged",
+        eval="results/data/eval.parquet",
     output:
         gguf=maybe_temp(gguf_file("{run}", OUTTYPE)),
         record=gguf_file("{run}", OUTTYPE) + ".json",
     params:
         outtype=config["gguf"]["outtype"],
         pre_tokenizer=config["gguf"]["pre_tokenizer"],
+        model_name=MODEL,
     log:
         "logs/gguf_convert/{run}.log",
     benchmark:

@@ -34,7 +34,8 @@ def problems_of(c, workdir=ROOT, cuda=None):
 
 def test_default_config_is_valid(cfg):
     qcfg.check(cfg, ROOT)
-    assert len(qcfg.artifacts(cfg)) == 2 * (1 + 1 + 6 + 2) + 2 - 1  # hf, BF16, 6 quants, 2 onnx; torchao 2 + 1
+    # per run: hf, BF16, 6 quants, 2 onnx; torchao: 2 PTQ schemes (baseline) + 1 QAT scheme
+    assert len(qcfg.artifacts(cfg)) == 2 * (1 + 1 + 6 + 2) + 2 + 1
 
 
 @pytest.mark.parametrize(

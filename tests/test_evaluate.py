@@ -104,12 +104,20 @@ def test_hf_same_model_is_exact(tiny, tmp_path):
     assert res["format"] == "hf" and res["run"] == "baseline" and res["qat_scheme"] is None
 
 
-def test_hf_perturbed_model_fails_parity(tiny, tmp_path):
-    res = run_eval(tiny["perturbed"], tiny["reference"], tiny["prompts"], tmp_path / "p.json", run="baseline",
-                   qat_scheme=None, format="hf", variant="merged", **EVAL_KW)
+def test_hf_perturbed_model_fails_parity_via_cli(tiny, tmp_path):
+    from qatforge.evaluate import main
+
+    out = tmp_path / "p.json"
+    th = json.dumps({"hf": {"merged": {"kld_mean": 1e-4, "top1_agree": 0.5}}})
+    main(["--artifact", str(tiny["perturbed"]), "--reference", str(tiny["reference"]), "--eval-prompts",
+          str(tiny["prompts"]), "--out", str(out), "--run", "baseline", "--format", "hf", "--variant", "merged",
+          "--threads", "1", "--max-new-tokens", "8", "--speed-prompts", "2", "--speed-repeats", "2",
+          "--thresholds", th])
+    res = json.loads(out.read_text())
     _check_row(res)
     assert res["token_parity"] is True  # same tokenizer
     assert res["kld_mean"] > 1e-3 and res["top1_agree"] < 1.0
+    assert res["thresholds"]["kld_mean"] == 1e-4 and res["thresholds"]["top1_agree"] == 0.5
     assert res["parity_pass"] is False and any(f.startswith("kld_mean") for f in res["failures"])
 
 

@@ -82,7 +82,8 @@ def test_convert_applies_pre_tokenizer_and_records(bf16, merged, hf_tokenizer):
     assert prov["tokenizer_parity"]["n"] == prov["tokenizer_parity"]["identical"] > 60
     assert set(prov["tensor_types"]) == {"BF16", "F32"}
     assert prov["tool"]["llama_cpp_python"] == "0.3.36" and prov["tool"]["llama_cpp_commit"]
-    assert prov["source"] == {"run": "test", "checkpoint": "tiny"}
+    assert prov["source"]["run"] == "test" and prov["source"]["checkpoint"] == "tiny"
+    assert prov["source"]["merged_dir"] == str(merged) and len(prov["source"]["merged_sha256"]) == 64
     assert record["size_bytes"] == out.stat().st_size
     assert not list(out.parent.glob(".*tmp*"))  # atomic: no temp files left
 
@@ -228,3 +229,41 @@ def test_fallbacks_warn_or_fail(odd_bf16):
     with pytest.raises(gguf.FallbackError, match="ffn_down"):
         gguf.quantize(odd_bf16, fail_out, qtype="Q5_K_M", threads=THREADS, on_fallback="fail")
     assert not fail_out.exists() and not fail_out.with_name(fail_out.name + ".json").exists()
+
+
+def test_missing_llama_cpp_tools_say_make_install(tmp_path, monkeypatch):
+    from qatforge import llamacpp
+
+    monkeypatch.setenv(llamacpp.ENV_DIR, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make install"):
+        llamacpp.find_converter()
+    monkeypatch.setattr("sys.prefix", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make install"):
+        llamacpp.find_imatrix_tool()
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="make install"):
+        gguf.convert(tmp_path, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_installed_layout_is_complete():
+    from qatforge import llamacpp
+
+    script = llamacpp.find_converter()
+    assert (script.parent / "models" / "templates").is_dir()
+    info = llamacpp.source_info()
+    assert info["llama_cpp_python"] == "0.3.36" and info["llama_cpp_commit"] and info["ggml"]
+    assert llamacpp.find_imatrix_tool().name == "llama-imatrix"
+
+
+def test_imatrix_from_training_parquet(bf16, tmp_path):
+    import polars as pl
+
+    src, _ = bf16
+    train = tmp_path / "train.parquet"
+    pl.DataFrame({"messages": synthetic_conversations(120, seed=9)}).write_parquet(train)
+    out = tmp_path / "imatrix.gguf"
+    info = gguf.imatrix_from_parquet(src, train, out, chunks=2, ctx=64, seed=1, threads=THREADS)
+    assert out.is_file() and info["chunks_processed"] == 2
+    assert info["source"]["conversations"] == 120 and len(info["source"]["calibration_sha256"]) == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imatrix.gguf", "imatrix.gguf.json", "train.parquet"]

@@ -22,7 +22,7 @@ def exported(merged, tmp_path_factory):
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("onnx")
     fp32 = onnx_export.export(merged, root / "fp32", threads=2, source={"run": "test", "checkpoint": "tiny"})
-    int8 = onnx_export.quantize_int8(root / "fp32", root / "int8", reference_dir=merged, threads=2)
+    int8 = onnx_export.quantize_int8(root / "fp32", root / "int8", threads=2)  # reference from the record
     return root, fp32, int8
 
 
@@ -69,6 +69,7 @@ def test_int8_is_quantized_loads_and_generates(exported):
     assert (d / "chat_template.jinja").is_file() and (d / "export.json").is_file()
     record = json.loads((d / "export.json").read_text())
     assert record["provenance"]["settings"]["weight_type"] == "QInt8"
+    assert record["provenance"]["source"]["run"] == "test"  # carried over from the fp32 record
 
 
 def test_export_refuses_a_non_checkpoint(tmp_path):

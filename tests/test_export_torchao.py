@@ -26,7 +26,7 @@ def test_ptq_reloads_and_generates(merged, tmp_path, scheme):
     record = json.loads((out / "export.json").read_text())
     prov = record["provenance"]
     assert prov["settings"]["scheme"] == scheme and prov["settings"]["method"] == "ptq"
-    assert prov["source"] == {"run": "baseline"}
+    assert prov["source"]["run"] == "baseline" and prov["source"]["merged_dir"] == str(merged)
     assert prov["duration_s"] > 0 and prov["tool"]["torchao"]
     assert info["check"]["quantized_modules"] > 0
     assert (out / "pytorch_model.bin").is_file()  # safe_serialization=False

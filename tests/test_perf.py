@@ -137,7 +137,7 @@ def _figures():
                  "group_totals": {"train": 400.0, "build_base": 200.0, "evaluate": 100.0}},
         "parallel": {"cores": "2", "speedup": 1.2, "cores_1": {"wall_s": 300.0, "n_jobs": 40},
                      "cores_n": {"wall_s": 250.0, "n_jobs": 40}},
-        "incremental": {"quant": "Q8_0", "wall_s": 30.0, "fraction_of_cold": 30 / 800,
+        "incremental": {"quant": "Q8_0", "pure": True, "wall_s": 30.0, "fraction_of_cold": 30 / 800,
                         "jobs": ["gguf_quantize[run=baseline, quant=Q8_0]", "report"]},
         "noop": {"median_s": 2.5, "runs": [{}, {}, {}]},
         "dag": {"median_s": 6.0, "n_runs": 10, "n_quants": 30, "n_jobs": 747, "runs": [{}, {}, {}]},
@@ -147,7 +147,8 @@ def _figures():
             {"size": "500M", "params": 5e8, "bf16_mb": 953.7, "stage": "onnx", "error": "PerfError: x | y"}],
             "analysis": {"merge": {"largest": "500M", "rss_ratio": 2.1, "marginal_rss_ratio": 1.6,
                                    "slope": 0.9, "slope_between": ["4M", "500M"]}}},
-        "qat": {"scheme": "int2-w128", "steps": 120, "recovered_nll": 0.4, "recovered_kld": 0.5,
+        "qat": {"scheme": "int2-w128", "steps": 120, "n_eval": 32, "recovered_nll": 0.4, "recovered_kld": 0.5,
+                "start_ptq": {"nll_float": 0.21, "nll_quant": 0.8, "kld": 0.5},
                 "ptq": {"nll_float": 0.2, "nll_quant": 0.7, "kld": 0.4},
                 "qat": {"nll_float": 0.25, "nll_quant": 0.5, "kld": 0.2}},
     }
@@ -169,3 +170,104 @@ def test_summary_table_has_one_row_per_figure_and_flags_missed_targets():
     # Sections that are absent (quick mode) simply have no rows; errors get one.
     quick = perf.summary_table({"dag": _figures()["dag"], "cold": {"error": "boom\nmore"}})
     assert len(quick.strip().splitlines()) == 4 and "failed: boom |" in quick
+
+
+def _hold_memory(mb: int) -> bytearray:
+    import time
+
+    b = bytearray(mb * 2**20)
+    b[::4096] = b"x" * len(b[::4096])
+    time.sleep(0.4)  # several sampling periods while the memory is held
+    return b
+
+
+def test_peak_sampler_names_the_call_holding_the_memory():
+    with perf.PeakSampler(interval=0.02) as peak:
+        held = _hold_memory(300)
+    del held
+    assert peak.peak_mb >= 300
+    assert any(f.endswith(" _hold_memory") for f in peak.stack)
+
+
+def test_peak_call_prefers_the_innermost_qatforge_frame():
+    stack = ["runpy.py:1 _run", "qatforge/perf.py:10 run_stage", "qatforge/merge.py:165 merge",
+             "transformers/modeling_utils.py:5 load"]
+    assert perf.peak_call(stack) == "qatforge/merge.py:165 merge → transformers/modeling_utils.py:5 load"
+    assert perf.peak_call(["a.py:1 f"]) == "a.py:1 f" and perf.peak_call([]) is None
+
+
+def test_rss_target_is_judged_only_when_weights_dominate():
+    def fig(bf16_mb):
+        return {"growth": {"sizes": ["4M", "50M"], "rows": [], "analysis": {"onnx": {
+            "largest": "50M", "bf16_mb": bf16_mb, "rss_ratio": 9.0, "marginal_rss_ratio": None, "slope": None,
+            "peak_at": "qatforge/export/onnx.py:140 export"}}}}
+    small, big = perf.summary_table(fig(98.0)), perf.summary_table(fig(963.0))
+    assert "n/a: library footprint dominates" in small
+    assert big.rstrip().endswith("| **no** |") and "peak in qatforge/export/onnx.py:140 export" in big
+
+
+TOY_SNAKEFILE = textwrap.dedent("""
+    # The pipeline's shape in miniature: merged -> exports (+ quants from config) -> report.
+    configfile: "config/config.yaml"
+    QUANTS = list(config["gguf"]["quants"])
+    rule report:
+        input: expand("results/runs/base/gguf/{q}.txt", q=QUANTS), "results/runs/base/onnx.txt"
+        output: "results/report.csv"
+        shell: "cat {input} > {output}"
+    rule merge:
+        output: "results/runs/{run}/merged/w.txt"
+        benchmark: "benchmarks/merge/{run}.tsv"
+        shell: "echo w > {output}"
+    rule gguf_convert:
+        input: "results/runs/{run}/merged/w.txt"
+        output: "results/runs/{run}/gguf/BF16.txt"
+        benchmark: "benchmarks/gguf_convert/{run}.tsv"
+        shell: "cp {input} {output}"
+    rule gguf_quantize:
+        input: "results/runs/{run}/gguf/BF16.txt"
+        output: "results/runs/{run}/gguf/{quant,Q[^/]+}.txt"
+        params: spec=lambda w: config["gguf"]["quants"][w.quant]
+        benchmark: "benchmarks/gguf_quantize/{run}/{quant}.tsv"
+        shell: "echo '{params.spec}' > {output}"
+    rule onnx_export:
+        input: "results/runs/{run}/merged/w.txt"
+        output: "results/runs/{run}/onnx.txt"
+        benchmark: "benchmarks/onnx_export/{run}.tsv"
+        shell: "cp {input} {output}"
+""")
+
+
+def test_pipeline_sections_on_a_toy_project(tmp_path):
+    toy = tmp_path / "toy"
+    (toy / "config").mkdir(parents=True)
+    (toy / "Snakefile").write_text(TOY_SNAKEFILE)
+    (toy / "config" / "config.yaml").write_text(yaml.safe_dump({"gguf": {"quants": {"Q8_0": {"type": "Q8_0"},
+                                                                                    "Q4_0": {"type": "Q4_0"}}}}))
+    out = tmp_path / "perf"
+    rc = perf.main(["--out", str(out), "--project", str(toy), "--only", "cold,parallel,incremental,noop",
+                    "--cores", "2", "--repeats", "1", "--keep-work"])
+    assert rc == 0
+    cold = yaml.safe_load((out / "cold.json").read_text())
+    assert cold["n_jobs"] == 6 and cold["returncode"] == 0 and cold["cpu_s"] > 0
+    assert sorted(j["job"] for j in cold["benchmarked_jobs"]) == [
+        "gguf_convert/base", "gguf_quantize/base/Q4_0", "gguf_quantize/base/Q8_0", "merge/base", "onnx_export/base"]
+    par = yaml.safe_load((out / "parallel.json").read_text())
+    assert "--forcerun gguf_convert onnx_export" in par["what"]  # only rules the workflow has
+    for key in ("cores_1", "cores_n"):  # everything downstream of merged, not merge itself
+        assert sorted(par[key]["jobs"]) == ["gguf_convert[run=base]", "gguf_quantize[run=base, quant=Q4_0]",
+                                            "gguf_quantize[run=base, quant=Q8_0]", "onnx_export[run=base]", "report"]
+    assert par["speedup"] > 0
+    inc = yaml.safe_load((out / "incremental.json").read_text())
+    assert inc["quant"] == "Q8_0" and inc["jobs"] == ["gguf_quantize[run=base, quant=Q8_0]", "report"]
+    assert 0 < inc["fraction_of_cold"] == pytest.approx(inc["wall_s"] / cold["wall_s"], rel=1e-3)
+    edited = yaml.safe_load((out / "work" / "project" / "config" / "config.yaml").read_text())
+    assert edited["gguf"]["quants"]["Q8_0"] == {"type": "Q8_0", "pure": True} and inc["pure"] is True
+    noop = yaml.safe_load((out / "noop.json").read_text())  # measured before the edit
+    assert len(noop["runs"]) == 1 and noop["runs"][0]["n_jobs"] == 0
+    summary = (out / "summary.md").read_text()
+    assert summary.count("\n| ") == 1 + 5  # header + cold (2 rows), parallel, incremental, no-op
+    assert "`pure: true` on quant Q8_0" in summary
+    # Sections needing the built project fail clearly without it, and the run reports failure.
+    assert perf.main(["--out", str(tmp_path / "p2"), "--project", str(toy), "--only", "noop",
+                      "--work", str(tmp_path / "w2")]) == 1
+    assert "is not built" in (tmp_path / "p2" / "noop.json").read_text()

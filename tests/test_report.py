@@ -53,8 +53,9 @@ def _synthetic():
     ]
 
 
-@pytest.fixture()
-def built(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
     paths = []
     for i, r in enumerate(_synthetic()):
         p = tmp_path / "eval" / r["run"] / r["format"] / f"{r['variant']}.json"

@@ -77,12 +77,13 @@ def test_build_base_writes_loadable_checkpoint(rows, tmp_path):
     prompts = datagen.eval_prompts(0, 5)
     metrics = tiny.build_base(train, tmp_path / "base", steps=3, batch_size=4, lr=1e-3, seed=0,
                               vocab_size=512, log_path=tmp_path / "warmup.csv", eval_prompts=prompts,
-                              max_new_tokens=4, model_kwargs={"layers": 1})
+                              max_new_tokens=4, model_kwargs={"layers": 1}, eval_every=2)
     out = tmp_path / "base"
     for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
               "tokenizer_config.json", "warmup.json"):
         assert (out / f).is_file(), f
     assert metrics["steps"] == 3 and 0 <= metrics["exact_match"] <= 1
+    assert [c["step"] for c in metrics["curve"]] == [2, 3]
     assert (tmp_path / "warmup.csv").read_text().startswith("step,loss")
     model, tok = load_causal_lm(out), load_tokenizer(out)
     assert chat.render(tok, prompts[0]["messages"], True).endswith("<|im_start|>assistant\n")

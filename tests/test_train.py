@@ -255,3 +255,20 @@ def test_settings_from_config_and_backend():
     if not __import__("importlib").util.find_spec("unsloth"):
         with pytest.raises(T.TrainingError, match="unsloth is not installed"):
             T.resolve_backend("unsloth")
+
+
+@pytest.mark.skipif(os.environ.get("QATFORGE_TEST_UNSLOTH") != "1", reason="make test-unsloth only (installs unsloth)")
+def test_unsloth_backend_trains_qat_on_cpu(env):
+    """Unsloth's FastLanguageModel path on CPU (no GPU here): it drops qat_scheme on CPU, so the torchao
+    preparation must be applied by qatforge; runs in a fresh interpreter so unsloth is imported first."""
+    out = env / "unsloth"
+    settings = json.dumps({**SETTINGS, "backend": "unsloth", "qat_scheme": "int8-int4", "max_steps": 2, "save_steps": 2})
+    proc = subprocess.run(
+        [sys.executable, "-m", "qatforge.train", str(env / "base"), str(env / "train.parquet"), str(env / "eval.parquet"),
+         str(out), "--settings", settings],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["backend"] == "unsloth" and summary["fake_quantized_modules"] > 0
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()

@@ -27,13 +27,8 @@ fi
 
 SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
-tar -xzf "$SDIST" -C "$SRC" "llama_cpp_python-$VERSION/vendor/llama.cpp"
+tar -xzf "$SDIST" -C "$SRC"
 LLAMA=$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp
-SHARE=$VENV/share/llama.cpp
-rm -rf "$SHARE.tmp" && mkdir -p "$SHARE.tmp"
-cp -r "$LLAMA/convert_hf_to_gguf.py" "$LLAMA/conversion" "$LLAMA/gguf-py" "$LLAMA/LICENSE" "$SHARE.tmp/"
-echo "$VERSION" > "$SHARE.tmp/VERSION"
-rm -rf "$SHARE" && mv "$SHARE.tmp" "$SHARE"
 
 TOOL=$CACHE/bin/llama-imatrix-$VERSION
 if [ ! -x "$TOOL" ]; then
@@ -43,5 +38,7 @@ if [ ! -x "$TOOL" ]; then
   cmake --build "$SRC/build" --target llama-imatrix -j "$(nproc)" >/dev/null
   cp "$SRC/build/bin/llama-imatrix" "$TOOL.tmp" && mv "$TOOL.tmp" "$TOOL"
 fi
-cp "$TOOL" "$VENV/bin/llama-imatrix"
+# converter, conversion/, vendored gguf-py, templates and the imatrix tool into the venv
+"$VENV/bin/python" -m qatforge.llamacpp install --sdist "$SRC/llama_cpp_python-$VERSION" \
+  --prefix "$VENV" --imatrix-tool "$TOOL"
 echo "llama.cpp $VERSION installed in $VENV"

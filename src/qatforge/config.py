@@ -119,7 +119,7 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
 
 
 def _check_gguf(config: dict) -> list[str]:
-    from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_NAMES
+    from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_NAMES, TENSOR_TYPE_NAMES
 
     g = config["gguf"]
     problems = []
@@ -135,8 +135,11 @@ def _check_gguf(config: dict) -> list[str]:
                 f"gguf.quants.{name}: type {qtype} needs an importance matrix; set imatrix: true"
             )
         for key in ("output_tensor_type", "token_embedding_type"):
-            if spec.get(key) and spec[key] not in QUANT_NAMES + ("F32", "F16", "BF16"):
-                problems.append(f"gguf.quants.{name}.{key}: unknown tensor type {spec[key]!r}")
+            if spec.get(key) and spec[key] not in TENSOR_TYPE_NAMES:
+                problems.append(
+                    f"gguf.quants.{name}.{key}: unknown tensor type {spec[key]!r}; "
+                    f"valid types: {', '.join(TENSOR_TYPE_NAMES)}"
+                )
     if outtype_name(config) in g["quants"]:
         problems.append(
             f"gguf.quants.{outtype_name(config)}: duplicate artifact name, it is the name of the "

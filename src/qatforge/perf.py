@@ -4,11 +4,12 @@
 ``<out>/<section>.json`` and ``<out>/summary.md`` (one table). Sections:
 
 * ``cold``: the default config built from an empty ``results/`` in a fresh copy of the project
-  (``snakemake --cores all results/report.csv``); per-job times from the ``benchmark:`` TSVs.
-* ``parallel``: the export + evaluation part of that build (``--forcerun`` of every rule reading
-  ``results/runs/*/merged``, hence every job downstream of it) rebuilt with 1 core, then 2.
-* ``incremental``: ``pure: true`` added to one GGUF quant, then rebuilt: time / cold time, jobs.
+  (``snakemake --cores all results/report.csv``); per-job times from the ``benchmark:`` TSVs
+  (their ``max_rss`` is sampled by Snakemake every 0.5 s, then every 30 s: a lower bound).
 * ``noop``: ``snakemake results/report.csv`` on the built project (median of 3).
+* ``parallel``: the export + evaluation part of that build (``--forcerun`` of every rule reading
+  ``results/runs/*/merged``, hence every job downstream of it) rebuilt with 1 core, then all.
+* ``incremental``: ``pure: true`` set on one GGUF quant (Q8_0), then rebuilt: time / cold time, jobs.
 * ``dag``: ``snakemake -n`` of a generated config of 10 runs x 30 quants (median of 3).
 * ``growth``: merge, GGUF BF16, Q4_K_M, ONNX and TorchAO PTQ of random-init Qwen3 models of
   ~4M / 50M / 500M parameters, each stage in its own process.
@@ -43,7 +44,7 @@ PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "rep
 REPORT = "results/report.csv"
 # The rules reading results/runs/{run}/merged: forcing them reruns everything downstream of it.
 EXPORT_RULES = ("gguf_convert", "onnx_export", "torchao_ptq", "qat_convert", "reference")
-SECTIONS = ("cold", "parallel", "incremental", "noop", "dag", "growth", "qat")
+SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat")  # in run order
 QUICK_SECTIONS = ("dag", "growth")
 NEEDS_BUILD = ("parallel", "incremental", "noop", "qat")
 # Random-init Qwen3 dimensions (rows multiples of 256, vocab 1024 from build_tokenizer).
@@ -213,7 +214,7 @@ def peak_call(stack: Sequence[str] | None) -> str | None:
     """The innermost qatforge frame and the innermost frame of a sampled peak-RSS stack."""
     if not stack:
         return None
-    ours = [f for f in stack if "qatforge/" in f and "qatforge/perf.py" not in f]
+    ours = [f for f in stack if f.startswith("qatforge/") and not f.startswith("qatforge/perf.py")]
     inner = stack[-1]
     return f"{ours[-1]} → {inner}" if ours and ours[-1] != inner else inner
 
@@ -253,7 +254,7 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
                      f"≥ {TARGETS['speedup']}x", _ok(p["speedup"], TARGETS["speedup"], above=True)))
     i = figs.get("incremental", {})
     if "wall_s" in i:
-        rows.append((f"incremental: `pure: true` on quant {i['quant']}",
+        rows.append((f"incremental: `pure: {str(i['pure']).lower()}` on quant {i['quant']}",
                      f"{_fmt_s(i['wall_s'])} = {100 * i['fraction_of_cold']:.1f} % of cold; jobs: "
                      + ", ".join(i["jobs"]), "≤ 5 %", _ok(i["fraction_of_cold"], TARGETS["incremental_frac"])))
     n = figs.get("noop", {})
@@ -284,12 +285,15 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
                          f"{a['slope']:.2f} (t ∝ params^k)", "≈ 1 (linear)", _ok(a["slope"], TARGETS["time_slope"])))
     q = figs.get("qat", {})
     if "recovered_nll" in q:
-        rows.append((f"QAT {q['scheme']} vs PTQ after {q['steps']} plain steps: eval NLL (float → quantized)",
-                     f"PTQ {q['ptq']['nll_float']:.3f} → {q['ptq']['nll_quant']:.3f}; "
-                     f"QAT {q['qat']['nll_float']:.3f} → {q['qat']['nll_quant']:.3f}", "", ""))
+        pct = lambda v: "n/a (PTQ lost nothing)" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+        st, pq, qq = q["start_ptq"], q["ptq"], q["qat"]
+        rows.append((f"QAT {q['scheme']}: eval NLL float → quantized ({q['n_eval']} eval conversations)",
+                     f"trained baseline, PTQ {st['nll_float']:.3f} → {st['nll_quant']:.3f}; +{q['steps']} plain "
+                     f"steps, PTQ {pq['nll_float']:.3f} → {pq['nll_quant']:.3f}; +{q['steps']} QAT steps "
+                     f"{qq['nll_float']:.3f} → {qq['nll_quant']:.3f}", "", ""))
         rows.append((f"QAT {q['scheme']}: share of the PTQ increase recovered",
-                     f"NLL {100 * q['recovered_nll']:.0f} %, KLD {100 * q['recovered_kld']:.0f} % "
-                     f"(KLD PTQ {q['ptq']['kld']:.4f}, QAT {q['qat']['kld']:.4f})", "> 0 (report)",
+                     f"NLL {pct(q['recovered_nll'])}, KLD {pct(q['recovered_kld'])} "
+                     f"(KLD to own float model: PTQ {pq['kld']:.4f}, QAT {qq['kld']:.4f})", "> 0",
                      _ok(q["recovered_nll"], 0.0, above=True)))
     return rows
 
@@ -392,13 +396,22 @@ def bench_cold(project: Path, work: Path, cores: str) -> dict[str, Any]:
             "summed_job_s": round(sum(j["s"] for j in jobs), 1)}
 
 
+def workflow_rules(proj: Path) -> list[str]:
+    """The rule names of the workflow in ``proj`` (``snakemake --list-rules``)."""
+    r = measure(smk("--list-rules"), cwd=proj, log_file=proj / ".perf-rules.log")
+    text = Path(r["log"]).read_text()
+    Path(r["log"]).unlink()
+    return [line.strip() for line in text.splitlines() if re.fullmatch(r"\s*[A-Za-z_]\w*\s*", line)]
+
+
 def bench_parallel(proj: Path, work: Path, cores: str) -> dict[str, Any]:
+    forced = [r for r in EXPORT_RULES if r in workflow_rules(proj)]  # unknown names would be an error
     res: dict[str, Any] = {
         "what": "rebuild of every job downstream of results/runs/*/merged (exports, reference, "
-                "evaluations, report) on the built project, forced with --forcerun " + " ".join(EXPORT_RULES),
+                "evaluations, report) on the built project, forced with --forcerun " + " ".join(forced),
         "cores": cores}
     for key, c in (("cores_1", "1"), ("cores_n", cores)):
-        args = (REPORT, "--cores", c, "--forcerun", *EXPORT_RULES)
+        args = (REPORT, "--cores", c, "--forcerun", *forced)
         res[key] = {"command": "snakemake " + " ".join(args), **_smk_run(proj, work / "logs" / f"parallel-{c}.log", *args)}
     res["speedup"] = round(res["cores_1"]["wall_s"] / res["cores_n"]["wall_s"], 3)
     return res
@@ -408,18 +421,16 @@ def bench_incremental(proj: Path, work: Path, cores: str, cold_s: float | None, 
     import yaml
 
     cfg_path = proj / "config" / "config.yaml"
-    original = cfg_path.read_text()
-    cfg = yaml.safe_load(original)
+    cfg = yaml.safe_load(cfg_path.read_text())
     quants = cfg["gguf"]["quants"]
     quant = quant or ("Q8_0" if "Q8_0" in quants else next(iter(quants)))
-    quants[quant]["pure"] = True
+    pure = not quants[quant].get("pure", False)  # toggled, so a rerun of this section edits again
+    quants[quant]["pure"] = pure
+    # Left edited (restoring it would make the next build rerun the quant again).
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    try:
-        r = _smk_run(proj, work / "logs" / "incremental.log", REPORT, "--cores", cores)
-    finally:
-        cfg_path.write_text(original)  # the built project stays at the default config
-    return {"what": f"gguf.quants.{quant}.pure set to true, then `snakemake --cores {cores} {REPORT}`",
-            "quant": quant, **r, "cold_s": cold_s,
+    r = _smk_run(proj, work / "logs" / "incremental.log", REPORT, "--cores", cores)
+    return {"what": f"gguf.quants.{quant}.pure set to {str(pure).lower()} in the built project's config, "
+                    f"then `snakemake --cores {cores} {REPORT}`", "quant": quant, "pure": pure, **r, "cold_s": cold_s,
             "fraction_of_cold": round(r["wall_s"] / cold_s, 4) if cold_s else None}
 
 
@@ -515,11 +526,19 @@ def _setup(d: Path, dims: Mapping[str, int], data: Path, seed: int = 0) -> dict[
     return {"params": params, "dims": dict(dims)}
 
 
+def _short(filename: str) -> str:
+    """A frame's file relative to site-packages or src/, else its last two path parts."""
+    for marker in ("site-packages/", "/src/"):
+        if marker in filename:
+            return filename.split(marker)[-1]
+    return "/".join(Path(filename).parts[-2:])
+
+
 class PeakSampler:
     """Samples the summed RSS of this process and its children every ``interval`` s in a thread and
     keeps the main thread's call stack at the peak: which call holds the memory."""
 
-    def __init__(self, interval: float = 0.05, depth: int = 14) -> None:
+    def __init__(self, interval: float = 0.05, depth: int = 30) -> None:
         self.interval, self.depth = interval, depth
         self.peak_mb, self.stack = 0.0, []  # type: float, list[str]
 
@@ -551,7 +570,7 @@ class PeakSampler:
                 self.peak_mb = rss / MiB
                 frame = sys._current_frames().get(self._main)
                 frames = traceback.extract_stack(frame)[-self.depth:] if frame else []
-                self.stack = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames]
+                self.stack = [f"{_short(f.filename)}:{f.lineno} {f.name}" for f in frames]
 
 
 def run_stage(stage: str, d: Path, *, size: str | None = None, data: Path | None = None, threads: int = 2) -> dict[str, Any]:

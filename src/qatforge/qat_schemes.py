@@ -115,7 +115,7 @@ def device_support(
         if cuda_capability is None:
             what = "fp8 dynamic activations need" if s.activation == "fp8" else "its int4 kernels need"
             return False, (
-                f"qat scheme {s.name!r} cannot run on this CPU-only machine: {what} a CUDA GPU"
+                f"scheme {s.name!r} cannot run on this CPU-only machine: {what} a CUDA GPU"
                 + (f" of compute capability >= {s.min_cuda_capability[0]}.{s.min_cuda_capability[1]}"
                    if s.min_cuda_capability > (0, 0) else "")
                 + (f" and the {s.kernel_package!r} kernel package" if s.kernel_package else "")
@@ -125,12 +125,12 @@ def device_support(
             need = ".".join(map(str, s.min_cuda_capability))
             have = ".".join(map(str, cuda_capability))
             return False, (
-                f"qat scheme {s.name!r} needs CUDA compute capability >= {need} (fp8), this GPU has {have}; "
+                f"scheme {s.name!r} needs CUDA compute capability >= {need} (fp8), this GPU has {have}; "
                 f"use int4, {CPU_SCHEMES_HINT} instead"
             )
     if s.kernel_package and not _has_package(s.kernel_package):
         return False, (
-            f"qat scheme {s.name!r}: torchao 0.18's int4 tensors need the {s.kernel_package!r} kernel package, "
+            f"scheme {s.name!r}: torchao 0.18's int4 tensors need the {s.kernel_package!r} kernel package, "
             f"which is not installed; install it or use {CPU_SCHEMES_HINT} instead"
         )
     return True, "ok"

@@ -3,6 +3,7 @@ small real ``Qwen3ForCausalLM`` and its full-parameter warm-up on the training s
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 # The Qwen2 pre-tokenizer regex (as in Qwen2/Qwen3 tokenizer.json), so llama.cpp's ``qwen2``
 # pre-tokenizer splits text the same way.
+LOG = logging.getLogger(__name__)
+
 QWEN2_SPLIT_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -217,12 +220,14 @@ def build_base(
     max_new_tokens: int = 24,
     threads: int | None = None,
     model_kwargs: dict | None = None,
+    eval_every: int = 0,
 ) -> dict:
     """Train the tokenizer, build and warm up the tiny model, save an HF checkpoint atomically.
 
     Returns metrics (parameters, final loss, wall time, and exact-match accuracy when
     ``eval_prompts`` rows are given); they are also written to ``out_dir/warmup.json``.
     ``model_kwargs`` overrides ``build_model`` dimensions (tests use smaller models).
+    ``eval_every`` > 0 also measures exact-match every that many steps (``metrics["curve"]``).
     """
     import torch
 
@@ -243,23 +248,34 @@ def build_base(
     model = build_model(tokenizer, seed=seed, **(model_kwargs or {}))
     n_params = sum(p.numel() for p in model.parameters())
 
+    curve: list[dict] = []
+    eval_s = 0.0
     log_file = open(log_path, "w") if log_path else None
     try:
         if log_file:
             log_file.write("step,loss,lr,grad_norm,tokens_per_s,elapsed_s\n")
 
         def _log(rec: dict) -> None:
+            nonlocal eval_s
+            LOG.info("warm-up step %d loss %.4f lr %.2e grad_norm %.3f", rec["step"], rec["loss"], rec["lr"], rec["grad_norm"])
             if log_file:
                 log_file.write(",".join(f"{rec[k]:.6g}" if isinstance(rec[k], float) else str(rec[k])
                                         for k in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")) + "\n")
                 log_file.flush()
+            if eval_every and eval_prompts and rec["step"] % eval_every == 0 and rec["step"] < steps:
+                te = time.perf_counter()
+                acc, _, _ = hf_exact_match(model, tokenizer, eval_prompts, max_new_tokens)
+                eval_s += time.perf_counter() - te
+                curve.append({"step": rec["step"], "exact_match": acc})
+                LOG.info("warm-up step %d exact-match %.3f", rec["step"], acc)
 
         records = warmup(model, tokenizer, convs, steps=steps, batch_size=batch_size, lr=lr,
-                         seed=seed, max_len=max_len, log=_log)
+                         seed=seed, max_len=max_len, log=_log,
+                         log_every=math.gcd(25, eval_every) if eval_every else 25)
     finally:
         if log_file:
             log_file.close()
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 - eval_s
     metrics: dict[str, Any] = {
         "parameters": n_params,
         "vocab_size": len(tokenizer),
@@ -275,6 +291,7 @@ def build_base(
         acc, _, _ = hf_exact_match(model, tokenizer, eval_prompts, max_new_tokens)
         metrics["exact_match"] = acc
         metrics["n_eval_prompts"] = len(eval_prompts)
+        metrics["curve"] = curve + [{"step": steps, "exact_match": acc}]
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

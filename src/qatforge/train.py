@@ -537,6 +537,8 @@ def train_run(
             raise TrainingError(reason)
     torch.set_num_threads(settings.threads)
     backend = resolve_backend(settings.backend)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (before transformers/trl/peft are imported, so its patches apply)
     log(f"training backend: {backend} (asked: {settings.backend}); qat_scheme: {settings.qat_scheme}")
 
     fingerprint = _fingerprint(base_dir, train_parquet, eval_parquet, settings)

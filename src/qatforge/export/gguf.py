@@ -27,32 +27,20 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
-from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES
+from qatforge.export.quant_types import GGML_TYPES, NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
 from qatforge.export.record import Log, as_log, source_record, write_export_record
 from qatforge.io import atomic_file, check_free_space, package_versions, size_bytes
 
 __all__ = [
     "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "QUANT_TYPES", "OUTTYPES", "GGML_TYPES", "TENSOR_TYPE_NAMES",
     "QUANT_OPTIONS", "FallbackError", "quant_types", "ggml_types", "check_quant", "convert",
-    "tokenizer_parity", "quantize", "imatrix", "write_calibration_text", "tensor_type_histogram",
+    "tokenizer_parity", "quantize", "imatrix", "imatrix_from_parquet", "parity_texts_from_parquet",
+    "write_calibration_text", "tensor_type_histogram",
     "find_fallbacks", "gguf_metadata", "tool_info", "write_export_record", "source_record",
 ]
 
 OUTTYPES = ("f32", "f16", "bf16")
 QK_K = 256  # super-block size of the K- and most IQ-quants
-# ggml tensor types (name -> GGML_TYPE_* of the vendored ggml.h). The llama_cpp bindings omit some
-# (BF16, TQ*) and PyPI's gguf 0.19.0 lacks Q2_0, so this table is static; a test checks it against both.
-GGML_TYPES: dict[str, int] = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9, "Q2_K": 10,
-    "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15, "IQ2_XXS": 16, "IQ2_XS": 17,
-    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23, "I8": 24,
-    "I16": 25, "I32": 26, "I64": 27, "F64": 28, "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35,
-    "MXFP4": 39, "NVFP4": 40, "Q1_0": 41, "Q2_0": 42,
-}
-# Types valid for output_tensor_type / token_embedding_type (storage types, not internal ones).
-TENSOR_TYPE_NAMES: tuple[str, ...] = tuple(
-    n for n in GGML_TYPES if n not in ("Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64")
-)
 # Per-quant options accepted in a gguf.quants entry (besides type / imatrix).
 QUANT_OPTIONS = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "allow_requantize")
 # The types llama.cpp's tensor_type_fallback() substitutes when a row does not fit the block size.
@@ -302,8 +290,8 @@ def convert(
     settings = {"outtype": outtype, "pre_tokenizer_fallback": pre_tokenizer, "model_name": model_name}
     extra = {"pre_tokenizer": pre, "tokenizer_parity": {"n": parity["n"], "identical": parity["identical"]},
              "tensor_types": hist, "metadata": meta}
-    record = write_export_record(out_file, source=dict(source or source_record(merged_dir)), tool=tool_info(),
-                                 settings=settings, started=started, **extra)
+    record = write_export_record(out_file, source=source_record(merged_dir, **(source or {})),
+                                 tool=tool_info(), settings=settings, started=started, **extra)
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
 
@@ -373,7 +361,8 @@ _FALLBACK_LOG = re.compile(
 
 def _logged_fallbacks(text: str) -> list[dict[str, Any]]:
     """Fallbacks as llama.cpp reports them in its quantization log."""
-    return [{"tensor": m.group(1), "type": m.group(4), "row_length": int(m.group(2)), "wanted": m.group(3)}
+    return [{"tensor": m.group(1), "type": m.group(4).upper(), "row_length": int(m.group(2)),
+             "wanted": m.group(3).upper()}
             for m in _FALLBACK_LOG.finditer(text)]
 
 
@@ -520,6 +509,62 @@ def write_calibration_text(
     return {"conversations": n, "chars": chars}
 
 
+def parity_texts_from_parquet(
+    parquet: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, limit: int = 1000
+) -> list[str]:
+    """Tokenizer-parity corpus: up to ``limit`` rendered chats of a prepared split, plus edge cases."""
+    from transformers import AutoTokenizer
+
+    from qatforge.data import read_conversations
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    convs = read_conversations(parquet)[:limit]
+    texts = [tok.apply_chat_template(list(c), tokenize=False) for c in convs]
+    return texts + default_parity_texts(tokenizer_dir)
+
+
+def imatrix_from_parquet(
+    model_gguf: str | os.PathLike,
+    train_parquet: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    chunks: int = 32,
+    ctx: int = 256,
+    seed: int = 0,
+    threads: int = 1,
+    tokenizer_dir: str | os.PathLike | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """``imatrix`` on the training split: conversations shuffled with ``seed``, rendered with the chat
+    template (of ``tokenizer_dir``, default the merged dir recorded for ``model_gguf``) into a
+    temporary calibration text beside ``out_file``."""
+    import hashlib
+    import json
+    import random
+
+    from qatforge.data import read_conversations
+    from qatforge.io import manifest_path
+
+    model_gguf, out_file = Path(model_gguf), Path(out_file)
+    if tokenizer_dir is None:
+        rec = manifest_path(model_gguf)
+        merged = json.loads(rec.read_text())["provenance"]["source"].get("merged_dir") if rec.is_file() else None
+        if not merged:
+            raise ValueError(f"no tokenizer_dir given and {rec} does not name the merged checkpoint")
+        tokenizer_dir = merged
+    convs = read_conversations(train_parquet)
+    random.Random(seed).shuffle(convs)
+    calib = out_file.with_name(f".{out_file.name}.calibration.txt")
+    try:
+        stats = write_calibration_text(convs, tokenizer_dir, calib)
+        digest = hashlib.sha256(calib.read_bytes()).hexdigest()
+        src = {"train": str(train_parquet), "conversations": stats["conversations"], "seed": seed,
+               "calibration_sha256": digest, "gguf": model_gguf.name}
+        return imatrix(model_gguf, calib, out_file, chunks=chunks, ctx=ctx, threads=threads, source=src, log=log)
+    finally:
+        calib.unlink(missing_ok=True)
+
+
 def imatrix(
     model_gguf: str | os.PathLike,
     calibration_text: str | os.PathLike,
@@ -553,10 +598,11 @@ def imatrix(
         if not tmp.stat().st_size:
             raise RuntimeError(f"llama-imatrix wrote nothing to {tmp}:\n{out[-2000:]}")
         im = _read_imatrix(tmp)
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    settings = {"chunks": chunks, "ctx": ctx, "threads": threads, "calibration_text": str(calibration_text)}
+    # Running perplexity per chunk ("[1]505.85,[2]477.57,..."); the last value covers all chunks.
+    ppl = re.findall(r"\[(\d+)\]([0-9]+(?:\.[0-9]+)?)", out)
+    settings = {"chunks": chunks, "ctx": ctx, "threads": threads, "calibration_text": calibration_text.name}
     extra = {"entries": len(im["entries"]), "chunks_processed": im["chunk_count"],
-             "perplexity": float(m.group(1)) if m else None}
+             "perplexity": float(ppl[-1][1]) if ppl else None}
     src = dict(source) if source else {}
     src.setdefault("gguf", model_gguf.name)
     record = write_export_record(out_file, source=src, tool=tool_info() | {"executable": str(tool)},

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from qatforge.export.record import as_log, source_record, write_export_record
-from qatforge.io import atomic_dir, check_free_space, package_versions, size_bytes
+from qatforge.io import MANIFEST, atomic_dir, check_free_space, package_versions, read_json, size_bytes
 
 TASK = "text-generation-with-past"
 # Files of an HF checkpoint needed to tokenize/chat/generate, copied next to the ONNX graph.
@@ -156,7 +156,7 @@ def export(
     settings = {"variant": "fp32", "task": TASK, "dtype": "fp32", "opset": opset, "do_validation": True,
                 "atol": atol}
     record = write_export_record(
-        out_dir, source=dict(source or source_record(merged_dir)), tool=_tool_info(), settings=settings,
+        out_dir, source=source_record(merged_dir, **(source or {})), tool=_tool_info(), settings=settings,
         started=started, sessions=sessions, side_files=side, check=check)
     log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
@@ -175,9 +175,10 @@ def quantize_int8(
 ) -> dict[str, Any]:
     """onnxruntime ``quantize_dynamic`` (QInt8 weights) of an fp32 export; other files copied.
 
-    Loaded in onnxruntime as a check; with ``reference_dir`` (the merged checkpoint) its logits
-    are compared with PyTorch and the difference recorded (not bounded). Writes
-    ``out_dir/export.json``; returns its provenance.
+    Loaded in onnxruntime as a check; its logits are compared with the PyTorch model of
+    ``reference_dir`` (default: the merged checkpoint named in the fp32 export's record, when it
+    still exists) and the difference recorded (not bounded). The source defaults to the fp32
+    export's source. Writes ``out_dir/export.json``; returns its provenance.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -186,11 +187,16 @@ def quantize_int8(
     graphs = sorted(fp32_dir.glob("*.onnx"))
     if not graphs:
         raise FileNotFoundError(f"{fp32_dir}: no .onnx file to quantize (run the fp32 export first)")
+    fp32_source: dict[str, Any] = {}
+    if (fp32_dir / MANIFEST).is_file():
+        fp32_source = read_json(fp32_dir / MANIFEST).get("provenance", {}).get("source", {})
+    if reference_dir is None and fp32_source.get("merged_dir") and Path(fp32_source["merged_dir"]).is_dir():
+        reference_dir = fp32_source["merged_dir"]
     check_free_space(out_dir, size_bytes(fp32_dir) // 2)
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         for f in fp32_dir.iterdir():
-            if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx_data") and f.name != "export.json":
+            if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx_data") and f.name != MANIFEST:
                 shutil.copy2(f, tmp / f.name)
         for g in graphs:
             external = any(fp32_dir.glob(g.name + "_data")) or any(fp32_dir.glob(g.stem + ".onnx_data"))
@@ -204,8 +210,8 @@ def quantize_int8(
                 f"greedy identical {check['greedy_identical']}/{check['texts']}")
     settings = {"variant": "int8", "method": "onnxruntime.quantization.quantize_dynamic",
                 "weight_type": "QInt8", "per_channel": per_channel}
-    src = dict(source) if source else {}
-    src.setdefault("onnx_fp32_dir", str(fp32_dir))
+    src = dict(source) if source else dict(fp32_source)
+    src["onnx_fp32_dir"] = str(fp32_dir)
     record = write_export_record(out_dir, source=src, tool=_tool_info(), settings=settings, started=started,
                                  sessions=sessions, check=check)
     log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")

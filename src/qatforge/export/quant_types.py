@@ -1,8 +1,8 @@
 """llama.cpp quantization type names, pure data (the config validator imports this at parse time).
 
 The names and ftype numbers are those of llama.cpp's ``llama.h`` (``LLAMA_FTYPE_MOSTLY_*``) in the
-pinned llama-cpp-python 0.3.36; ``tests/test_quant_types.py`` checks them against the installed
-``llama_cpp`` bindings.
+pinned llama-cpp-python 0.3.36; ``tests/test_export_gguf.py`` checks them against the installed
+``llama_cpp`` bindings and gguf reader.
 """
 
 QUANT_FTYPES: dict[str, int] = {
@@ -18,4 +18,18 @@ QUANT_NAMES: tuple[str, ...] = tuple(QUANT_FTYPES)
 # Types that llama-quantize refuses (or that are useless) without an importance matrix.
 NEEDS_IMATRIX: frozenset[str] = frozenset(
     {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S"}
+)
+
+# ggml tensor types (name -> GGML_TYPE_* of the vendored ggml.h). The llama_cpp bindings omit some
+# (BF16, TQ*) and PyPI's gguf 0.19.0 lacks Q2_0, so this table is static; a test checks it against both.
+GGML_TYPES: dict[str, int] = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q8_1": 9, "Q2_K": 10,
+    "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "Q8_K": 15, "IQ2_XXS": 16, "IQ2_XS": 17,
+    "IQ3_XXS": 18, "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23, "I8": 24,
+    "I16": 25, "I32": 26, "I64": 27, "F64": 28, "IQ1_M": 29, "BF16": 30, "TQ1_0": 34, "TQ2_0": 35,
+    "MXFP4": 39, "NVFP4": 40, "Q1_0": 41, "Q2_0": 42,
+}
+# Types valid for output_tensor_type / token_embedding_type (storage types, not internal ones).
+TENSOR_TYPE_NAMES: tuple[str, ...] = tuple(
+    n for n in GGML_TYPES if n not in ("Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64")
 )

@@ -23,10 +23,11 @@ class Log:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, msg: str) -> None:
+        if callable(self._target):  # e.g. a logging.Logger's .info, which stamps lines itself
+            self._target(msg)
+            return
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        if callable(self._target):
-            self._target(line)
-        elif self.path is not None:
+        if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
         else:
@@ -44,12 +45,20 @@ def source_record(merged_dir: str | os.PathLike, **extra: Any) -> dict[str, Any]
     """
     merged_dir = Path(merged_dir)
     manifest = merged_dir / MANIFEST
-    sha = None
+    sha, inherited = None, {}
     if manifest.is_file():
-        sha = read_json(manifest).get("sha256")
+        rec = read_json(manifest)
+        sha = rec.get("sha256")
+        prov = rec.get("provenance") or {}
+        inherited = {k: prov[k] for k in ("run", "checkpoint", "qat_scheme") if prov.get(k) is not None}
     if sha is None:
         sha = sha256_path(merged_dir)
-    return {"merged_dir": str(merged_dir), "merged_sha256": sha, **{k: v for k, v in extra.items() if v is not None}}
+    return {
+        "merged_dir": str(merged_dir),
+        "merged_sha256": sha,
+        **inherited,
+        **{k: v for k, v in extra.items() if v is not None},
+    }
 
 
 def write_export_record(

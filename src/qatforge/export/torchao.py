@@ -52,7 +52,7 @@ def ptq(
     q = quantize_for_deploy(model, name)
     log(f"PTQ {name}: {len(q['modules'])} modules quantized (untied embeddings: {q['untied']})")
     provenance = {
-        "source": dict(source or source_record(merged_dir)),
+        "source": source_record(merged_dir, **(source or {})),
         "tool": {"name": "torchao", **package_versions("torchao", "torch", "transformers")},
         "settings": {"scheme": name, "method": "ptq", "load_dtype": "float32",
                      "serialization": "safe_serialization=False"},
