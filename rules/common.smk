@@ -76,13 +76,14 @@ def all_targets():
 
 
 def thresholds(fmt):
-    """Parity thresholds of one format: {variant or 'default': {...}} (from report.thresholds)."""
+    """The report.thresholds slice of one artifact: {fmt: {variant or 'default': {...}}}."""
 
     def get(wildcards):
         table = config["report"].get("thresholds", {}).get(fmt, {})
         variant = getattr(wildcards, "gguf_variant", None) or getattr(wildcards, "scheme", None)
         variant = variant or getattr(wildcards, "onnx_variant", None) or "merged"
-        return table.get(variant, table.get("default", {}))
+        key = next((k for k in table if k.lower() == variant.lower()), "default")
+        return {fmt: {key: table[key]}} if key in table else {}
 
     return get
 

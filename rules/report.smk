@@ -23,6 +23,7 @@ rule report:
         ),
     params:
         accuracy_margin=config["report"]["accuracy_margin"],
+        fail_on_parity=config["report"]["fail_on_parity"],
     log:
         "logs/report.log",
     threads: 1

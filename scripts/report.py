@@ -6,12 +6,11 @@ from qatforge.runlog import logged
 with logged(snakemake) as log:
     out = snakemake.output
     summary = build_report(
-        [Path(f) for f in snakemake.input.evals],
+        snakemake.input.evals,
         out.csv,
         out.md,
-        pareto_png=out.pareto,
-        speed_png=out.speed,
+        Path(out.pareto).parent,
         accuracy_margin=snakemake.params.accuracy_margin,
-        log=log.info,
+        fail_on_parity=snakemake.params.fail_on_parity,
     )
     log.info("report: %s", summary)

@@ -36,10 +36,8 @@ def test_answers_are_exactly_right():
             assert a == " ".join(sorted(arg.split()))
         elif task == "uppercase":
             assert a == arg.upper()
-        elif task == "lookup":
-            key = q.rstrip("?").split()[-1]
-            table = dict(kv.split("=") for kv in q.split(". ")[0].split(" ", 1)[1].split(", "))
-            assert a == table[key]
+        elif task == "largest":
+            assert a == max(arg.split())
         elif task == "convert":
             nums = [int(t) for t in q.rstrip(".?").split() if t.isdigit()]
             assert int(a) % nums[0] == 0 and int(a) // nums[0] in (10, 100, 1000)

@@ -22,7 +22,7 @@ def env(tmp_path_factory):
     from qatforge import tiny
     from qatforge.qat import prepare_qat
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("merge")
     rows = [json.loads(line)["messages"] for line in (ROOT / "data/chat.jsonl").read_text().splitlines()[:200]]
     tok = tiny.build_tokenizer((m["role"] + "\n" + m["content"] for c in rows for m in c), vocab_size=300)

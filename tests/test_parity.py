@@ -92,6 +92,8 @@ def test_thresholds_lookup_and_override():
     over = parity.thresholds_for("gguf", "Q8_0", table)
     assert over["kld_mean"] == 0.01 and over["top1_agree"] == q8["top1_agree"]
     assert parity.thresholds_for("onnx", "int4", table)["gen_match"] == 0.5
+    # a configured default applies only to variants without an entry of their own
+    assert parity.thresholds_for("onnx", "int8", table) == parity.DEFAULT_THRESHOLDS["onnx"]["int8"]
     with pytest.raises(KeyError, match="format 'tflite'"):
         parity.thresholds_for("tflite", "x")
     with pytest.raises(KeyError, match="unknown threshold keys"):

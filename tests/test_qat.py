@@ -90,7 +90,7 @@ def tiny(tmp_path_factory):
 
     from qatforge import tiny as tiny_mod
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     rows = [json.loads(line)["messages"] for line in (ROOT / "data/chat.jsonl").read_text().splitlines()[:300]]
     tok = tiny_mod.build_tokenizer((m["role"] + "\n" + m["content"] for c in rows for m in c), vocab_size=300)
     model = tiny_mod.build_model(tok, layers=1, intermediate=256, seed=3)

@@ -37,7 +37,7 @@ def build(
             seed=seed,
             vocab_size=builtin.get("vocab_size", 1024),
             max_len=max_tokens,
-            log=log,
+            threads=threads,
         )
     else:
         from qatforge.model import check_chat_tokenizer, load_causal_lm, load_tokenizer

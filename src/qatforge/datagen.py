@@ -1,8 +1,10 @@
 """Seeded generator of the shipped synthetic chat dataset and its exact-match eval prompts.
 
 Five small deterministic tasks whose answers can be checked exactly and that a ~4M-parameter
-model learns: letter reversal, digit sorting, uppercasing words, key lookup in a short dict and
-metric unit conversion (a number times a power of ten). Letters are space separated and digits are
+model learns: letter reversal, digit sorting, uppercasing words, the largest digit of a list and
+metric unit conversion (a number times a power of ten). Measured: key lookup in a short dict (two-
+digit values) stayed at 5 % after 1300 warm-up steps, reversal of 6-7 letters and uppercasing of
+4 words were error-prone, so those were dropped or shortened. Letters are space separated and digits are
 split one per token by the Qwen2 pre-tokenizer regex, so a tiny BPE keeps them as single tokens.
 
 Every problem is assigned to the training or the eval side by a hash of its user text, so eval
@@ -21,7 +23,7 @@ import string
 from pathlib import Path
 from typing import Callable
 
-SYSTEM_PROMPT = "You are a precise assistant. Reply with the answer only."
+SYSTEM_PROMPT = "Reply with the answer only."
 
 WORDS = (
     "apple bird blue cake cat cloud coin dog door fish frog gold green hat king lamp leaf lion "
@@ -37,7 +39,7 @@ UNITS = [  # (from, to, factor)
     ("l", "ml", 1000),
 ]
 
-TASKS = ("reverse", "sort", "uppercase", "lookup", "convert")
+TASKS = ("reverse", "sort", "uppercase", "largest", "convert")
 EVAL_BUCKET = 8  # one problem in EVAL_BUCKET (by hash of its user text) belongs to the eval side
 
 
@@ -46,7 +48,7 @@ def _letters(rng: random.Random, lo: int, hi: int) -> list[str]:
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    xs = _letters(rng, 3, 7)
+    xs = _letters(rng, 3, 5)
     q = rng.choice(["Reverse the letters: {}", "Reverse: {}"]).format(" ".join(xs))
     return q, " ".join(reversed(xs))
 
@@ -58,18 +60,15 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    ws = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+    ws = [rng.choice(WORDS) for _ in range(rng.randint(2, 3))]
     q = rng.choice(["Uppercase: {}", "Write in capitals: {}"]).format(" ".join(ws))
     return q, " ".join(ws).upper()
 
 
-def _lookup(rng: random.Random) -> tuple[str, str]:
-    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
-    vals = [str(rng.randint(0, 99)) for _ in keys]
-    k = rng.choice(keys)
-    table = ", ".join(f"{a}={b}" for a, b in zip(keys, vals))
-    q = rng.choice(["Given {t}. What is {k}?", "Table: {t}. Value of {k}?"]).format(t=table, k=k)
-    return q, vals[keys.index(k)]
+def _largest(rng: random.Random) -> tuple[str, str]:
+    xs = [rng.choice(string.digits) for _ in range(rng.randint(3, 7))]
+    q = rng.choice(["Largest digit: {}", "Which digit is largest: {}"]).format(" ".join(xs))
+    return q, max(xs)
 
 
 def _convert(rng: random.Random) -> tuple[str, str]:
@@ -83,7 +82,7 @@ MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "reverse": _reverse,
     "sort": _sort,
     "uppercase": _uppercase,
-    "lookup": _lookup,
+    "largest": _largest,
     "convert": _convert,
 }
 

@@ -464,9 +464,19 @@ def _stage_cmd(stage: str, d: Path, **kw: Any) -> list[str]:
     return cmd
 
 
-def bench_growth(work: Path, sizes: Sequence[str], data: Path, threads: int, keep: bool) -> dict[str, Any]:
+def bench_growth(work: Path, sizes: Sequence[str], data: Path, threads: int, keep: bool,
+                 partial: Path | None = None) -> dict[str, Any]:
+    """Every stage at every size; the figures so far are rewritten to ``partial`` after each stage."""
     rows: list[dict[str, Any]] = []
     setups: dict[str, Any] = {}
+
+    def result() -> dict[str, Any]:
+        return {"what": "random-init Qwen3 (qatforge.tiny), LoRA r=16 on all linear layers; one process per "
+                        f"stage, {threads} threads; peak RSS of the stage's largest process (os.wait4); "
+                        "sampled_peak_mb: summed RSS of the stage's process tree, with the call stack at its peak",
+                "sizes": list(sizes), "dims": {s: SIZES[s] for s in sizes}, "setup": setups, "rows": rows,
+                "analysis": growth_analysis(rows)}
+
     for size in sizes:
         d = work / f"growth-{size}"
         if d.exists():
@@ -488,12 +498,11 @@ def bench_growth(work: Path, sizes: Sequence[str], data: Path, threads: int, kee
                 row["error"] = str(e)
             rows.append(row)
             print(f"growth {size} {stage}: {row.get('wall_s', 'failed')} s, {row.get('max_rss_mb')} MiB", flush=True)
+            if partial:
+                write_json(partial, {**result(), "partial": True})
         if not keep:
             shutil.rmtree(d)
-    return {"what": "random-init Qwen3 (qatforge.tiny), LoRA r=16 on all linear layers; one process per stage, "
-                    f"{threads} threads; peak RSS of the stage's process tree (os.wait4)",
-            "sizes": list(sizes), "dims": {s: SIZES[s] for s in sizes}, "setup": setups, "rows": rows,
-            "analysis": growth_analysis(rows)}
+    return result()
 
 
 def _setup(d: Path, dims: Mapping[str, int], data: Path, seed: int = 0) -> dict[str, Any]:
@@ -538,7 +547,7 @@ class PeakSampler:
     """Samples the summed RSS of this process and its children every ``interval`` s in a thread and
     keeps the main thread's call stack at the peak: which call holds the memory."""
 
-    def __init__(self, interval: float = 0.05, depth: int = 30) -> None:
+    def __init__(self, interval: float = 0.05, depth: int = 12) -> None:
         self.interval, self.depth = interval, depth
         self.peak_mb, self.stack = 0.0, []  # type: float, list[str]
 
@@ -569,8 +578,10 @@ class PeakSampler:
             if rss / MiB > self.peak_mb * 1.01:
                 self.peak_mb = rss / MiB
                 frame = sys._current_frames().get(self._main)
-                frames = traceback.extract_stack(frame)[-self.depth:] if frame else []
-                self.stack = [f"{_short(f.filename)}:{f.lineno} {f.name}" for f in frames]
+                names = [f"{_short(f.filename)}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)] if frame else []
+                # qatforge's own frames (the call to blame), then the innermost ``depth`` frames.
+                ours = [n for n in names[:-self.depth] if n.startswith("qatforge/")]
+                self.stack = ours + names[-self.depth:]
 
 
 def run_stage(stage: str, d: Path, *, size: str | None = None, data: Path | None = None, threads: int = 2) -> dict[str, Any]:
@@ -752,7 +763,8 @@ def run(args: argparse.Namespace) -> int:
             elif section == "dag":
                 res = bench_dag(project, work, args.repeats)
             elif section == "growth":
-                res = bench_growth(work, sizes, project / "data" / "chat.jsonl", args.threads, args.keep_work)
+                res = bench_growth(work, sizes, project / "data" / "chat.jsonl", args.threads, args.keep_work,
+                                   partial=out / "growth.json")
             else:
                 res = bench_qat(proj, work, args)
         except PerfError as e:

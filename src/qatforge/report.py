@@ -359,6 +359,7 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     colors = {"hf": "tab:blue", "torchao": "tab:orange", "gguf": "tab:green", "onnx": "tab:purple"}
     good = [r for r in rows if r["size_mb"] is not None and r["accuracy"] is not None]
@@ -387,6 +388,9 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
                 ax.plot([sub[i]["size_mb"] for i in front], [sub[i][col] for i in front], "k--", lw=0.8,
                         label="Pareto front")
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.tick_params(axis="x", which="minor", labelsize=7)
             ax.set_xlabel("size on disk (MiB, log)")
             ax.set_ylabel("exact-match accuracy" if col == "accuracy" else "NLL (nats/token, lower is better)")
             ax.grid(alpha=0.3)
