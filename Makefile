@@ -28,7 +28,7 @@ test: install
 
 # The Unsloth backend on CPU (not part of CI): installs unsloth without its deps (keeps torch).
 test-unsloth: install
-	$(BIN)/pip install -q --no-deps unsloth unsloth_zoo
+	$(BIN)/pip install -q --no-deps -c constraints.txt unsloth unsloth_zoo
 	QATFORGE_TEST_UNSLOTH=1 $(BIN)/python -m pytest tests/test_train.py -k unsloth
 
 verify: install

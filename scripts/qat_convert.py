@@ -1,12 +1,14 @@
+from qatforge.export.record import source_record
 from qatforge.qat import qat_convert
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:
+    merged = snakemake.input.merged
     info = qat_convert(
-        snakemake.input.merged,
+        merged,
         snakemake.output[0],
         snakemake.params.scheme,
-        provenance={"run": snakemake.wildcards.run, "qat_scheme": snakemake.params.scheme},
+        provenance=source_record(merged),  # run, checkpoint and hash of the merged source of truth
         threads=snakemake.threads,
         log=log.info,
     )

@@ -52,6 +52,7 @@ def test_report_figures_are_in_range(report):
     assert (report["kld_mean"] >= 0).all() and (report["kld_max"] >= report["kld_mean"]).all()
     assert report["top1_agree"].is_between(0, 1).all() and report["gen_match"].is_between(0, 1).all()
     assert report["sha256"].str.len_chars().eq(64).all()
+    assert report["source_checkpoint"].str.starts_with("checkpoint-").all(), report["source_checkpoint"]
     merged = report.filter(pl.col("format") == "hf")
     assert (merged["kld_mean"] < 1e-6).all() and (merged["top1_agree"] == 1).all()
     assert merged["token_parity"].all()
@@ -75,7 +76,7 @@ def test_every_gguf_has_export_record_without_fallbacks_for_q4_k_m(pipeline_buil
         assert rec["sha256"] and prov["tensor_types"]
         assert not prov.get("fallbacks"), prov.get("fallbacks")
     modelfile = (pipeline_build / "results/runs/baseline/gguf/Modelfile").read_text()
-    assert modelfile.startswith("FROM ./") and "Q4_K_M.gguf" in modelfile and "PARAMETER stop" in modelfile
+    assert "\nFROM ./TinyQwen3-Q4_K_M.gguf\n" in modelfile and "PARAMETER stop" in modelfile
 
 
 def test_hashes_verify_and_tampering_is_reported(built_workdir):

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "export.json"
+# Snakemake stamps directory outputs with this file after the job: not part of the artifact.
+SNAKEMAKE_STAMP = ".snakemake_timestamp"
 
 
 def _umask() -> int:
@@ -83,7 +85,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_path(path: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST,)) -> str:
+def sha256_path(path: str | os.PathLike, exclude: tuple[str, ...] = (MANIFEST, SNAKEMAKE_STAMP)) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
     path = Path(path)
     if path.is_file():

@@ -276,7 +276,7 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
     for stage, a in g.get("analysis", {}).items():
         marg = "" if a["marginal_rss_ratio"] is None else f", above the {g['sizes'][0]} footprint {a['marginal_rss_ratio']:.2f}x"
         judged = a.get("bf16_mb", 0) >= RSS_JUDGED_FROM_MB
-        at = f"; peak in {a['peak_at']}" if a.get("peak_at") and a["rss_ratio"] > TARGETS["rss_ratio"] else ""
+        at = f"; peak in {a['peak_at']}" if judged and a.get("peak_at") and a["rss_ratio"] > TARGETS["rss_ratio"] else ""
         rows.append((f"export growth, {stage}: peak RSS / bf16 at {a['largest']}", f"{a['rss_ratio']:.2f}x{marg}{at}",
                      f"≤ {TARGETS['rss_ratio']}x (bf16 ≥ {RSS_JUDGED_FROM_MB} MiB)",
                      _ok(a["rss_ratio"], TARGETS["rss_ratio"]) if judged else "n/a: library footprint dominates"))
@@ -667,7 +667,7 @@ def _quant_metrics(merged: Path, scheme: str, convs: Sequence[Sequence[dict]], m
 
 
 def qat_check(merged: Path, train_parquet: Path, eval_parquet: Path, work: Path, *, steps: int,
-              scheme: str = "int2-w128", n_eval: int = 32, max_len: int = 256, lr: float = 5e-4,
+              scheme: str = "int2-w128", n_eval: int | None = None, max_len: int = 256, lr: float = 5e-4,
               batch_size: int = 16, seed: int = 1234, threads: int = 2) -> dict[str, Any]:
     """QAT (``scheme``) from the trained ``merged`` model vs ``steps`` plain LoRA steps then PTQ.
 
@@ -675,13 +675,14 @@ def qat_check(merged: Path, train_parquet: Path, eval_parquet: Path, work: Path,
     (the QAT arm with ``scheme``'s fake quantization), merge it, and quantize the merged model
     with ``scheme``. ``recovered_nll = (nll_ptq - nll_qat) / (nll_ptq - nll_float_plain)``:
     the share of the NLL increase of PTQ that QAT recovers; ``recovered_kld = 1 - kld_qat /
-    kld_ptq`` (each KLD against its own unquantized merged model).
+    kld_ptq`` (each KLD against its own unquantized merged model). Both are measured on the first
+    ``n_eval`` conversations of ``eval_parquet`` (all when None).
     """
     from qatforge.data import read_conversations
     from qatforge.merge import merge
     from qatforge.train import TrainSettings, train_run
 
-    convs = read_conversations(eval_parquet)[:n_eval]
+    convs = read_conversations(eval_parquet)[:n_eval]  # [:None] is all
     res: dict[str, Any] = {"scheme": scheme, "steps": steps, "n_eval": len(convs), "start": str(merged),
                            "settings": {"lr": lr, "batch_size": batch_size, "seed": seed, "max_len": max_len}}
     res["start_ptq"] = _quant_metrics(merged, scheme, convs, max_len)
@@ -767,9 +768,9 @@ def run(args: argparse.Namespace) -> int:
                                    partial=out / "growth.json")
             else:
                 res = bench_qat(proj, work, args)
-        except PerfError as e:
+        except Exception as e:  # noqa: BLE001 - one failed section must not lose the others
             failed.append(section)
-            res = {"error": str(e)}
+            res = {"error": str(e) if isinstance(e, PerfError) else f"{type(e).__name__}: {e}"}
             print(f"{section} failed: {e}", file=sys.stderr, flush=True)
         res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         res["harness_command"] = command
@@ -786,13 +787,15 @@ def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
     from qatforge import config as qcfg
 
     cfg = yaml.safe_load((proj / "config" / "config.yaml").read_text())
+    if not qcfg.baseline_runs(cfg):
+        raise PerfError("the QAT check starts from a baseline run's merged model; the config has none")
     base_run = qcfg.baseline_runs(cfg)[0]
     steps = args.qat_steps or cfg["train"]["max_steps"]
     res_file = work / "qat-result.json"
     cmd = [sys.executable, "-m", "qatforge.perf", "qat", str(proj / "results" / "runs" / base_run / "merged"),
            str(proj / "results/data/train.parquet"), str(proj / "results/data/eval.parquet"), str(work),
            str(res_file), "--steps", str(steps), "--scheme", args.qat_scheme,
-           "--n-eval", str(cfg.get("eval", {}).get("n_nll", 32)), "--lr", str(cfg["train"]["lr"]),
+           "--lr", str(cfg["train"]["lr"]),
            "--batch-size", str(cfg["train"]["batch_size"]), "--threads", str(args.threads)]
     m = measure(cmd, log_file=work / "logs" / "qat.log")
     return {**read_json(res_file), "process": m, "baseline_run": base_run}
@@ -816,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument(name, type=Path)
         p.add_argument("--steps", type=int, required=True)
         p.add_argument("--scheme", default="int2-w128")
-        p.add_argument("--n-eval", type=int, default=32)
+        p.add_argument("--n-eval", type=int, help="eval conversations scored (default: all)")
         p.add_argument("--lr", type=float, default=5e-4)
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--threads", type=int, default=2)

@@ -480,7 +480,7 @@ def quantize(
     del keep
     settings = {"type": qtype, "options": opts, "imatrix": imatrix_info, "threads": params.nthread,
                 "on_fallback": on_fallback}
-    src_source = dict(source) if source else {}
+    src_source = dict(source) if source else _record_source(src_gguf)
     src_source.setdefault("gguf", src_gguf.name)
     record = write_export_record(out_file, source=src_source, tool=tool_info(), settings=settings,
                                  started=started, tensor_types=hist, fallbacks=fallbacks)
@@ -489,6 +489,14 @@ def quantize(
 
 
 # --------------------------------------------------------------------------- importance matrix
+
+def _record_source(artifact: Path) -> dict[str, Any]:
+    """The ``source`` (run, checkpoint, merged hash) of an artifact's own export record, if any."""
+    from qatforge.io import manifest_path, read_json
+
+    mp = manifest_path(artifact)
+    return dict((read_json(mp).get("provenance") or {}).get("source") or {}) if mp.is_file() else {}
+
 
 def write_calibration_text(
     conversations: Iterable[Sequence[Mapping[str, str]]], tokenizer_dir: str | os.PathLike, out_file: str | os.PathLike

@@ -196,7 +196,8 @@ def quantize_int8(
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         for f in fp32_dir.iterdir():
-            if f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx_data") and f.name != MANIFEST:
+            if (f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx_data") and f.name != MANIFEST
+                    and not f.name.startswith(".")):  # not Snakemake's .snakemake_timestamp
                 shutil.copy2(f, tmp / f.name)
         for g in graphs:
             external = any(fp32_dir.glob(g.name + "_data")) or any(fp32_dir.glob(g.stem + ".onnx_data"))
