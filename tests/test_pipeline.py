@@ -105,9 +105,10 @@ def test_rebuild_from_same_checkpoint_inputs_is_byte_identical(built_workdir):
     bf16 = next((res / "gguf").glob("*-BF16.gguf"))
     targets = {"merged": res / "merged", "gguf": bf16, "onnx": res / "onnx" / "fp32"}
     before = {k: sha256_path(p) for k, p in targets.items()}
+    # targets first: --forcerun takes every following word as a rule name
     snakemake(
-        built_workdir, "--cores", "2", "--forcerun", "train",
-        *[str(p.relative_to(built_workdir)) for p in targets.values()],
+        built_workdir, *[str(p.relative_to(built_workdir)) for p in targets.values()],
+        "--cores", "2", "--forcerun", "train",
     )
     after = {k: sha256_path(p) for k, p in targets.items()}
     assert after == before
@@ -117,7 +118,7 @@ def test_killed_export_leaves_no_partial_output_and_rerun_succeeds(built_workdir
     out = built_workdir / "results/runs/baseline/onnx/fp32"
     target = str(out.relative_to(built_workdir))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snakemake", "--cores", "1", "--forcerun", "onnx_export", target],
+        [sys.executable, "-m", "snakemake", target, "--cores", "1", "--forcerun", "onnx_export"],
         cwd=built_workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     tmp_seen = False
