@@ -135,6 +135,7 @@ def test_killed_export_leaves_no_partial_output_and_rerun_succeeds(built_workdir
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "a killed export must not leave a complete-looking output"
-    snakemake(built_workdir, "--cores", "2", target)
+    snakemake(built_workdir, "--unlock")  # the SIGKILLed Snakemake could not release its lock
+    snakemake(built_workdir, target, "--cores", "2")
     assert (out / "model.onnx").is_file() and (out / "export.json").is_file()
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name], "stale temp dirs left behind"
