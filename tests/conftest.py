@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qatforge import perf
+
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles")
 SMOKE = ROOT / "tests" / "smoke_config.yaml"
 
 
@@ -27,18 +28,8 @@ def deep_update(base: dict, over: dict) -> dict:
 
 def copy_project(dest: Path) -> Path:
     """A fresh project directory at ``dest`` with the smoke config as its config.yaml."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    deep_update(cfg, yaml.safe_load(SMOKE.read_text()))
-    (dest / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (dest / "results").mkdir(exist_ok=True)
-    return dest
+    return perf.copy_project(ROOT, dest, config=deep_update(cfg, yaml.safe_load(SMOKE.read_text())))
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 3600, check: bool = True) -> subprocess.CompletedProcess:
