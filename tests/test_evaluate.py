@@ -8,54 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import polars as pl
 import pytest
 
 from qatforge import reference
 from qatforge.evaluate import REPORT_COLUMNS, run_eval
 
-SYSTEM = {"role": "system", "content": "Reply with the answer only."}
-WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
+from export_helpers import reverse_task_checkpoint
 EVAL_KW = dict(threads=1, max_new_tokens=8, speed_prompts=2, speed_repeats=2)
-
-
-def _make_tiny(root: Path, n_conv: int = 60) -> dict:
-    """A random tiny Qwen3 (qatforge.tiny) saved as a merged dir, plus eval parquet / prompts."""
-    import torch
-
-    from qatforge import tiny
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    convs, prompts = [], []
-    for _ in range(n_conv):
-        ws = [WORDS[j] for j in rng.integers(0, len(WORDS), 3)]
-        q, a = f"Reverse: {' '.join(ws)}", " ".join(reversed(ws))
-        convs.append([SYSTEM, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
-        prompts.append({"messages": [SYSTEM, {"role": "user", "content": q}], "answer": a, "task": "reverse"})
-    tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=320)
-    model = tiny.build_model(tok, hidden=256, intermediate=256, layers=1, heads=4, kv_heads=2, head_dim=64, seed=0)
-    merged = root / "merged"
-    model.save_pretrained(merged, safe_serialization=True)
-    tok.save_pretrained(merged)
-    # a perturbed copy: same tokenizer, noisy weights
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(root / "perturbed", safe_serialization=True)
-    tok.save_pretrained(root / "perturbed")
-    dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-    pl.DataFrame({"messages": convs}, schema={"messages": dtype}).write_parquet(root / "eval.parquet")
-    with open(root / "eval_prompts.jsonl", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in prompts)
-    return {"root": root, "merged": merged, "perturbed": root / "perturbed", "prompts": root / "eval_prompts.jsonl",
-            "parquet": root / "eval.parquet"}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    t = _make_tiny(tmp_path_factory.mktemp("eval"))
+    t = reverse_task_checkpoint(tmp_path_factory.mktemp("eval"), perturbed=True)
     t["reference"] = t["root"] / "reference"
     reference.build(t["merged"], t["parquet"], t["prompts"], t["reference"],
                     n_prompts=6, n_nll=4, max_new_tokens=8, max_len=64, threads=1)

@@ -141,3 +141,51 @@ def test_merge_bad_inputs(env, tmp_path):
     with pytest.raises(M.MergeError, match="dtype"):
         M.merge(root / "base", root / "adapter", tmp_path / "m", dtype="int8", log=lambda m: None)
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_of_a_16bit_base_in_place_equals_the_float32_merge(env, tmp_path):
+    """A bf16-stored base is merged in place (one 16-bit copy in memory), with the same weights as
+    loading it in float32, merging, and casting to bf16 once."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from qatforge.model import cast_parameters, load_causal_lm, stored_dtype
+
+    root, tok = env
+    base16 = tmp_path / "base16"
+    model = load_causal_lm(root / "base")
+    cast_parameters(model, torch.bfloat16)
+    model.save_pretrained(base16)
+    tok.save_pretrained(base16)
+    assert stored_dtype(base16) == torch.bfloat16
+    info = M.merge(base16, root / "adapter", tmp_path / "merged", log=lambda m: None)
+    assert info["merged_in"] == "bfloat16" and info["checks"]["fp32_to_16bit_max_abs_logit_diff"] is None
+    ref = PeftModel.from_pretrained(load_causal_lm(base16, dtype=torch.float32), str(root / "adapter"))
+    ref = ref.merge_and_unload()
+    want = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
+    got = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert got.keys() <= want.keys() and len(got) > 10
+    changed = 0
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), k
+        changed += int(not torch.equal(v, load_file(str(base16 / "model.safetensors")).get(k, v)))
+    assert changed >= 7  # the LoRA-targeted projections really moved
+
+
+def test_load_upcast_equals_a_float32_load(env, tmp_path):
+    import torch
+
+    from qatforge.model import cast_parameters, load_causal_lm, load_upcast
+
+    root, tok = env
+    model = load_causal_lm(root / "base")
+    cast_parameters(model, torch.bfloat16)
+    model.save_pretrained(tmp_path / "b16")
+    a = load_upcast(tmp_path / "b16")
+    b = load_causal_lm(tmp_path / "b16", dtype=torch.float32)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    assert {n: t.dtype for n, t in a.named_buffers()} == {n: t.dtype for n, t in b.named_buffers()}
+    assert a.config.dtype == torch.float32

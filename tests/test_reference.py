@@ -3,51 +3,20 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 
 from qatforge import reference
 from qatforge.io import sha256_path
 
-SYSTEM = {"role": "system", "content": "Reply with the answer only."}
-WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
-
-
-def make_tiny(root: Path, n_conv: int = 60) -> dict:
-    """A random tiny Qwen3 + tokenizer (qatforge.tiny) saved as a merged dir, with eval files."""
-    import torch
-
-    from qatforge import tiny
-
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    convs, prompts = [], []
-    for i in range(n_conv):
-        ws = [WORDS[j] for j in rng.integers(0, len(WORDS), 3)]
-        q, a = f"Reverse: {' '.join(ws)}", " ".join(reversed(ws))
-        convs.append([SYSTEM, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
-        prompts.append({"messages": [SYSTEM, {"role": "user", "content": q}], "answer": a, "task": "reverse"})
-    tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=320)
-    model = tiny.build_model(tok, hidden=256, intermediate=256, layers=1, heads=4, kv_heads=2, head_dim=64, seed=0)
-    merged = root / "merged"
-    model.save_pretrained(merged, safe_serialization=True)
-    tok.save_pretrained(merged)
-    dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-    pl.DataFrame({"messages": convs}, schema={"messages": dtype}).write_parquet(root / "eval.parquet")
-    with open(root / "eval_prompts.jsonl", "w") as f:
-        for p in prompts:
-            f.write(json.dumps(p) + "\n")
-    return {"merged": merged, "parquet": root / "eval.parquet", "prompts": root / "eval_prompts.jsonl",
-            "model": model, "tokenizer": tok}
+from export_helpers import reverse_task_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_ref(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
-    t = make_tiny(root)
+    t = reverse_task_checkpoint(root)
     meta = reference.build(t["merged"], t["parquet"], t["prompts"], root / "reference",
                            n_prompts=6, n_nll=4, max_new_tokens=8, max_len=64, threads=1)
     return t, root / "reference", meta

@@ -75,3 +75,20 @@ def test_lora_change_of_one_run_rebuilds_only_that_run(built_workdir):
             continue
         assert "/baseline/" in out, f"{rule} -> {out} is not part of the edited run"
         assert RUN_OTHER not in out
+
+
+def test_disposable_bf16_gguf_is_removed_once_its_quants_are_built(built_workdir):
+    """gguf.keep_intermediate: false marks the unquantized GGUF temp(): deleted when no job needs it."""
+    cfg = read_config(built_workdir)
+    cfg["gguf"]["keep_intermediate"] = False
+    write_config(built_workdir, cfg)
+    gguf_dir = built_workdir / "results/runs/baseline/gguf"
+    bf16 = next(gguf_dir.glob("*-BF16.gguf"))
+    q4 = next(gguf_dir.glob("*-Q4_0.gguf"))
+    q4.unlink()
+    snakemake(built_workdir, "--cores", "2")
+    assert q4.is_file() and Path(f"{q4}.json").is_file()
+    assert not bf16.exists(), "the disposable BF16 GGUF outlived its last consumer"
+    assert Path(f"{bf16}.json").is_file(), "the conversion record (hash, provenance) is kept"
+    # a missing temp() intermediate does not make its finished consumers stale
+    assert planned_jobs(built_workdir) == []

@@ -46,15 +46,6 @@ def _masked_max_diff(a: Any, b: Any, mask: Any) -> float:
     return float(((a.float() - b.float()).abs() * m).max())
 
 
-def _cast_parameters(model: Any, dtype: Any) -> None:
-    """Cast parameters (what is saved) in place, one at a time; buffers such as RoPE ``inv_freq``
-    stay float32, exactly as ``from_pretrained(dtype=...)`` builds them (``model.to(dtype)`` would
-    cast them too, and the reloaded model would then differ from the in-memory one)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    model.config.dtype = dtype
-
-
 def token_checks(base_tok: Any, merged_tok: Any, merged_config: Any, merged_gen: Any) -> dict[str, Any]:
     """Chat template identity, special-token ids, and the double-BOS check of a rendered prompt."""
     from qatforge.chat import render
@@ -99,8 +90,11 @@ def merge(
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into ``base_dir`` and save a ``dtype`` safetensors checkpoint atomically.
 
-    The merge is computed in float32 and cast to ``dtype`` once (bf16 by default: the range of
-    fp32, what GGUF ``bf16`` and most deployments use). Saved with tokenizer files, chat template
+    Each merged weight is ``W + delta`` computed in float32 and rounded to ``dtype`` once (bf16 by
+    default: the range of fp32, what GGUF ``bf16`` and most deployments use). A base stored in
+    ``dtype`` is loaded as it is and merged in place (peft adds the float32 LoRA delta, and torch
+    computes a 16-bit ``+=`` in float32 before rounding): one 16-bit copy of the weights instead of a
+    float32 one. Any other base is upcast to float32, merged, and cast once. Saved with tokenizer files, chat template
     and generation_config; then checked (template, token ids, double BOS) and reloaded to compare
     logits with the in-memory merged model (an exact match is expected). The in-memory model is
     freed before the reload, so at most about two bf16-sized copies of the weights are held.
@@ -111,7 +105,7 @@ def merge(
     from safetensors.torch import load_file
 
     from qatforge.io import atomic_dir, check_free_space, package_versions, size_bytes, write_manifest
-    from qatforge.model import load_causal_lm, load_tokenizer
+    from qatforge.model import cast_parameters, load_causal_lm, load_tokenizer, load_upcast, stored_dtype
     from qatforge.qat import count_fake_quantized, strip_fake_quant
 
     if dtype not in DTYPES:
@@ -126,7 +120,11 @@ def merge(
     target = getattr(torch, dtype)
 
     base_tok = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    in_place = stored_dtype(base_dir) == target
+    if in_place:
+        model = load_causal_lm(base_dir, dtype=target, trust_remote_code=trust_remote_code)
+    else:
+        model = load_upcast(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     # Every adapter tensor must have landed in the model (no silently ignored keys).
     saved = load_file(str(adapter_file))
@@ -142,13 +140,17 @@ def merge(
         raise MergeError("merged model still has LoRA or fake-quantized modules")
 
     enc = _check_inputs(base_tok, CHECK_PROMPTS)
-    with torch.no_grad():
-        logits_fp32 = merged(**enc).logits
-    _cast_parameters(merged, target)
+    # merged in place: nothing was cast (float32), or there is no float32 model to compare with
+    cast_diff = 0.0 if target == torch.float32 else None
+    if not in_place:
+        with torch.no_grad():
+            logits_fp32 = merged(**enc).logits
+        cast_parameters(merged, target)
     with torch.no_grad():
         logits_mem = merged(**enc).logits.float()
-    cast_diff = _masked_max_diff(logits_fp32, logits_mem, enc["attention_mask"])
-    del logits_fp32
+    if not in_place:
+        cast_diff = _masked_max_diff(logits_fp32, logits_mem, enc["attention_mask"])
+        del logits_fp32
     n_params = sum(p.numel() for p in merged.parameters())
     check_free_space(out_dir, n_params * merged.dtype.itemsize)
 
@@ -189,6 +191,7 @@ def merge(
         "adapter_dir": str(adapter_dir),
         "qat_scheme": qat_scheme,
         "dtype": dtype,
+        "merged_in": dtype if in_place else "float32",
         "parameters": n_params,
         "lora_tensors": n_lora,
         "fake_quantized_stripped": stripped,
@@ -201,6 +204,6 @@ def merge(
         "versions": package_versions("torch", "transformers", "peft", "torchao"),
     })
     info["sha256"] = record["sha256"]
-    log(f"merged {adapter_dir} into {base_dir} → {out_dir} ({dtype}, reload diff {reload_diff:.2e}, "
-        f"16-bit cast diff {cast_diff:.3g})")
+    cast = "merged in place" if cast_diff is None else f"16-bit cast diff {cast_diff:.3g}"
+    log(f"merged {adapter_dir} into {base_dir} → {out_dir} ({dtype}, reload diff {reload_diff:.2e}, {cast})")
     return info

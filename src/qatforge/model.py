@@ -97,3 +97,42 @@ def load_causal_lm(path_or_id: str | os.PathLike, *, dtype: Any = None, trust_re
         raise ModelError(f"cannot load a causal LM from {path_or_id}: {e}") from e
     model.eval()
     return model
+
+
+def stored_dtype(path: str | os.PathLike) -> Any:
+    """The torch dtype a local checkpoint's ``config.json`` says its weights are stored in (or None)."""
+    import torch
+
+    cfg = Path(str(path)).expanduser() / "config.json"
+    if not cfg.is_file():
+        return None
+    raw = json.loads(cfg.read_text())
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def cast_parameters(model: Any, dtype: Any) -> None:
+    """Cast parameters (what is saved) in place, one at a time, so that at most one tensor exists
+    in both dtypes. Buffers such as RoPE ``inv_freq`` keep the dtype ``from_pretrained`` gave them."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
+
+def load_upcast(path: str | os.PathLike, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:
+    """:func:`load_causal_lm` at ``dtype`` (float32 by default) with about half the peak memory for
+    a checkpoint stored in 16 bits: loaded in its stored dtype, then upcast parameter by parameter
+    (``from_pretrained(dtype=float32)`` holds the mapped file and the float32 copy at once). The
+    values are the same, as a 16-bit to float32 cast is exact."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    stored = stored_dtype(path)
+    if stored is None or stored == dtype or not stored.is_floating_point or stored.itemsize >= dtype.itemsize:
+        return load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, dtype=stored, trust_remote_code=trust_remote_code)
+    if any(b.is_floating_point() and b.dtype != dtype for b in model.buffers()):
+        del model  # a buffer computed at init in the stored dtype: only a full-precision load is exact
+        return load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    cast_parameters(model, dtype)
+    return model

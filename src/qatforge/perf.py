@@ -264,7 +264,9 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
     d = figs.get("dag", {})
     if "median_s" in d:
         rows.append((f"`snakemake -n`, {d['n_runs']} runs x {d['n_quants']} quants (median of {len(d['runs'])})",
-                     f"{_fmt_s(d['median_s'])}, {d['n_jobs']} jobs", "≤ 5 s", _ok(d["median_s"], TARGETS["dag_s"])))
+                     f"{_fmt_s(d['median_s'])}, {d['n_jobs']} jobs"
+                     + (f" (a one-rule workflow: {_fmt_s(d['floor_median_s'])})" if d.get("floor_median_s") else ""),
+                     "≤ 5 s", _ok(d["median_s"], TARGETS["dag_s"])))
     g = figs.get("growth", {})
     for r in g.get("rows", []):
         label = f"export growth {r['size']} ({r['params'] / 1e6:.1f}M params, bf16 {_fmt_mb(r['bf16_mb'])}): {r['stage']}"
@@ -448,10 +450,17 @@ def bench_dag(project: Path, work: Path, repeats: int, n_runs: int = 10, n_quant
     cfg = dag_config(yaml.safe_load((project / "config" / "config.yaml").read_text()), n_runs, n_quants)
     proj = copy_project(project, work / "dag", config=cfg)
     runs = [_smk_run(proj, work / "logs" / f"dag-{i}.log", REPORT, "-n", "--cores", "1") for i in range(repeats)]
+    # Snakemake's own floor: start-up, plugin discovery and a one-job dry run of a one-rule workflow.
+    floor_dir = work / "dag-floor"
+    floor_dir.mkdir(parents=True, exist_ok=True)
+    (floor_dir / "Snakefile").write_text('rule a:\n    output: "a"\n    shell: "touch {output}"\n')
+    floor = [measure(smk("-n", "--cores", "1", "a"), cwd=floor_dir, log_file=work / "logs" / f"dag-floor-{i}.log")
+             for i in range(repeats)]
     return {"what": f"`snakemake -n {REPORT}` of a generated config ({n_runs} runs x {n_quants} quants), nothing built",
             "n_runs": n_runs, "n_quants": n_quants, "n_jobs": job_count(_read(runs[-1]["log"])),
             "runs": [{k: v for k, v in r.items() if k != "jobs"} for r in runs],
-            "median_s": round(statistics.median(r["wall_s"] for r in runs), 3)}
+            "median_s": round(statistics.median(r["wall_s"] for r in runs), 3),
+            "floor_median_s": round(statistics.median(r["wall_s"] for r in floor), 3)}
 
 
 # --------------------------------------------------------------------------- export growth

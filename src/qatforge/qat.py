@@ -338,14 +338,14 @@ def qat_convert(
     """
     import torch
 
-    from qatforge.model import load_causal_lm, load_tokenizer
+    from qatforge.model import load_tokenizer, load_upcast
 
     if threads:
         torch.set_num_threads(threads)
     s = parse_scheme(scheme)
     t0 = time.perf_counter()
     tok = load_tokenizer(merged_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = load_upcast(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     q = quantize_for_deploy(model, s.name)
     prov = {"merged_dir": str(merged_dir), "scheme": s.name, "step": "qat_convert", **(provenance or {})}
     info = save_torchao(model, tok, out_dir, s.name, provenance=prov, log=log)

@@ -132,6 +132,7 @@ def build(
 
     from qatforge.chat import IGNORE_INDEX, encode_for_training, is_correct
     from qatforge.data import load_eval_prompts, read_conversations
+    from qatforge.evaluate import greedy
     from qatforge.evaluate.hf import HFRuntime
     from qatforge.io import package_versions
 
@@ -151,7 +152,7 @@ def build(
     stops = stop_token_ids(tok, getattr(rt.model, "generation_config", None))
 
     prompt_ids = [rt.prompt_ids(r["messages"]) for r in rows]
-    gens = [rt.greedy(ids, max_new_tokens, set(stops))[0] for ids in prompt_ids]
+    gens = [greedy(rt, ids, max_new_tokens, set(stops))[0] for ids in prompt_ids]
     texts = [rt.decode(g) for g in gens]
     correct = [is_correct(t, r["answer"]) for t, r in zip(texts, rows)]
 

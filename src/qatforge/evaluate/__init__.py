@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
@@ -36,9 +37,28 @@ class Runtime(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
     def special_ids(self) -> dict[str, Any]: ...
     def logits(self, ids: Sequence[int]) -> np.ndarray: ...
-    def greedy(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
-    ) -> tuple[list[int], float, float, int]: ...
+    def start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Reset the KV cache, run the prompt, return the last position's logits."""
+    def advance(self, token: int) -> np.ndarray:
+        """Append one token to the cache, return its logits."""
+
+
+def greedy(
+    rt: Runtime, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
+) -> tuple[list[int], float, float, int]:
+    """Argmax decoding with ``rt``'s KV cache; returns (ids, prompt_s, decode_s, decode_steps)."""
+    gen: list[int] = []
+    steps = 0
+    t0 = time.perf_counter()
+    nxt = int(rt.start(prompt_ids).argmax())
+    t1 = time.perf_counter()
+    while len(gen) < max_new_tokens and (ignore_stop or nxt not in stop_ids):
+        gen.append(nxt)
+        if len(gen) == max_new_tokens:
+            break
+        nxt = int(rt.advance(nxt).argmax())
+        steps += 1
+    return gen, t1 - t0, time.perf_counter() - t1, steps
 
 
 def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], ids: Sequence[Sequence[int]]) -> dict:
@@ -81,7 +101,7 @@ def speed(rt: Runtime, prompts: Sequence[Sequence[int]], max_new_tokens: int, re
         ps = ds = 0.0
         pt = steps = 0
         for p in prompts:
-            _, p_s, d_s, n = rt.greedy(p, max_new_tokens, set(), ignore_stop=True)
+            _, p_s, d_s, n = greedy(rt, p, max_new_tokens, set(), ignore_stop=True)
             ps, ds, pt, steps = ps + p_s, ds + d_s, pt + len(p), steps + n
         return ps, ds, pt, steps
 
@@ -126,7 +146,7 @@ def evaluate_runtime(
     stops = set(ref.stop_ids)
     if special.get("eos_token_id") is not None:
         stops.add(int(special["eos_token_id"]))
-    gens = [rt.greedy(p, ref.meta["max_new_tokens"], stops)[0] for p in ids]
+    gens = [greedy(rt, p, ref.meta["max_new_tokens"], stops)[0] for p in ids]
     texts = [rt.decode(g) for g in gens]
     correct = [is_correct(t, a) for t, a in zip(texts, ref.answers)]
     out["per_prompt_correct"] = correct

@@ -114,25 +114,14 @@ class LlamaCppRuntime:
         self._eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32, copy=True)
 
-    def greedy(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
-    ) -> tuple[list[int], float, float, int]:
-        gen: list[int] = []
-        steps = 0
+    def start(self, prompt_ids: Sequence[int]) -> np.ndarray:
         self.llm.reset()
-        t0 = time.perf_counter()
         self._eval(prompt_ids)
-        nxt = int(self._last_logits().argmax())
-        t1 = time.perf_counter()
-        while len(gen) < max_new_tokens and (ignore_stop or nxt not in stop_ids):
-            gen.append(nxt)
-            if len(gen) == max_new_tokens:
-                break
-            self._eval([nxt])
-            nxt = int(self._last_logits().argmax())
-            steps += 1
-        t2 = time.perf_counter()
-        return gen, t1 - t0, t2 - t1, steps
+        return self._last_logits()
+
+    def advance(self, token: int) -> np.ndarray:
+        self._eval([token])
+        return self._last_logits()
 
 
 def evaluate(

@@ -54,32 +54,20 @@ class HFRuntime:
             out = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
         return out.logits[0].float().numpy()
 
-    def greedy(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
-    ) -> tuple[list[int], float, float, int]:
-        """Argmax decoding with the KV cache; returns (ids, prompt_s, decode_s, decode_steps)."""
+    def _forward(self, ids: Sequence[int], past: Any) -> np.ndarray:
         import torch
 
-        gen: list[int] = []
-        steps = 0
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = self.model(input_ids=torch.tensor([list(prompt_ids)], dtype=torch.long), use_cache=True)
-            nxt = int(out.logits[0, -1].argmax())
-            t1 = time.perf_counter()
-            past = out.past_key_values
-            while len(gen) < max_new_tokens and (ignore_stop or nxt not in stop_ids):
-                gen.append(nxt)
-                if len(gen) == max_new_tokens:
-                    break
-                out = self.model(
-                    input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=past, use_cache=True
-                )
-                past = out.past_key_values
-                nxt = int(out.logits[0, -1].argmax())
-                steps += 1
-            t2 = time.perf_counter()
-        return gen, t1 - t0, t2 - t1, steps
+            out = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), past_key_values=past,
+                             use_cache=True)
+        self._past = out.past_key_values
+        return out.logits[0, -1]
+
+    def start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        return self._forward(prompt_ids, None)
+
+    def advance(self, token: int) -> np.ndarray:
+        return self._forward([token], self._past)
 
 
 def evaluate(

@@ -155,26 +155,15 @@ class OnnxRuntime:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         return self._step(list(ids), self._empty_past(), 0)[0].astype(np.float32)
 
-    def greedy(
-        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_ids: set[int], ignore_stop: bool = False
-    ) -> tuple[list[int], float, float, int]:
-        gen: list[int] = []
-        steps = 0
-        t0 = time.perf_counter()
-        logits, past = self._step(list(prompt_ids), self._empty_past(), 0)
-        nxt = int(logits[-1].argmax())
-        t1 = time.perf_counter()
-        n_past = len(prompt_ids)
-        while len(gen) < max_new_tokens and (ignore_stop or nxt not in stop_ids):
-            gen.append(nxt)
-            if len(gen) == max_new_tokens:
-                break
-            logits, past = self._step([nxt], past, n_past)
-            n_past += 1
-            nxt = int(logits[-1].argmax())
-            steps += 1
-        t2 = time.perf_counter()
-        return gen, t1 - t0, t2 - t1, steps
+    def start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        logits, self._past = self._step(list(prompt_ids), self._empty_past(), 0)
+        self._n_past = len(prompt_ids)
+        return logits[-1]
+
+    def advance(self, token: int) -> np.ndarray:
+        logits, self._past = self._step([token], self._past, self._n_past)
+        self._n_past += 1
+        return logits[-1]
 
 
 def evaluate(

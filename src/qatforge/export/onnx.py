@@ -3,8 +3,8 @@
 Both directories load on their own (``ORTModelForCausalLM.from_pretrained(dir)``): the tokenizer,
 chat template and generation config of the merged checkpoint are copied alongside. Both are
 written atomically, loaded in onnxruntime as a check, and carry an ``export.json`` record.
-optimum only *warns* when its own validation exceeds the tolerance, so the fp32 export is also
-compared with PyTorch here (max |logit diff| recorded; above ``atol`` the export fails).
+The fp32 export is compared with PyTorch here (max |logit diff| recorded; above ``atol`` the export
+fails) instead of by optimum's validation, which only warns and holds both models at once.
 """
 
 from __future__ import annotations
@@ -83,31 +83,37 @@ def compare_with_torch(
     Returns ``{"max_abs_logit_diff", "texts", "greedy_identical"}`` (greedy continuation of
     each text compared token by token).
     """
+    import gc
+
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import onnxruntime as ort
+    from qatforge.model import load_upcast
 
     onnx_dir, torch_dir = Path(onnx_dir), Path(torch_dir)
     tok = AutoTokenizer.from_pretrained(str(onnx_dir))
     texts = _check_texts(onnx_dir, texts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    encs = [tok(text, return_tensors="pt", add_special_tokens=True) for text in texts]
+    # PyTorch first, freed before onnxruntime loads: never both copies of the weights at once.
+    pt_model = load_upcast(torch_dir, dtype=torch.float32)
+    with torch.no_grad():
+        refs = [(pt_model(**enc).logits.float(), pt_model.generate(**enc, **kw)[0].tolist()) for enc in encs]
+    del pt_model
+    gc.collect()
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
     ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, session_options=so, use_cache=True)
-    pt_model = AutoModelForCausalLM.from_pretrained(str(torch_dir), dtype=torch.float32).eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     max_diff, same = 0.0, 0
-    for text in texts:
-        enc = tok(text, return_tensors="pt", add_special_tokens=True)
+    for enc, (ref, g_ref) in zip(encs, refs):
         with torch.no_grad():
-            ref = pt_model(**enc).logits.float()
             got = ort_model(**enc).logits.float()
-            max_diff = max(max_diff, float((ref - got).abs().max()))
-            kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            g_ref = pt_model.generate(**enc, **kw)[0].tolist()
             g_got = ort_model.generate(**enc, **kw)[0].tolist()
+        max_diff = max(max_diff, float((ref - got).abs().max()))
         same += int(g_ref == g_got)
     return {"max_abs_logit_diff": max_diff, "texts": len(texts), "greedy_identical": same}
 
@@ -123,14 +129,22 @@ def export(
     source: Mapping[str, Any] | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """fp32 ONNX export (task ``text-generation-with-past``, optimum's validation on) of ``merged_dir``.
+    """fp32 ONNX export (task ``text-generation-with-past``) of ``merged_dir`` with optimum.
 
-    The export is loaded in onnxruntime and its logits compared with PyTorch on ``check_texts``;
-    a difference above ``atol`` fails the export. Writes ``out_dir/export.json``; returns its
+    The model is loaded as :func:`qatforge.model.load_upcast` (16-bit file to float32 without
+    holding both) and handed to ``onnx_export_from_model``. optimum's own validation, which holds
+    the PyTorch model and an onnxruntime session at once and only warns, is replaced by
+    :func:`compare_with_torch` after the model is freed: logits on ``check_texts`` and greedy
+    continuations, a logit difference above ``atol`` fails the export. Writes ``out_dir/export.json``; returns its
     provenance.
     """
+    import gc
+
     import torch
-    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.onnx.__main__ import maybe_load_preprocessors
+
+    from qatforge.model import load_upcast
 
     log = as_log(log)
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
@@ -142,9 +156,13 @@ def export(
     check_free_space(out_dir, weights * 2)  # fp32 graph of a 16-bit checkpoint
     started = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        log(f"optimum main_export {merged_dir} -> {out_dir} (task {TASK}, fp32, validation on)")
-        main_export(str(merged_dir), output=tmp, task=TASK, dtype="fp32", device="cpu", opset=opset,
-                    do_validation=True, local_files_only=True, trust_remote_code=False)
+        log(f"optimum onnx_export_from_model {merged_dir} -> {out_dir} (task {TASK}, fp32)")
+        model = load_upcast(merged_dir, dtype=torch.float32)
+        model.config.use_cache = True  # what main_export sets for a -with-past task
+        onnx_export_from_model(model, output=tmp, task=TASK, opset=opset, device="cpu", do_validation=False,
+                               preprocessors=maybe_load_preprocessors(str(merged_dir)))
+        del model
+        gc.collect()
         side = _copy_side_files(merged_dir, tmp)
         sessions = _session_info(tmp, threads)
         check = compare_with_torch(tmp, merged_dir, check_texts, threads=threads)
@@ -153,8 +171,8 @@ def export(
         if not check["max_abs_logit_diff"] <= atol:
             raise RuntimeError(f"ONNX export of {merged_dir}: logits differ from PyTorch by "
                                f"{check['max_abs_logit_diff']:.3g} > atol {atol}")
-    settings = {"variant": "fp32", "task": TASK, "dtype": "fp32", "opset": opset, "do_validation": True,
-                "atol": atol}
+    settings = {"variant": "fp32", "task": TASK, "dtype": "fp32", "opset": opset,
+                "validation": "compare_with_torch", "atol": atol}
     record = write_export_record(
         out_dir, source=source_record(merged_dir, **(source or {})), tool=_tool_info(), settings=settings,
         started=started, sessions=sessions, side_files=side, check=check)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qatforge.io import MANIFEST, package_versions, read_json, sha256_path, write_manifest
+from qatforge.io import MANIFEST, read_json, sha256_path, write_manifest
 
 class Log:
     """Append timestamped lines to a log file (``log`` path), a callable, or stderr when ``None``."""

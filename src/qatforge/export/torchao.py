@@ -35,7 +35,7 @@ def ptq(
     """
     import torch
 
-    from qatforge.model import load_causal_lm, load_tokenizer
+    from qatforge.model import load_tokenizer, load_upcast
     from qatforge.qat import parse_scheme, quantize_for_deploy, save_torchao
 
     log = as_log(log)
@@ -48,7 +48,7 @@ def ptq(
     check_free_space(out_dir, size_bytes(merged_dir))
     started = time.perf_counter()
     tok = load_tokenizer(merged_dir, trust_remote_code=trust_remote_code)
-    model = load_causal_lm(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = load_upcast(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     q = quantize_for_deploy(model, name)
     log(f"PTQ {name}: {len(q['modules'])} modules quantized (untied embeddings: {q['untied']})")
     provenance = {
