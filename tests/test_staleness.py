@@ -81,13 +81,14 @@ def test_disposable_bf16_gguf_is_removed_once_its_quants_are_built(built_workdir
     """gguf.keep_intermediate: false marks the unquantized GGUF temp(): deleted when no job needs it."""
     cfg = read_config(built_workdir)
     cfg["gguf"]["keep_intermediate"] = False
+    cfg["gguf"]["quants"]["Q4_0"]["pure"] = True  # an edit that rebuilds Q4_0 from the BF16 file
     write_config(built_workdir, cfg)
     gguf_dir = built_workdir / "results/runs/baseline/gguf"
     bf16 = next(gguf_dir.glob("*-BF16.gguf"))
     q4 = next(gguf_dir.glob("*-Q4_0.gguf"))
-    q4.unlink()
-    snakemake(built_workdir, "--cores", "2")
-    assert q4.is_file() and Path(f"{q4}.json").is_file()
+    before = q4.stat().st_mtime_ns
+    proc = snakemake(built_workdir, "--cores", "2")
+    assert "rule gguf_quantize" in proc.stdout + proc.stderr and q4.stat().st_mtime_ns > before
     assert not bf16.exists(), "the disposable BF16 GGUF outlived its last consumer"
     assert Path(f"{bf16}.json").is_file(), "the conversion record (hash, provenance) is kept"
     # a missing temp() intermediate does not make its finished consumers stale
