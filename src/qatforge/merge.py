@@ -93,11 +93,12 @@ def merge(
     Each merged weight is ``W + delta`` computed in float32 and rounded to ``dtype`` once (bf16 by
     default: the range of fp32, what GGUF ``bf16`` and most deployments use). A base stored in
     ``dtype`` is loaded as it is and merged in place (peft adds the float32 LoRA delta, and torch
-    computes a 16-bit ``+=`` in float32 before rounding): one 16-bit copy of the weights instead of a
-    float32 one. Any other base is upcast to float32, merged, and cast once. Saved with tokenizer files, chat template
-    and generation_config; then checked (template, token ids, double BOS) and reloaded to compare
-    logits with the in-memory merged model (an exact match is expected). The in-memory model is
-    freed before the reload, so at most about two bf16-sized copies of the weights are held.
+    computes a 16-bit ``+=`` in float32 before rounding): one 16-bit copy of the weights instead of
+    a float32 one. Any other base is upcast to float32, merged, and cast once. Saved with tokenizer
+    files, chat template and generation_config; then checked (template, token ids, double BOS) and
+    reloaded to compare logits with the in-memory merged model (an exact match is expected). The
+    in-memory model is freed before the reload, so at most about two bf16-sized copies of the
+    weights are held.
     Writes ``export.json`` (sha256, provenance) and returns the record.
     """
     import torch

@@ -54,7 +54,8 @@ class HFRuntime:
             out = self.model(input_ids=torch.tensor([list(ids)], dtype=torch.long), use_cache=False)
         return out.logits[0].float().numpy()
 
-    def _forward(self, ids: Sequence[int], past: Any) -> np.ndarray:
+    def _forward(self, ids: Sequence[int], past: Any) -> Any:
+        """Run ``ids`` after the cache ``past``; keep the new cache; return the last logits (a tensor)."""
         import torch
 
         with torch.inference_mode():
@@ -63,10 +64,10 @@ class HFRuntime:
         self._past = out.past_key_values
         return out.logits[0, -1]
 
-    def start(self, prompt_ids: Sequence[int]) -> np.ndarray:
+    def start(self, prompt_ids: Sequence[int]) -> Any:
         return self._forward(prompt_ids, None)
 
-    def advance(self, token: int) -> np.ndarray:
+    def advance(self, token: int) -> Any:
         return self._forward([token], self._past)
 
 

@@ -135,8 +135,8 @@ def export(
     holding both) and handed to ``onnx_export_from_model``. optimum's own validation, which holds
     the PyTorch model and an onnxruntime session at once and only warns, is replaced by
     :func:`compare_with_torch` after the model is freed: logits on ``check_texts`` and greedy
-    continuations, a logit difference above ``atol`` fails the export. Writes ``out_dir/export.json``; returns its
-    provenance.
+    continuations, a logit difference above ``atol`` fails the export. Writes
+    ``out_dir/export.json``; returns its provenance.
     """
     import gc
 
