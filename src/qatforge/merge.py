@@ -106,7 +106,9 @@ def merge(
     from safetensors.torch import load_file
 
     from qatforge.io import atomic_dir, check_free_space, package_versions, size_bytes, write_manifest
-    from qatforge.model import cast_parameters, load_causal_lm, load_tokenizer, load_upcast, stored_dtype
+    from qatforge.model import (
+        cast_parameters, load_causal_lm, load_tokenizer, load_upcast, release_freed_memory, stored_dtype,
+    )
     from qatforge.qat import count_fake_quantized, strip_fake_quant
 
     if dtype not in DTYPES:
@@ -159,9 +161,7 @@ def merge(
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
         base_tok.save_pretrained(tmp)
         del merged, model
-        import gc
-
-        gc.collect()
+        release_freed_memory()
         re_model = load_causal_lm(tmp, dtype=target, trust_remote_code=False)
         re_tok = load_tokenizer(tmp, trust_remote_code=False)
         with torch.no_grad():

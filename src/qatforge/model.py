@@ -120,10 +120,10 @@ def cast_parameters(model: Any, dtype: Any) -> None:
 
 
 def load_upcast(path: str | os.PathLike, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:
-    """:func:`load_causal_lm` at ``dtype`` (float32 by default) with about half the peak memory for
-    a checkpoint stored in 16 bits: loaded in its stored dtype, then upcast parameter by parameter
-    (``from_pretrained(dtype=float32)`` holds the mapped file and the float32 copy at once). The
-    values are the same, as a 16-bit to float32 cast is exact."""
+    """:func:`load_causal_lm` at ``dtype`` (float32 by default) of a checkpoint stored in 16 bits,
+    loaded in its stored dtype and then upcast parameter by parameter. The values are the same as
+    ``from_pretrained(dtype=float32)`` (a 16-bit to float32 cast is exact) with less transient
+    memory; the file safetensors maps stays resident until the last parameter is cast."""
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
@@ -136,3 +136,19 @@ def load_upcast(path: str | os.PathLike, *, dtype: Any = None, trust_remote_code
         return load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
     cast_parameters(model, dtype)
     return model
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op
+    elsewhere). Freed weights otherwise stay in the process's heap and the next stage's peak RSS
+    stacks on top of them (measured: a quantized 50M model kept its float32 weights' 176 MiB)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

@@ -338,7 +338,7 @@ def qat_convert(
     """
     import torch
 
-    from qatforge.model import load_tokenizer, load_upcast
+    from qatforge.model import load_tokenizer, load_upcast, release_freed_memory
 
     if threads:
         torch.set_num_threads(threads)
@@ -347,6 +347,7 @@ def qat_convert(
     tok = load_tokenizer(merged_dir, trust_remote_code=trust_remote_code)
     model = load_upcast(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     q = quantize_for_deploy(model, s.name)
+    release_freed_memory()  # the float32 weights quantize_ replaced
     prov = {"merged_dir": str(merged_dir), "scheme": s.name, "step": "qat_convert", **(provenance or {})}
     info = save_torchao(model, tok, out_dir, s.name, provenance=prov, log=log)
     info.update({"untied_embeddings": q["untied"], "seconds": round(time.perf_counter() - t0, 2)})

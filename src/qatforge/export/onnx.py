@@ -83,14 +83,12 @@ def compare_with_torch(
     Returns ``{"max_abs_logit_diff", "texts", "greedy_identical"}`` (greedy continuation of
     each text compared token by token).
     """
-    import gc
-
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
     import onnxruntime as ort
-    from qatforge.model import load_upcast
+    from qatforge.model import load_upcast, release_freed_memory
 
     onnx_dir, torch_dir = Path(onnx_dir), Path(torch_dir)
     tok = AutoTokenizer.from_pretrained(str(onnx_dir))
@@ -103,7 +101,7 @@ def compare_with_torch(
     with torch.no_grad():
         refs = [(pt_model(**enc).logits.float(), pt_model.generate(**enc, **kw)[0].tolist()) for enc in encs]
     del pt_model
-    gc.collect()
+    release_freed_memory()
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -138,13 +136,11 @@ def export(
     continuations, a logit difference above ``atol`` fails the export. Writes
     ``out_dir/export.json``; returns its provenance.
     """
-    import gc
-
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
     from optimum.exporters.onnx.__main__ import maybe_load_preprocessors
 
-    from qatforge.model import load_upcast
+    from qatforge.model import load_upcast, release_freed_memory
 
     log = as_log(log)
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
@@ -162,7 +158,7 @@ def export(
         onnx_export_from_model(model, output=tmp, task=TASK, opset=opset, device="cpu", do_validation=False,
                                preprocessors=maybe_load_preprocessors(str(merged_dir)))
         del model
-        gc.collect()
+        release_freed_memory()
         side = _copy_side_files(merged_dir, tmp)
         sessions = _session_info(tmp, threads)
         check = compare_with_torch(tmp, merged_dir, check_texts, threads=threads)
