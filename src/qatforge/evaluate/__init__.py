@@ -234,19 +234,25 @@ def run_eval(
     artifact = Path(artifact)
     if not artifact.exists():
         raise FileNotFoundError(f"artifact {artifact} does not exist")
-    kw = dict(
-        run=run, qat_scheme=qat_scheme, format=format, variant=variant, threads=threads,
-        max_new_tokens=max_new_tokens, speed_prompts=speed_prompts, speed_repeats=speed_repeats,
-        thresholds=dict(thresholds) if thresholds else None,
-    )
     try:
         if format in ("hf", "torchao"):
-            from qatforge.evaluate.hf import evaluate
+            from qatforge.evaluate.hf import open_runtime
         elif format == "gguf":
-            from qatforge.evaluate.gguf import evaluate
+            from qatforge.evaluate.gguf import open_runtime
         else:
-            from qatforge.evaluate.onnx import evaluate
-        result = evaluate(artifact, reference_dir, eval_prompts_path, **kw)
+            from qatforge.evaluate.onnx import open_runtime
+        from qatforge.reference import load
+
+        ref = load(reference_dir)
+        t0 = time.perf_counter()
+        rt, about = open_runtime(artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens)
+        load_s = time.perf_counter() - t0
+        result = evaluate_runtime(
+            rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens, speed_prompts=speed_prompts,
+            speed_repeats=speed_repeats, thresholds=dict(thresholds) if thresholds else None,
+            eval_prompts_path=eval_prompts_path,
+        )
+        result.update(load_s=load_s, **about)
     except Exception as e:
         if not record_errors:
             raise

@@ -9,7 +9,6 @@ come from evaluating the reference token ids (``logits_all=True``).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -124,42 +123,17 @@ class LlamaCppRuntime:
         return self._last_logits()
 
 
-def evaluate(
-    artifact_path: str | Path,
-    reference_dir: str | Path,
-    eval_prompts_path: str | Path | None,
-    *,
-    run: str,
-    qat_scheme: str | None,
-    format: str,
-    variant: str,
-    threads: int,
-    max_new_tokens: int,
-    speed_prompts: int,
-    speed_repeats: int,
-    thresholds: dict | None = None,
-) -> dict[str, Any]:
-    """Evaluate a GGUF file against the run's reference with llama.cpp."""
-    from qatforge.evaluate import evaluate_runtime
+def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: int,
+                 max_new_tokens: int) -> tuple[LlamaCppRuntime, dict[str, Any]]:
+    """A GGUF file in llama.cpp, with a context that fits the reference's longest sequence."""
     from qatforge.io import package_versions
-    from qatforge.reference import load
 
     if format != "gguf":
         raise ValueError(f"evaluate.gguf handles format gguf, not {format!r}")
-    ref = load(reference_dir)
-    need = max(ref.meta["max_seq_len"], max(len(p) for p in ref.prompt_ids) + max(max_new_tokens, ref.meta["max_new_tokens"]))
+    longest_prompt = max(len(p) for p in ref.prompt_ids)
+    need = max(ref.meta["max_seq_len"], longest_prompt + max(max_new_tokens, ref.meta["max_new_tokens"]))
     n_ctx = int(-(-(need + 8) // 64) * 64)
-    t0 = time.perf_counter()
     rt = LlamaCppRuntime(artifact_path, n_ctx=n_ctx, threads=threads)
-    load_s = time.perf_counter() - t0
-    out = evaluate_runtime(
-        rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
-        speed_prompts=speed_prompts, speed_repeats=speed_repeats, thresholds=thresholds,
-        eval_prompts_path=eval_prompts_path,
-    )
-    out.update(
-        load_s=load_s, runtime="llama.cpp", n_ctx=n_ctx, kv_cache_type="f32",
-        gguf_file_type=rt.metadata.get("general.file_type"),
-        runtime_versions=package_versions("llama_cpp_python", "numpy", "jinja2"),
-    )
-    return out
+    return rt, {"runtime": "llama.cpp", "n_ctx": n_ctx, "kv_cache_type": "f32",
+                "gguf_file_type": rt.metadata.get("general.file_type"),
+                "runtime_versions": package_versions("llama_cpp_python", "numpy", "jinja2")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,41 +70,15 @@ class HFRuntime:
         return self._forward([token], self._past)
 
 
-def evaluate(
-    artifact_path: str | Path,
-    reference_dir: str | Path,
-    eval_prompts_path: str | Path | None,
-    *,
-    run: str,
-    qat_scheme: str | None,
-    format: str,
-    variant: str,
-    threads: int,
-    max_new_tokens: int,
-    speed_prompts: int,
-    speed_repeats: int,
-    thresholds: dict | None = None,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Evaluate an HF (``format='hf'``, fp32 compute) or TorchAO (``'torchao'``, stored dtype) dir."""
+def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: int,
+                 max_new_tokens: int, trust_remote_code: bool = False) -> tuple[HFRuntime, dict[str, Any]]:
+    """An HF (``format='hf'``, fp32 compute) or TorchAO (``'torchao'``, stored dtype) directory."""
     import torch
-
-    from qatforge.evaluate import evaluate_runtime
-    from qatforge.reference import load
 
     if format not in ("hf", "torchao"):
         raise ValueError(f"evaluate.hf handles formats hf and torchao, not {format!r}")
     torch.set_num_threads(threads)
-    ref = load(reference_dir)
-    t0 = time.perf_counter()
     rt = HFRuntime(
         artifact_path, compute_dtype="float32" if format == "hf" else "auto", trust_remote_code=trust_remote_code
     )
-    load_s = time.perf_counter() - t0
-    out = evaluate_runtime(
-        rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
-        speed_prompts=speed_prompts, speed_repeats=speed_repeats, thresholds=thresholds,
-        eval_prompts_path=eval_prompts_path,
-    )
-    out.update(load_s=load_s, runtime="transformers", compute_dtype=rt.compute_dtype)
-    return out
+    return rt, {"runtime": "transformers", "compute_dtype": rt.compute_dtype}

@@ -9,7 +9,6 @@ settings transformers uses: trim_blocks, lstrip_blocks, loopcontrols) and tokeni
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -166,37 +165,13 @@ class OnnxRuntime:
         return logits[-1]
 
 
-def evaluate(
-    artifact_path: str | Path,
-    reference_dir: str | Path,
-    eval_prompts_path: str | Path | None,
-    *,
-    run: str,
-    qat_scheme: str | None,
-    format: str,
-    variant: str,
-    threads: int,
-    max_new_tokens: int,
-    speed_prompts: int,
-    speed_repeats: int,
-    thresholds: dict | None = None,
-) -> dict[str, Any]:
-    """Evaluate an ONNX export directory against the run's reference (onnxruntime, CPU)."""
-    from qatforge.evaluate import evaluate_runtime
+def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: int,
+                 max_new_tokens: int) -> tuple[OnnxRuntime, dict[str, Any]]:
+    """An ONNX export directory in onnxruntime (CPU)."""
     from qatforge.io import package_versions
-    from qatforge.reference import load
 
     if format != "onnx":
         raise ValueError(f"evaluate.onnx handles format onnx, not {format!r}")
-    ref = load(reference_dir)
-    t0 = time.perf_counter()
     rt = OnnxRuntime(artifact_path, threads=threads)
-    load_s = time.perf_counter() - t0
-    out = evaluate_runtime(
-        rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
-        speed_prompts=speed_prompts, speed_repeats=speed_repeats, thresholds=thresholds,
-        eval_prompts_path=eval_prompts_path,
-    )
-    out.update(load_s=load_s, runtime="onnxruntime", onnx_file=rt.onnx_file.name,
-               runtime_versions=package_versions("onnxruntime", "tokenizers", "jinja2"))
-    return out
+    return rt, {"runtime": "onnxruntime", "onnx_file": rt.onnx_file.name,
+                "runtime_versions": package_versions("onnxruntime", "tokenizers", "jinja2")}
