@@ -123,7 +123,7 @@ def load_upcast(path: str | os.PathLike, *, dtype: Any = None, trust_remote_code
     """:func:`load_causal_lm` at ``dtype`` (float32 by default) of a checkpoint stored in 16 bits,
     loaded in its stored dtype and then upcast parameter by parameter. The values are the same as
     ``from_pretrained(dtype=float32)`` (a 16-bit to float32 cast is exact) with less transient
-    memory; the file safetensors maps stays resident until the last parameter is cast."""
+    memory (measured at 500M parameters: about the 16-bit file plus the float32 copy)."""
     import torch
 
     dtype = torch.float32 if dtype is None else dtype

@@ -200,6 +200,8 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     """
     from torchao.quantization import quantize_
 
+    from qatforge.model import release_freed_memory
+
     s = parse_scheme(scheme)
     ok, reason = device_support(s.name, detect_cuda_capability())
     if not ok:
@@ -215,6 +217,7 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     mods = quantized_modules(model)
     if not mods:
         raise QATError(f"scheme {s.name!r} quantized 0 modules of {type(model).__name__}")
+    release_freed_memory()  # the float weights quantize_ replaced
     return {"scheme": s.name, "untied": untied, "modules": mods}
 
 
@@ -338,7 +341,7 @@ def qat_convert(
     """
     import torch
 
-    from qatforge.model import load_tokenizer, load_upcast, release_freed_memory
+    from qatforge.model import load_tokenizer, load_upcast
 
     if threads:
         torch.set_num_threads(threads)
@@ -347,7 +350,6 @@ def qat_convert(
     tok = load_tokenizer(merged_dir, trust_remote_code=trust_remote_code)
     model = load_upcast(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     q = quantize_for_deploy(model, s.name)
-    release_freed_memory()  # the float32 weights quantize_ replaced
     prov = {"merged_dir": str(merged_dir), "scheme": s.name, "step": "qat_convert", **(provenance or {})}
     info = save_torchao(model, tok, out_dir, s.name, provenance=prov, log=log)
     info.update({"untied_embeddings": q["untied"], "seconds": round(time.perf_counter() - t0, 2)})

@@ -35,7 +35,7 @@ def ptq(
     """
     import torch
 
-    from qatforge.model import load_tokenizer, load_upcast, release_freed_memory
+    from qatforge.model import load_tokenizer, load_upcast
     from qatforge.qat import parse_scheme, quantize_for_deploy, save_torchao
 
     log = as_log(log)
@@ -50,7 +50,6 @@ def ptq(
     tok = load_tokenizer(merged_dir, trust_remote_code=trust_remote_code)
     model = load_upcast(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     q = quantize_for_deploy(model, name)
-    release_freed_memory()  # the float32 weights quantize_ replaced
     log(f"PTQ {name}: {len(q['modules'])} modules quantized (untied embeddings: {q['untied']})")
     provenance = {
         "source": source_record(merged_dir, **(source or {})),
