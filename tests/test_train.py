@@ -159,7 +159,8 @@ def run(name, batch):
     return T.train_run(env + "/base", env + "/train.parquet", env + "/eval.parquet", env + "/" + name, s,
                        log=lambda m: None)
 
-run("oom_calib", 2)  # the address space a small batch needs ...
+run("oom_calib", 2)  # the address space a small batch needs (a second run, as the real one will be) ...
+run("oom_calib2", 2)
 peak = int(dict(l.split(":", 1) for l in open("/proc/self/status"))["VmPeak"].split()[0]) * 1024
 limit = peak + 600 * 2**20  # ... plus 600 MiB: far less than a batch of 512 needs
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -168,11 +169,17 @@ print(json.dumps(run("oom", big)))
 
 
 def test_out_of_memory_retries_with_half_batch(env):
-    """A real allocation failure (address-space limit) → retry with half batch, double accumulation."""
-    # One malloc arena: per-thread arenas reserve 64 MiB of address space each, so the headroom
-    # left above the calibration run's peak would otherwise depend on how many threads start.
-    proc = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(env), "512"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "MALLOC_ARENA_MAX": "1"}, timeout=300)
+    """A real allocation failure (address-space limit) → retry with half batch, double accumulation.
+
+    The limit is tight, and now and then the model load itself (an mmap) is what hits it, before
+    any batch is tried; such an attempt proves nothing either way and is repeated (at most 4)."""
+    for _attempt in range(4):
+        # One malloc arena: per-thread arenas reserve 64 MiB of address space each.
+        proc = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(env), "512"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "MALLOC_ARENA_MAX": "1"},
+                              timeout=300)
+        if "unable to mmap" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     retries = summary["oom_retries"]
