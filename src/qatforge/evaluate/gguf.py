@@ -128,8 +128,6 @@ def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: i
     """A GGUF file in llama.cpp, with a context that fits the reference's longest sequence."""
     from qatforge.io import package_versions
 
-    if format != "gguf":
-        raise ValueError(f"evaluate.gguf handles format gguf, not {format!r}")
     longest_prompt = max(len(p) for p in ref.prompt_ids)
     need = max(ref.meta["max_seq_len"], longest_prompt + max(max_new_tokens, ref.meta["max_new_tokens"]))
     n_ctx = int(-(-(need + 8) // 64) * 64)

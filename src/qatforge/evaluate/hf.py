@@ -75,8 +75,6 @@ def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: i
     """An HF (``format='hf'``, fp32 compute) or TorchAO (``'torchao'``, stored dtype) directory."""
     import torch
 
-    if format not in ("hf", "torchao"):
-        raise ValueError(f"evaluate.hf handles formats hf and torchao, not {format!r}")
     torch.set_num_threads(threads)
     rt = HFRuntime(
         artifact_path, compute_dtype="float32" if format == "hf" else "auto", trust_remote_code=trust_remote_code

@@ -170,8 +170,6 @@ def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: i
     """An ONNX export directory in onnxruntime (CPU)."""
     from qatforge.io import package_versions
 
-    if format != "onnx":
-        raise ValueError(f"evaluate.onnx handles format onnx, not {format!r}")
     rt = OnnxRuntime(artifact_path, threads=threads)
     return rt, {"runtime": "onnxruntime", "onnx_file": rt.onnx_file.name,
                 "runtime_versions": package_versions("onnxruntime", "tokenizers", "jinja2")}
