@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qatforge.formats import FORMATS
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-qwen3",)
-FORMATS = ("hf", "torchao", "gguf", "onnx")
 SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 TRAIN_KEYS = ("max_steps", "save_steps", "batch_size", "grad_accum", "lr", "lora")
 

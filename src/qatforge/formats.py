@@ -1,9 +1,17 @@
-"""Cheap validation of model files opened from config paths (no heavy imports)."""
+"""The artifact formats: their names, per-format job resources and cheap file checks.
+
+The one place these facts live; imported at Snakefile parse time, so no heavy imports at module level.
+"""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+
+# Every artifact the report lists is one of these formats (results/eval/<run>/<format>/<variant>.json).
+FORMATS = ("hf", "torchao", "gguf", "onnx")
+# Memory (MiB) of one evaluation job per format, used by the evaluate rule's resources.
+EVAL_MEM_MB = {"hf": 4000, "torchao": 4000, "gguf": 2000, "onnx": 3000}
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
