@@ -54,16 +54,22 @@ def _greedy(gguf_file, hf_tokenizer, n=6):
 
 
 def test_quant_names_match_llama_cpp_bindings():
-    assert gguf.QUANT_FTYPES == gguf.quant_types()
-    assert gguf.QUANT_TYPES == gguf.quant_types()  # lazy module attribute
+    import llama_cpp
     from gguf import GGMLQuantizationType  # gguf-py (this module's `gguf` is qatforge.export.gguf)
 
-    bindings = gguf.ggml_types()
+    from qatforge.export.quant_types import GGML_TYPES
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    ftypes = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
+    ftypes |= {k[len(prefix):]: int(getattr(llama_cpp, k)) for k in dir(llama_cpp) if k.startswith(prefix)}
+    assert gguf.QUANT_FTYPES == ftypes
+    bindings = {k[len("GGML_TYPE_"):]: int(getattr(llama_cpp, k)) for k in dir(llama_cpp)
+                if k.startswith("GGML_TYPE_") and k != "GGML_TYPE_COUNT"}
     reader_enum = {t.name: t.value for t in GGMLQuantizationType}
-    for name, value in gguf.GGML_TYPES.items():
+    for name, value in GGML_TYPES.items():
         assert name in bindings or name in reader_enum, name
         assert bindings.get(name, value) == value and reader_enum.get(name, value) == value, name
-    assert set(bindings) <= set(gguf.GGML_TYPES)
+    assert set(bindings) <= set(GGML_TYPES)
     assert {"Q4_K", "Q6_K", "Q8_0", "F16", "BF16"} <= set(gguf.TENSOR_TYPE_NAMES)
     assert "Q4_K_M" not in gguf.TENSOR_TYPE_NAMES and "Q8_K" not in gguf.TENSOR_TYPE_NAMES
     assert gguf.NEEDS_IMATRIX <= set(gguf.QUANT_NAMES)
@@ -171,6 +177,47 @@ def test_per_quant_options_are_applied(bf16):
     assert info["settings"]["options"]["pure"] is True
 
 
+def test_tensor_type_and_override_kv_reach_llama_quantize(bf16):
+    src, _ = bf16
+    out = src.with_name("Tiny-Q4_0-tt.gguf")
+    options = {"tensor_type": {"attn_v": "Q8_0", "ffn_down": "Q6_K"},
+               "override_kv": {"general.name": "Overridden", "qatforge.test_flag": True}}
+    info = gguf.quantize(src, out, qtype="Q4_0", threads=THREADS, options=options)
+    from gguf import GGUFReader
+
+    by_name = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert {by_name[f"blk.{i}.attn_v.weight"] for i in (0, 1)} == {"Q8_0"}
+    assert {by_name[f"blk.{i}.ffn_down.weight"] for i in (0, 1)} == {"Q6_K"}
+    assert by_name["blk.0.attn_q.weight"] == "Q4_0"
+    meta = gguf.gguf_metadata(out)
+    assert meta["general.name"] == "Overridden" and meta["qatforge.test_flag"] is True
+    assert info["settings"]["options"] == options
+    with pytest.raises(ValueError, match="tensor_type"):
+        gguf.check_quant("Q4_0", options={"tensor_type": {"attn_v": "Q4_K_M"}})
+    with pytest.raises(ValueError, match="override_kv"):
+        gguf.check_quant("Q4_0", options={"override_kv": {"general.name": ["a list"]}})
+
+
+def test_llama_quantize_is_byte_identical_to_the_bindings_quantizer(bf16, merged, tmp_path):
+    """The tool path writes exactly what the former in-process ``llama_model_quantize`` call wrote."""
+    from quantize_reference import quantize_with_bindings
+
+    src, _ = bf16
+    calib = tmp_path / "calibration.txt"
+    gguf.write_calibration_text(synthetic_conversations(120, seed=5), merged, calib)
+    im = tmp_path / "imatrix.gguf"
+    gguf.imatrix(src, calib, im, chunks=2, ctx=64, threads=THREADS)
+    for imatrix in (None, im):
+        tool, ref = tmp_path / "tool-Q4_K_M.gguf", tmp_path / "ref-Q4_K_M.gguf"
+        gguf.quantize(src, tool, qtype="Q4_K_M", imatrix=imatrix, threads=THREADS)
+        quantize_with_bindings(src, ref, "Q4_K_M", imatrix=imatrix, threads=THREADS)
+        assert tool.read_bytes() == ref.read_bytes(), f"imatrix={imatrix}"
+        if imatrix is not None:
+            meta = gguf.gguf_metadata(tool)
+            assert meta["quantize.imatrix.file"] == "imatrix.gguf"
+            assert meta["quantize.imatrix.dataset"] == "calibration.txt"  # path-independent
+
+
 def test_iq4_xs_with_imatrix(bf16, merged, hf_tokenizer, tmp_path_factory):
     src, _ = bf16
     d = src.parent
@@ -238,8 +285,10 @@ def test_missing_llama_cpp_tools_say_make_install(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="make install"):
         llamacpp.find_converter()
     monkeypatch.setattr("sys.prefix", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="make install"):
-        llamacpp.find_imatrix_tool()
+    monkeypatch.setattr(llamacpp, "bindings_lib_dir", lambda: tmp_path / "lib")
+    for tool in llamacpp.TOOLS:
+        with pytest.raises(FileNotFoundError, match=f"{tool} not found.*make install"):
+            llamacpp.find_tool(tool)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="make install"):
         gguf.convert(tmp_path, tmp_path / "x.gguf")
@@ -253,7 +302,15 @@ def test_installed_layout_is_complete():
     assert (script.parent / "models" / "templates").is_dir()
     info = llamacpp.source_info()
     assert info["llama_cpp_python"] == "0.3.36" and info["llama_cpp_commit"] and info["ggml"]
-    assert llamacpp.find_imatrix_tool().name == "llama-imatrix"
+    import subprocess
+
+    lib = llamacpp.bindings_lib_dir()
+    assert (lib / "libllama.so").is_file()  # the bindings load the library of the tools' build
+    for tool in llamacpp.TOOLS:
+        path = llamacpp.find_tool(tool)
+        assert path.resolve() == (lib / tool).resolve()
+        proc = subprocess.run([str(path), "--help"], capture_output=True, text=True)
+        assert "usage" in (proc.stdout + proc.stderr).lower(), tool
 
 
 def test_imatrix_from_training_parquet(bf16, tmp_path):

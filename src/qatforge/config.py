@@ -77,6 +77,19 @@ def artifacts(config: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def sorted_keys(value: Any) -> Any:
+    """``value`` with the keys of every dict in sorted order, recursively (lists keep their order).
+
+    Snakemake compares a job's params by repr, and a dict's repr follows its key order: rule params
+    built from the config pass through this so that reordering config keys reruns nothing.
+    """
+    if isinstance(value, dict):
+        return {k: sorted_keys(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(sorted_keys(v) for v in value)
+    return value
+
+
 def _check_base(config: dict, workdir: Path) -> list[str]:
     base = config["model"]["base"]
     if base.startswith(BUILTIN_PREFIX):
@@ -120,27 +133,17 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
 
 
 def _check_gguf(config: dict) -> list[str]:
-    from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_NAMES, TENSOR_TYPE_NAMES
+    from qatforge.export.gguf import check_quant
 
     g = config["gguf"]
     problems = []
     for name, spec in g["quants"].items():
-        qtype = spec["type"]
-        if qtype not in QUANT_NAMES:
-            problems.append(
-                f"gguf.quants.{name}.type: unknown llama.cpp quantization type {qtype!r}; "
-                f"valid types: {', '.join(QUANT_NAMES)}"
-            )
-        elif qtype in NEEDS_IMATRIX and not spec.get("imatrix"):
-            problems.append(
-                f"gguf.quants.{name}: type {qtype} needs an importance matrix; set imatrix: true"
-            )
-        for key in ("output_tensor_type", "token_embedding_type"):
-            if spec.get(key) and spec[key] not in TENSOR_TYPE_NAMES:
-                problems.append(
-                    f"gguf.quants.{name}.{key}: unknown tensor type {spec[key]!r}; "
-                    f"valid types: {', '.join(TENSOR_TYPE_NAMES)}"
-                )
+        options = {k: v for k, v in spec.items() if k not in ("type", "imatrix")}
+        try:
+            check_quant(spec["type"], bool(spec.get("imatrix")), options)
+        except ValueError as e:
+            key = "type" if str(e).startswith("unknown llama.cpp quantization type") else None
+            problems.append(f"gguf.quants.{name}{'.' + key if key else ''}: {e}")
     if outtype_name(config) in g["quants"]:
         problems.append(
             f"gguf.quants.{outtype_name(config)}: duplicate artifact name, it is the name of the "

@@ -1,6 +1,7 @@
-"""Locate (and install) the pinned llama.cpp pieces qatforge uses outside the llama-cpp-python wheel.
+"""Locate (and install) the pinned llama.cpp pieces qatforge uses.
 
-The llama-cpp-python sdist vendors the full llama.cpp tree. ``make install`` copies from it, once:
+The llama-cpp-python sdist vendors the full llama.cpp tree. ``make install`` compiles it once per
+machine (``tools/install_llama_cpp.sh``: one cmake build, shared libraries) and lays it out as:
 
     <prefix>/share/llama.cpp/convert_hf_to_gguf.py     the HF -> GGUF converter
     <prefix>/share/llama.cpp/conversion/               its model-class package
@@ -8,10 +9,12 @@ The llama-cpp-python sdist vendors the full llama.cpp tree. ``make install`` cop
     <prefix>/share/llama.cpp/models/templates/         chat templates some model classes read
     <prefix>/share/llama.cpp/LICENSE
     <prefix>/share/llama.cpp/source.json               versions: llama-cpp-python, llama.cpp commit, ggml
-    <prefix>/bin/llama-imatrix                         importance-matrix tool built from the same tree
+    <site-packages>/llama_cpp/lib/                     libllama, libggml* and the tools (llama-quantize,
+                                                       llama-imatrix, llama-perplexity, llama-bench)
+    <prefix>/bin/<tool>                                symlinks to those tools
 
 ``<prefix>`` is ``sys.prefix`` (the venv); ``QATFORGE_LLAMA_CPP_DIR`` overrides the share directory
-(and may hold ``llama-imatrix`` itself). Run ``python -m qatforge.llamacpp install --sdist DIR``
+(and may hold the tools themselves). Run ``python -m qatforge.llamacpp install --sdist DIR --build DIR``
 to create the layout. Nothing here imports llama_cpp, torch or transformers.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_DIR = "QATFORGE_LLAMA_CPP_DIR"
-IMATRIX_TOOL = "llama-imatrix"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 SOURCE_INFO = "source.json"
 _HINT = "run `make install` (it unpacks llama.cpp from the pinned llama-cpp-python sdist)"
 
@@ -56,19 +59,32 @@ def find_gguf_py() -> Path:
     return find_converter().parent / "gguf-py"
 
 
-def find_imatrix_tool() -> Path:
-    """Path of the ``llama-imatrix`` executable built from the same llama.cpp sources."""
+def bindings_lib_dir() -> Path | None:
+    """``llama_cpp/lib`` of the installed bindings (found without importing them), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
+def find_tool(name: str) -> Path:
+    """Path of one of llama.cpp's ``TOOLS`` built from the pinned sources."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown llama.cpp tool {name!r}; qatforge installs {', '.join(TOOLS)}")
     candidates = []
     if os.environ.get(ENV_DIR):
         root = Path(os.environ[ENV_DIR])
-        candidates += [root / IMATRIX_TOOL, root / "bin" / IMATRIX_TOOL, root / "build" / "bin" / IMATRIX_TOOL]
-    candidates.append(Path(sys.prefix) / "bin" / IMATRIX_TOOL)
+        candidates += [root / name, root / "bin" / name, root / "build" / "bin" / name]
+    candidates.append(Path(sys.prefix) / "bin" / name)
+    lib = bindings_lib_dir()
+    if lib is not None:
+        candidates.append(lib / name)
     for c in candidates:
         if c.is_file() and os.access(c, os.X_OK):
             return c
-    raise FileNotFoundError(
-        f"{IMATRIX_TOOL} not found (looked in {', '.join(str(c) for c in candidates)}); {_HINT}"
-    )
+    raise FileNotFoundError(f"{name} not found (looked in {', '.join(str(c) for c in candidates)}); {_HINT}")
 
 
 def source_info() -> dict[str, Any]:
@@ -106,11 +122,13 @@ def _read_sdist_info(sdist: Path) -> dict[str, Any]:
 
 
 def install(sdist: str | os.PathLike, prefix: str | os.PathLike = sys.prefix,
-            imatrix_tool: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Copy the converter, its gguf-py and (optionally) a built ``llama-imatrix`` into ``prefix``.
+            build: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Copy the converter and its gguf-py into ``prefix``; with ``build``, the compiled llama.cpp too.
 
-    ``sdist`` is the unpacked llama-cpp-python source distribution. The share directory is
-    replaced atomically; returns the recorded source info.
+    ``sdist`` is the unpacked llama-cpp-python source distribution; ``build`` a directory holding
+    the shared libraries and ``TOOLS`` of one cmake build of its sources. The libraries and tools
+    go into the installed bindings' ``llama_cpp/lib`` (where they load from), with symlinks to the
+    tools in ``<prefix>/bin``. The share directory is replaced atomically; returns the source info.
     """
     from qatforge.io import atomic_dir, write_json
 
@@ -134,16 +152,33 @@ def install(sdist: str | os.PathLike, prefix: str | os.PathLike = sys.prefix,
         if (src / "LICENSE").is_file():
             shutil.copy2(src / "LICENSE", tmp / "LICENSE")
         write_json(tmp / SOURCE_INFO, info)
-    if imatrix_tool is not None:
-        tool = Path(imatrix_tool)
-        if not (tool.is_file() and os.access(tool, os.X_OK)):
-            raise FileNotFoundError(f"{tool} is not an executable {IMATRIX_TOOL}")
-        dest = prefix / "bin" / IMATRIX_TOOL
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dest = dest.with_name(f".{IMATRIX_TOOL}.tmp")
-        shutil.copy2(tool, tmp_dest)
-        os.replace(tmp_dest, dest)
+    if build is not None:
+        _install_build(Path(build), prefix)
     return info
+
+
+def _install_build(build: Path, prefix: Path) -> None:
+    """Libraries and tools of ``build`` into the bindings' ``llama_cpp/lib``; tool symlinks in ``prefix/bin``."""
+    missing = [t for t in TOOLS if not os.access(build / t, os.X_OK)]
+    if missing or not (build / "libllama.so").is_file():
+        raise FileNotFoundError(f"{build} is not a llama.cpp build: missing {', '.join(missing or ['libllama.so'])}")
+    lib = bindings_lib_dir()
+    if lib is None:
+        raise FileNotFoundError("llama_cpp (llama-cpp-python) is not installed in this interpreter")
+    lib.mkdir(parents=True, exist_ok=True)
+    for f in sorted(build.iterdir()):
+        if f.name in TOOLS or f.name.startswith("lib"):
+            tmp = lib / f".{f.name}.tmp"
+            tmp.unlink(missing_ok=True)
+            shutil.copy2(f, tmp, follow_symlinks=False)  # libX.so -> libX.so.0 links stay links
+            os.replace(tmp, lib / f.name)
+    (prefix / "bin").mkdir(parents=True, exist_ok=True)
+    for t in TOOLS:
+        link = prefix / "bin" / t
+        tmp = link.with_name(f".{t}.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(lib / t)
+        os.replace(tmp, link)
 
 
 def run_converter(argv: list[str], pre_tokenizer: str | None = None, report: str | None = None) -> None:
@@ -196,25 +231,26 @@ def run_converter(argv: list[str], pre_tokenizer: str | None = None, report: str
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qatforge.llamacpp", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("install", help="copy converter + gguf-py (+ llama-imatrix) into the venv")
+    p = sub.add_parser("install", help="copy converter + gguf-py (+ a llama.cpp build) into the venv")
     p.add_argument("--sdist", required=True, help="unpacked llama-cpp-python sdist directory")
     p.add_argument("--prefix", default=sys.prefix, help="venv prefix (default: this interpreter's)")
-    p.add_argument("--imatrix-tool", help="built llama-imatrix executable to install into <prefix>/bin")
-    sub.add_parser("where", help="print the located converter and imatrix tool")
+    p.add_argument("--build", help="directory with the shared libraries and tools of one llama.cpp build")
+    sub.add_parser("where", help="print the located converter and tools")
     c = sub.add_parser("convert", help="run the vendored convert_hf_to_gguf.py (args after --)")
     c.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer name used when the hash is unknown")
     c.add_argument("--report", help="write which pre-tokenizer was used (JSON) here")
     c.add_argument("converter_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     if args.cmd == "install":
-        info = install(args.sdist, args.prefix, args.imatrix_tool)
+        info = install(args.sdist, args.prefix, args.build)
         print(f"installed llama.cpp converter into {Path(args.prefix) / 'share' / 'llama.cpp'}: {info}")
     elif args.cmd == "convert":
         rest = args.converter_args[1:] if args.converter_args[:1] == ["--"] else args.converter_args
         run_converter(rest, args.pre_tokenizer, args.report)
     else:
         print(find_converter())
-        print(find_imatrix_tool())
+        for tool in TOOLS:
+            print(find_tool(tool))
     return 0
 
 

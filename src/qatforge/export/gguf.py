@@ -1,23 +1,22 @@
-"""GGUF export with llama.cpp's own tools: converter (subprocess), quantizer and imatrix.
+"""GGUF export with llama.cpp's own tools: converter, ``llama-quantize`` and ``llama-imatrix``.
 
 * ``convert``: the vendored ``convert_hf_to_gguf.py`` (see ``qatforge.llamacpp``) run in a
   subprocess with the vendored gguf-py first on the path; the tokenizer is then checked to
   tokenize a corpus identically in llama.cpp and HF.
-* ``quantize``: ``llama_cpp.llama_model_quantize`` (byte-identical to ``llama-quantize``), with an
-  optional importance matrix passed through the params; afterwards the tensor-type histogram is
-  read back and silent shape fallbacks (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, IQ*->IQ4_NL, ...)
-  are reported (warn) or refused (fail).
-* ``imatrix``: the ``llama-imatrix`` tool built from the same llama.cpp sources.
+* ``quantize``: ``llama-quantize`` with its own flags (``--imatrix``, ``--tensor-type``,
+  ``--output-tensor-type``, ``--token-embedding-type``, ``--pure``, ``--leave-output-tensor``,
+  ``--override-kv``); afterwards the tensor-type histogram is read back and silent shape
+  fallbacks (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, IQ*->IQ4_NL, ...) are reported (warn) or
+  refused (fail).
+* ``imatrix``: ``llama-imatrix``.
 
-Every artifact is written atomically and gets a ``<file>.json`` record (``write_export_record``).
-Only ``quant_types`` data is needed at import; llama_cpp/gguf/transformers load inside functions.
-``QUANT_TYPES`` (name -> ftype, from the llama_cpp bindings) is resolved lazily on first access.
+All tools come from one build of the pinned llama.cpp sources (``make install``). Every artifact
+is written atomically and gets a ``<file>.json`` record (``write_export_record``). Only
+``quant_types`` data is needed at import; llama_cpp/gguf/transformers load inside functions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
 import subprocess
@@ -25,15 +24,15 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from qatforge.export.quant_types import GGML_TYPES, NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
+from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
 from qatforge.export.record import Log, as_log, source_record, write_export_record
 from qatforge.io import atomic_file, check_free_space, package_versions, size_bytes
 
 __all__ = [
-    "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "QUANT_TYPES", "OUTTYPES", "GGML_TYPES", "TENSOR_TYPE_NAMES",
-    "QUANT_OPTIONS", "FallbackError", "quant_types", "ggml_types", "check_quant", "convert",
+    "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "OUTTYPES", "TENSOR_TYPE_NAMES",
+    "QUANT_OPTIONS", "FallbackError", "check_quant", "convert", "quantize_command",
     "tokenizer_parity", "quantize", "imatrix", "imatrix_from_parquet", "parity_texts_from_parquet",
     "write_calibration_text", "tensor_type_histogram",
     "find_fallbacks", "gguf_metadata", "tool_info", "write_export_record", "source_record",
@@ -41,8 +40,9 @@ __all__ = [
 
 OUTTYPES = ("f32", "f16", "bf16")
 QK_K = 256  # super-block size of the K- and most IQ-quants
-# Per-quant options accepted in a gguf.quants entry (besides type / imatrix).
-QUANT_OPTIONS = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "allow_requantize")
+# Per-quant options accepted in a gguf.quants entry (besides type / imatrix): llama-quantize's flags.
+QUANT_OPTIONS = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "allow_requantize",
+                 "tensor_type", "override_kv")
 # The types llama.cpp's tensor_type_fallback() substitutes when a row does not fit the block size.
 _FALLBACK_TARGETS = {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16"}
 _LEGACY_FTYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
@@ -52,45 +52,34 @@ class FallbackError(RuntimeError):
     """Quantization silently substituted another tensor type and ``on_fallback`` is ``fail``."""
 
 
-def __getattr__(name: str) -> Any:  # lazy module attribute: QUANT_TYPES loads the llama_cpp library
-    if name == "QUANT_TYPES":
-        return quant_types()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def quant_types() -> dict[str, int]:
-    """llama.cpp file types exposed by the installed bindings: name -> ``LLAMA_FTYPE_*`` value."""
-    import llama_cpp
-
-    out = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
-    prefix = "LLAMA_FTYPE_MOSTLY_"
-    for key in dir(llama_cpp):
-        if key.startswith(prefix):
-            out[key[len(prefix):]] = int(getattr(llama_cpp, key))
-    return out
-
-
-def ggml_types() -> dict[str, int]:
-    """``GGML_TYPE_*`` constants exposed by the installed llama_cpp bindings (a subset of ``GGML_TYPES``)."""
-    import llama_cpp
-
-    prefix = "GGML_TYPE_"
-    return {k[len(prefix):]: int(getattr(llama_cpp, k)) for k in dir(llama_cpp)
-            if k.startswith(prefix) and k != "GGML_TYPE_COUNT"}
-
-
 def check_quant(qtype: str, has_imatrix: bool = False, options: Mapping[str, Any] | None = None) -> None:
     """Raise ``ValueError`` for an unknown type (listing the valid ones), a missing imatrix or a bad option."""
     if qtype not in QUANT_FTYPES:
         raise ValueError(f"unknown llama.cpp quantization type {qtype!r}; valid types: {', '.join(QUANT_NAMES)}")
     if qtype in NEEDS_IMATRIX and not has_imatrix:
-        raise ValueError(f"quantization type {qtype} needs an importance matrix (imatrix)")
+        raise ValueError(f"type {qtype} needs an importance matrix; set imatrix: true")
     for key, value in (options or {}).items():
         if key not in QUANT_OPTIONS:
             raise ValueError(f"unknown quantization option {key!r}; valid options: {', '.join(QUANT_OPTIONS)}")
-        if key in ("output_tensor_type", "token_embedding_type") and value is not None \
-                and value not in TENSOR_TYPE_NAMES:
+        if value is None:
+            continue
+        if key in ("output_tensor_type", "token_embedding_type") and value not in TENSOR_TYPE_NAMES:
             raise ValueError(f"{key}: unknown ggml tensor type {value!r}; valid: {', '.join(TENSOR_TYPE_NAMES)}")
+        if key == "tensor_type":
+            if not isinstance(value, Mapping):
+                raise ValueError(f"tensor_type must map tensor-name patterns to ggml types, got {value!r}")
+            for pattern, ttype in value.items():
+                if not pattern or "=" in pattern or ttype not in TENSOR_TYPE_NAMES:
+                    raise ValueError(f"tensor_type: {pattern!r}: {ttype!r} is not '<pattern>: <ggml type>'; "
+                                     f"valid types: {', '.join(TENSOR_TYPE_NAMES)}")
+        if key == "override_kv":
+            if not isinstance(value, Mapping):
+                raise ValueError(f"override_kv must map GGUF metadata keys to values, got {value!r}")
+            for k, v in value.items():
+                if not k or "=" in k or len(k) >= 128 or not isinstance(v, (str, int, float, bool)) \
+                        or (isinstance(v, str) and len(v.encode()) >= 128):
+                    raise ValueError(f"override_kv: {k!r}: {v!r} is not a metadata key (< 128 bytes, no '=') "
+                                     f"with a str (< 128 bytes), int, float or bool value")
 
 
 def tool_info() -> dict[str, Any]:
@@ -154,10 +143,11 @@ def find_fallbacks(gguf_file: str | os.PathLike, qtype: str) -> list[dict[str, A
 
 # --------------------------------------------------------------------------- conversion
 
-def _run_tool(cmd: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None, what: str) -> str:
+def _run_tool(cmd: Sequence[str], log: Log, *, env: Mapping[str, str] | None = None,
+              cwd: str | os.PathLike | None = None, what: str) -> str:
     """Run ``cmd``, stream its output into the log, raise with the output tail on failure."""
-    log(f"$ {' '.join(str(c) for c in cmd)}")
-    proc = subprocess.run([str(c) for c in cmd], env=dict(env) if env is not None else None,
+    log(f"$ {' '.join(str(c) for c in cmd)}" + (f"  (in {cwd})" if cwd else ""))
+    proc = subprocess.run([str(c) for c in cmd], env=dict(env) if env is not None else None, cwd=cwd,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     out = proc.stdout or ""
     for line in out.splitlines():
@@ -298,60 +288,21 @@ def convert(
 
 # --------------------------------------------------------------------------- quantization
 
-def _read_imatrix(path: str | os.PathLike) -> dict[str, Any]:
-    """Entries of a GGUF imatrix file, normalised as ``llama-quantize`` does (sum / count, or 1)."""
-    import numpy as np
+def _imatrix_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What a GGUF imatrix file holds: entry count, datasets, chunks (read with gguf-py, never modified)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    sums, counts = {}, {}
-    for t in reader.tensors:
-        if t.name.endswith(".in_sum2"):
-            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        elif t.name.endswith(".counts"):
-            counts[t.name[: -len(".counts")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
-    if not sums:
+    names = [t.name[: -len(".in_sum2")] for t in reader.tensors if t.name.endswith(".in_sum2")]
+    if not names:
         raise ValueError(f"{path}: not a GGUF imatrix file (no '*.in_sum2' tensors)")
-    entries = {}
-    for name, s in sums.items():
-        if name not in counts:
-            raise ValueError(f"{path}: imatrix entry {name!r} has sums but no counts")
-        c = np.rint(counts[name])
-        per = s.reshape(len(c), -1)
-        vals = np.where(c[:, None] > 0, per / np.maximum(c[:, None], 1), 1.0).astype(np.float32).reshape(-1)
-        if not np.isfinite(vals).all():
-            raise ValueError(f"{path}: imatrix entry {name!r} has non-finite values")
-        entries[name] = np.ascontiguousarray(vals)
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
         return None if f is None else f.contents()
 
-    datasets = field("imatrix.datasets") or []
-    return {"entries": entries, "datasets": list(datasets), "chunk_count": field("imatrix.chunk_count"),
-            "chunk_size": field("imatrix.chunk_size")}
-
-
-@contextlib.contextmanager
-def _capture_llama_log(log: Log) -> Iterator[list[str]]:
-    """Route llama.cpp's log output into ``log`` while the block runs (then restore llama_cpp's)."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    chunks: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: Any) -> None:
-        chunks.append(text.decode("utf-8", errors="replace"))
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield chunks
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-        for line in "".join(chunks).splitlines():
-            if line.strip():
-                log(f"  llama.cpp: {line}")
+    return {"file": Path(path).name, "entries": len(names), "chunks": field("imatrix.chunk_count"),
+            "chunk_size": field("imatrix.chunk_size"), "datasets": list(field("imatrix.datasets") or [])}
 
 
 _FALLBACK_LOG = re.compile(
@@ -366,19 +317,32 @@ def _logged_fallbacks(text: str) -> list[dict[str, Any]]:
             for m in _FALLBACK_LOG.finditer(text)]
 
 
-def _kv_overrides(llama_cpp: Any, items: Sequence[tuple[str, Any]]) -> Any:
-    """A terminated ctypes array of ``llama_model_kv_override`` (str / int values)."""
-    arr = (llama_cpp.llama_model_kv_override * (len(items) + 1))()
-    for i, (key, value) in enumerate(items):
-        arr[i].key = key.encode()
-        if isinstance(value, str):
-            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-            arr[i].value.val_str = value.encode()[:127]
-        else:
-            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-            arr[i].value.val_i64 = int(value)
-    arr[len(items)].key = b""
-    return arr
+def quantize_command(
+    src_gguf: Path, out_file: Path, qtype: str, *, imatrix: Path | None, options: Mapping[str, Any], threads: int
+) -> list[str]:
+    """The ``llama-quantize`` command line for one quant (``imatrix`` is passed by file name: run it
+    in the imatrix's directory, so the file name llama-quantize records is path-independent)."""
+    from qatforge import llamacpp
+
+    cmd = [str(llamacpp.find_tool("llama-quantize"))]
+    for key, flag in (("pure", "--pure"), ("leave_output_tensor", "--leave-output-tensor"),
+                      ("allow_requantize", "--allow-requantize")):
+        if options.get(key):
+            cmd.append(flag)
+    for key, flag in (("output_tensor_type", "--output-tensor-type"),
+                      ("token_embedding_type", "--token-embedding-type")):
+        if key in options:
+            cmd += [flag, str(options[key])]
+    for pattern, ttype in sorted((options.get("tensor_type") or {}).items()):
+        cmd += ["--tensor-type", f"{pattern}={ttype}"]
+    for key, value in sorted((options.get("override_kv") or {}).items()):
+        kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else \
+            "float" if isinstance(value, float) else "str"
+        text = str(value).lower() if kind == "bool" else str(value)
+        cmd += ["--override-kv", f"{key}={kind}:{text}"]
+    if imatrix is not None:
+        cmd += ["--imatrix", imatrix.name]
+    return cmd + [str(src_gguf.resolve()), str(out_file.resolve()), qtype, str(threads)]
 
 
 def quantize(
@@ -393,16 +357,16 @@ def quantize(
     source: Mapping[str, Any] | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """Quantize a GGUF file to ``qtype`` with ``llama_model_quantize``; write ``<out_file>.json``.
+    """Quantize a GGUF file to ``qtype`` with ``llama-quantize``; write ``<out_file>.json``.
 
-    ``options``: ``pure``, ``leave_output_tensor``, ``output_tensor_type``,
-    ``token_embedding_type`` (ggml type names), ``allow_requantize`` (None values are ignored).
-    ``imatrix``: a GGUF imatrix file from ``imatrix()``. After writing, the tensor-type histogram
-    is recorded and fallbacks are warned about (``on_fallback="warn"``) or refused (``"fail"``,
-    raising ``FallbackError`` without leaving the output behind). Returns the record's provenance.
+    ``options`` map to llama-quantize's own flags: ``pure``, ``leave_output_tensor``,
+    ``allow_requantize``, ``output_tensor_type`` and ``token_embedding_type`` (ggml type names),
+    ``tensor_type`` (``{name pattern: ggml type}``) and ``override_kv`` (``{key: value}``); None
+    values are ignored. ``imatrix``: a GGUF imatrix file from ``imatrix()``. After writing, the
+    tensor-type histogram is recorded and fallbacks are warned about (``on_fallback="warn"``) or
+    refused (``"fail"``, raising ``FallbackError`` without leaving the output behind). Returns the
+    record's provenance.
     """
-    import llama_cpp
-
     log = as_log(log)
     src_gguf, out_file = Path(src_gguf), Path(out_file)
     opts = {k: v for k, v in (options or {}).items() if v is not None}
@@ -411,62 +375,18 @@ def quantize(
         raise ValueError(f"on_fallback must be 'warn' or 'fail', got {on_fallback!r}")
     if not src_gguf.is_file():
         raise FileNotFoundError(f"source GGUF {src_gguf} not found")
-    ftypes = quant_types()
-    if qtype not in ftypes:
-        raise ValueError(f"quantization type {qtype} is not available in the installed llama_cpp bindings")
+    imatrix = Path(imatrix).resolve() if imatrix is not None else None
+    imatrix_info = _imatrix_info(imatrix) if imatrix is not None else None
     check_free_space(out_file, src_gguf.stat().st_size)
     started = time.perf_counter()
-
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = int(threads or 0)
-    params.ftype = ftypes[qtype]
-    if opts.get("leave_output_tensor"):
-        params.quantize_output_tensor = False
-    params.pure = bool(opts.get("pure", False))
-    params.allow_requantize = bool(opts.get("allow_requantize", False))
-    for key in ("output_tensor_type", "token_embedding_type"):
-        if key in opts:
-            setattr(params, key, GGML_TYPES[opts[key]])
-
-    keep: list[Any] = []  # ctypes buffers that must outlive the call
-    imatrix_info: dict[str, Any] | None = None
-    if imatrix is not None:
-        im = _read_imatrix(imatrix)
-        entries = im["entries"]
-        arr = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
-        for i, (name, vals) in enumerate(sorted(entries.items())):
-            name_b = ctypes.create_string_buffer(name.encode())
-            keep += [name_b, vals]
-            arr[i].name = ctypes.cast(name_b, ctypes.c_char_p)
-            arr[i].data = vals.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            arr[i].size = vals.size
-        arr[len(entries)].name = None
-        params.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        # The same metadata llama-quantize records (file name only, so outputs are path-independent).
-        kv = [("quantize.imatrix.file", Path(imatrix).name)]
-        if im["datasets"]:
-            kv.append(("quantize.imatrix.dataset", Path(str(im["datasets"][0])).name))
-        kv.append(("quantize.imatrix.entries_count", len(entries)))
-        if im["chunk_count"]:
-            kv.append(("quantize.imatrix.chunks_count", int(im["chunk_count"])))
-        kvo = _kv_overrides(llama_cpp, kv)
-        keep += [arr, kvo]
-        params.kv_overrides = ctypes.cast(kvo, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-        imatrix_info = {"file": str(imatrix), "entries": len(entries), "chunks": im["chunk_count"],
-                        "chunk_size": im["chunk_size"], "datasets": im["datasets"]}
-
+    nthread = int(threads or 0)
     with atomic_file(out_file) as tmp:
-        log(f"llama_model_quantize {src_gguf.name} -> {out_file.name} ({qtype}, options={opts}, "
-            f"imatrix={Path(imatrix).name if imatrix else None}, threads={params.nthread})")
-        with _capture_llama_log(log) as chunks:
-            rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            tail = "".join(chunks)[-3000:]
-            raise RuntimeError(f"llama_model_quantize({src_gguf} -> {qtype}) failed with code {rc}:\n{tail}")
+        cmd = quantize_command(src_gguf, tmp, qtype, imatrix=imatrix, options=opts, threads=nthread)
+        out = _run_tool(cmd, log, cwd=imatrix.parent if imatrix is not None else None,
+                        what=f"llama-quantize {src_gguf.name} -> {qtype}")
         hist = tensor_type_histogram(tmp)
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
-        fallbacks = _logged_fallbacks("".join(chunks))
+        fallbacks = _logged_fallbacks(out)
         seen = {f["tensor"] for f in fallbacks}
         fallbacks += [f for f in find_fallbacks(tmp, qtype) if f["tensor"] not in seen]
         if fallbacks:
@@ -477,13 +397,12 @@ def quantize(
             if on_fallback == "fail":
                 raise FallbackError(msg + " (gguf.on_fallback: fail)")
             warnings.warn(msg, stacklevel=2)
-    del keep
-    settings = {"type": qtype, "options": opts, "imatrix": imatrix_info, "threads": params.nthread,
+    settings = {"type": qtype, "options": opts, "imatrix": imatrix_info, "threads": nthread,
                 "on_fallback": on_fallback}
     src_source = dict(source) if source else _record_source(src_gguf)
     src_source.setdefault("gguf", src_gguf.name)
-    record = write_export_record(out_file, source=src_source, tool=tool_info(), settings=settings,
-                                 started=started, tensor_types=hist, fallbacks=fallbacks)
+    record = write_export_record(out_file, source=src_source, tool=tool_info() | {"executable": cmd[0]},
+                                 settings=settings, started=started, tensor_types=hist, fallbacks=fallbacks)
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.2f} MiB) tensor types {hist}")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
 
@@ -596,20 +515,22 @@ def imatrix(
     for p in (model_gguf, calibration_text):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found")
-    tool = llamacpp.find_imatrix_tool()
+    tool = llamacpp.find_tool("llama-imatrix")
     started = time.perf_counter()
     with atomic_file(out_file) as tmp:
-        cmd = [tool, "-m", model_gguf, "-f", calibration_text, "-o", tmp, "--output-format", "gguf",
-               "--chunks", str(chunks), "-c", str(ctx), "-b", str(ctx), "-t", str(threads),
-               "--parse-special"]
-        out = _run_tool(cmd, log, what=f"llama-imatrix on {model_gguf.name}")
+        # Run beside the calibration text and name it relatively: the dataset name llama-imatrix
+        # records (and llama-quantize copies into every quant) is then path-independent.
+        cmd = [tool, "-m", model_gguf.resolve(), "-f", calibration_text.name, "-o", tmp.resolve(),
+               "--output-format", "gguf", "--chunks", str(chunks), "-c", str(ctx), "-b", str(ctx),
+               "-t", str(threads), "--parse-special"]
+        out = _run_tool(cmd, log, cwd=calibration_text.parent, what=f"llama-imatrix on {model_gguf.name}")
         if not tmp.stat().st_size:
             raise RuntimeError(f"llama-imatrix wrote nothing to {tmp}:\n{out[-2000:]}")
-        im = _read_imatrix(tmp)
+        im = _imatrix_info(tmp)
     # Running perplexity per chunk ("[1]505.85,[2]477.57,..."); the last value covers all chunks.
     ppl = re.findall(r"\[(\d+)\]([0-9]+(?:\.[0-9]+)?)", out)
     settings = {"chunks": chunks, "ctx": ctx, "threads": threads, "calibration_text": calibration_text.name}
-    extra = {"entries": len(im["entries"]), "chunks_processed": im["chunk_count"],
+    extra = {"entries": im["entries"], "chunks_processed": im["chunks"],
              "perplexity": float(ppl[-1][1]) if ppl else None}
     src = dict(source) if source else {}
     src.setdefault("gguf", model_gguf.name)
