@@ -1,5 +1,5 @@
 # Evaluate one artifact in its own runtime (transformers, llama.cpp or onnxruntime, by format).
-from qatforge.evaluate import run_eval
+from qatforge.evaluate.run import run_eval
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:

@@ -1,12 +1,9 @@
-from pathlib import Path
-
-from qatforge.io import read_json
 from qatforge.merge import merge
 from qatforge.runlog import logged
+from qatforge.select import best_checkpoint_dir
 
 with logged(snakemake) as log:
-    best = read_json(snakemake.input.best)
-    adapter = Path(snakemake.input.checkpoints) / best["selected"]
+    adapter = best_checkpoint_dir(snakemake.input.best, snakemake.input.checkpoints)
     run, scheme = snakemake.wildcards.run, snakemake.params.qat_scheme
     info = merge(
         snakemake.input.base,
@@ -14,7 +11,7 @@ with logged(snakemake) as log:
         snakemake.output[0],
         qat_scheme=scheme,
         trust_remote_code=snakemake.params.trust_remote_code,
-        provenance={"run": run, "checkpoint": best["selected"], "qat_scheme": scheme},
+        provenance={"run": run, "checkpoint": adapter.name, "qat_scheme": scheme},
         threads=snakemake.threads,
         log=log.info,
     )

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from qatforge import reference
-from qatforge.evaluate import REPORT_COLUMNS, run_eval
+from qatforge.columns import REPORT_COLUMNS
+from qatforge.evaluate.run import run_eval
 
+from conftest import ROOT
 from export_helpers import reverse_task_checkpoint
+
 EVAL_KW = dict(threads=1, max_new_tokens=8, speed_prompts=2, speed_repeats=2)
 
 
@@ -40,7 +43,7 @@ def _subprocess_eval(artifact: Path, t: dict, fmt: str, variant: str, out: Path)
     """run_eval in a fresh interpreter; returns the JSON row and the heavy modules it imported."""
     code = (
         "import json, sys\n"
-        "from qatforge.evaluate import run_eval\n"
+        "from qatforge.evaluate.run import run_eval\n"
         "a = json.loads(sys.argv[1])\n"
         "run_eval(a['artifact'], a['reference'], a['prompts'], a['out'], run='r', qat_scheme=None,\n"
         "         format=a['format'], variant=a['variant'], **a['kw'])\n"
@@ -69,7 +72,7 @@ def test_hf_same_model_is_exact(tiny, tmp_path):
 
 
 def test_hf_perturbed_model_fails_parity_via_cli(tiny, tmp_path):
-    from qatforge.evaluate import main
+    from qatforge.evaluate.run import main
 
     out = tmp_path / "p.json"
     th = json.dumps({"hf": {"merged": {"kld_mean": 1e-4, "top1_agree": 0.5}}})
@@ -88,7 +91,7 @@ def test_hf_perturbed_model_fails_parity_via_cli(tiny, tmp_path):
 def test_bad_artifact_is_named_or_recorded(tiny, tmp_path):
     bogus = tmp_path / "Model-Q4_0.gguf"
     bogus.write_bytes(b"not a gguf file at all")
-    with pytest.raises(ValueError, match="Model-Q4_0.gguf is not a GGUF file"):
+    with pytest.raises(ValueError, match="Model-Q4_0.gguf: not a GGUF file"):
         run_eval(bogus, tiny["reference"], tiny["prompts"], None, run="r", qat_scheme=None, format="gguf",
                  variant="Q4_0", **EVAL_KW)
     res = run_eval(bogus, tiny["reference"], tiny["prompts"], tmp_path / "e.json", run="r", qat_scheme=None,
@@ -97,6 +100,37 @@ def test_bad_artifact_is_named_or_recorded(tiny, tmp_path):
     assert res["accuracy"] is None and tuple(res)[: len(REPORT_COLUMNS)] == REPORT_COLUMNS
     with pytest.raises(ValueError, match="unknown format 'tflite'"):
         run_eval(bogus, tiny["reference"], None, None, run="r", qat_scheme=None, format="tflite", variant="x")
+
+
+def test_token_parity_threshold_from_a_validated_config(tiny, tmp_path):
+    """``token_parity: false`` passes the schema and lets a re-tokenizing artifact pass parity."""
+    import shutil
+
+    import yaml
+    from snakemake.utils import validate
+
+    art = tmp_path / "retokenized"  # same weights and template, half the BPE merges: other prompt ids
+    shutil.copytree(tiny["merged"], art)
+    tj = json.loads((art / "tokenizer.json").read_text())
+    tj["model"]["merges"] = tj["model"]["merges"][: len(tj["model"]["merges"]) // 2]
+    (art / "tokenizer.json").write_text(json.dumps(tj))
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    # gen_match 0: generations from other prompt ids may differ; token parity alone decides
+    cfg["report"]["thresholds"] = {"hf": {"merged": {"token_parity": False, "gen_match": 0.0}}}
+    validate(cfg, str(ROOT / "config" / "schema.yaml"))
+    kw = dict(run="baseline", qat_scheme=None, format="hf", variant="merged", **EVAL_KW)
+
+    res = run_eval(art, tiny["reference"], tiny["prompts"], tmp_path / "e.json",
+                   thresholds=cfg["report"]["thresholds"], **kw)
+    assert res["token_parity"] is False and res["token_parity_frac"] < 1
+    assert res["chat_template_equal"] and res["bos_ok"] and res["eos_ok"]
+    assert res["kld_mean"] < 1e-9  # logits are compared on the reference's ids
+    assert res["thresholds"]["token_parity"] is False
+    assert res["parity_pass"] is True and res["failures"] == []
+
+    strict = run_eval(art, tiny["reference"], tiny["prompts"], None,
+                      thresholds={"hf": {"merged": {"gen_match": 0.0}}}, **kw)
+    assert strict["parity_pass"] is False and strict["failures"] == ["token_parity is false"]
 
 
 def test_gguf_f32_matches_reference_without_torch(tiny, tmp_path):

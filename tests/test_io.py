@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
 
 from qatforge import io, verify
-from qatforge.formats import ArtifactError, check_gguf, check_onnx
+from qatforge.formats import ArtifactError, check_gguf
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
@@ -76,10 +75,3 @@ def test_gguf_header_validation(tmp_path):
         with pytest.raises(ArtifactError, match=needle) as e:
             check_gguf(p)
         assert name in str(e.value)
-
-
-def test_onnx_validation_rejects_foreign_file(tmp_path):
-    p = tmp_path / "model.onnx"
-    p.write_bytes(os.urandom(256))
-    with pytest.raises(ArtifactError, match="model.onnx: not a valid ONNX model"):
-        check_onnx(p)

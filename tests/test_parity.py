@@ -57,7 +57,7 @@ def test_shape_and_nan_errors():
         parity.kld(np.zeros((2, 3)), bad)
 
 
-def test_nll_from_logits_uses_shifted_mask():
+def test_nll_terms_use_shifted_mask():
     # vocab 4, uniform predictions except position 1 which puts all mass on token 3
     logits = np.zeros((4, 4))
     logits[1] = [-50.0, -50.0, -50.0, 50.0]
@@ -66,12 +66,12 @@ def test_nll_from_logits_uses_shifted_mask():
     total, n = parity.nll_terms(logits, ids, mask)
     assert n == 2
     assert total == pytest.approx(0.0 + math.log(4), abs=1e-9)
-    assert parity.nll_from_logits(logits, ids, mask) == pytest.approx(math.log(4) / 2, abs=1e-9)
     # token-weighted pooling over sequences
     pooled = parity.mean_nll([logits, np.zeros((2, 4))], [ids, np.array([1, 2])], [mask, np.array([False, True])])
     assert pooled == pytest.approx(2 * math.log(4) / 3, abs=1e-9)
-    with pytest.raises(ValueError, match="no masked tokens"):
-        parity.nll_from_logits(logits, ids, np.zeros(4, dtype=bool))
+    assert parity.nll_terms(logits, ids, np.zeros(4, dtype=bool)) == (0.0, 0)
+    with pytest.raises(ValueError, match="no assistant tokens"):
+        parity.mean_nll([logits], [ids], [np.zeros(4, dtype=bool)])
 
 
 def test_token_parity_and_gen_match():
@@ -112,3 +112,17 @@ def test_judge():
     assert any(f.startswith("kld_mean 0.02 > 0.01") for f in fails)
     ok, fails = parity.judge({"top1_agree": 0.95, "gen_match": 0.6}, th)
     assert not ok and fails == ["kld_mean missing"]
+
+
+def test_token_parity_threshold_waives_only_the_prompt_ids_check():
+    table = {"gguf": {"Q4_0": {"token_parity": False}}}
+    th = parity.thresholds_for("gguf", "Q4_0", table)
+    assert th == {**parity.DEFAULT_THRESHOLDS["gguf"]["Q4_0"], "token_parity": False}
+    good = {"kld_mean": 0.01, "top1_agree": 0.95, "gen_match": 0.9, "token_parity": False}
+    assert parity.judge(good, th) == (True, [])
+    assert parity.judge(good, parity.thresholds_for("gguf", "Q4_0")) == (False, ["token_parity is false"])
+    # the other tokenizer checks stay required
+    assert parity.judge({**good, "eos_ok": False}, th) == (False, ["eos_ok is false"])
+    assert parity.judge(good, {**th, "token_parity": True}) == (False, ["token_parity is false"])
+    with pytest.raises(TypeError, match="true or false"):
+        parity.thresholds_for("gguf", "Q4_0", {"gguf": {"Q4_0": {"token_parity": 0.5}}})

@@ -14,14 +14,11 @@ import pytest
 
 from conftest import read_config, snakemake
 from qatforge import config as qcfg
+from qatforge.columns import REPORT_COLUMNS
 from qatforge.io import sha256_path
 from qatforge.verify import verify
 
-COLUMNS = [
-    "run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256", "size_mb", "accuracy",
-    "nll", "ppl", "load_s", "prompt_tps", "gen_tps", "peak_rss_mb", "kld_mean", "kld_max",
-    "top1_agree", "gen_match", "token_parity", "parity_pass",
-]
+COLUMNS = list(REPORT_COLUMNS)
 
 
 @pytest.fixture(scope="module")

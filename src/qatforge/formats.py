@@ -1,4 +1,4 @@
-"""The artifact formats: their names, per-format job resources and cheap file checks.
+"""The artifact formats: their names, per-format job resources and the GGUF header check.
 
 The one place these facts live; imported at Snakefile parse time, so no heavy imports at module level.
 """
@@ -28,10 +28,10 @@ def check_gguf(path: str | Path) -> int:
         raise ArtifactError(f"{path}: GGUF file does not exist")
     with open(path, "rb") as f:
         head = f.read(24)
-    if len(head) < 24:
-        raise ArtifactError(f"{path}: truncated GGUF file ({len(head)} bytes, header needs 24)")
     if head[:4] != GGUF_MAGIC:
         raise ArtifactError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
+    if len(head) < 24:
+        raise ArtifactError(f"{path}: truncated GGUF file ({len(head)} bytes, header needs 24)")
     version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
     if version not in GGUF_VERSIONS:
         raise ArtifactError(f"{path}: unsupported GGUF version {version} (supported: {GGUF_VERSIONS})")
@@ -39,15 +39,3 @@ def check_gguf(path: str | Path) -> int:
         raise ArtifactError(f"{path}: GGUF file has {n_tensors} tensors and {n_kv} metadata keys")
     return version
 
-
-def check_onnx(path: str | Path) -> None:
-    """Validate an ONNX model file (protobuf with an opset and a graph) with onnx's own checker."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: ONNX file does not exist")
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as e:  # onnx raises ValidationError, DecodeError, OSError…
-        raise ArtifactError(f"{path}: not a valid ONNX model ({type(e).__name__}: {str(e)[:200]})") from e

@@ -132,8 +132,8 @@ def build(
 
     from qatforge.chat import IGNORE_INDEX, encode_for_training, is_correct
     from qatforge.data import load_eval_prompts, read_conversations
-    from qatforge.evaluate import greedy
-    from qatforge.evaluate.hf import HFRuntime
+    from qatforge.decode import greedy
+    from qatforge.hf_runtime import HFRuntime
     from qatforge.io import package_versions
 
     if threads:

@@ -1,6 +1,6 @@
 """The polars report: one row per evaluated artifact, QAT vs PTQ, a recommendation, plots, gate.
 
-Inputs are only the per-artifact evaluation JSONs (``qatforge.evaluate.run_eval``) plus a few
+Inputs are only the per-artifact evaluation JSONs (``qatforge.evaluate.run.run_eval``) plus a few
 parameters, so a change to one artifact reruns only its evaluation and this aggregation.
 """
 
@@ -14,20 +14,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, REPORT_COLUMNS, STR_COLUMNS
+from qatforge.formats import FORMATS
 from qatforge.io import atomic_dir, atomic_file, read_json
 
 log = logging.getLogger("qatforge.report")
 
-REPORT_COLUMNS = (
-    "run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256", "size_mb",
-    "accuracy", "nll", "ppl", "load_s", "prompt_tps", "gen_tps", "peak_rss_mb",
-    "kld_mean", "kld_max", "top1_agree", "gen_match", "token_parity", "parity_pass",
-)
 EXTRA_COLUMNS = ("threads", "n_prompts", "failures")
-STR_COLUMNS = ("run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256")
-BOOL_COLUMNS = ("token_parity", "parity_pass")
-FLOAT_COLUMNS = tuple(c for c in REPORT_COLUMNS if c not in STR_COLUMNS + BOOL_COLUMNS)
-FORMAT_ORDER = {"hf": 0, "torchao": 1, "gguf": 2, "onnx": 3}
+FORMAT_ORDER = {f: i for i, f in enumerate(FORMATS)}
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown")
 TARGETS = (("llama.cpp / Ollama", "gguf"), ("torchao", "torchao"), ("ONNX Runtime", "onnx"))
 NO_SCHEME = "none"
 BOOTSTRAP = 2000
@@ -51,8 +46,8 @@ def load_evals(eval_jsons: Iterable[str | Path]) -> list[dict[str, Any]]:
         missing = [c for c in REPORT_COLUMNS if c not in rec]
         if missing:
             raise ValueError(f"{p}: missing report columns {missing}")
-        if rec["format"] not in FORMAT_ORDER:
-            raise ValueError(f"{p}: unknown format {rec['format']!r} (expected one of {list(FORMAT_ORDER)})")
+        if rec["format"] not in FORMATS:
+            raise ValueError(f"{p}: unknown format {rec['format']!r} (expected one of {list(FORMATS)})")
         key = (rec["run"], rec["format"], rec["variant"])
         if key in seen:
             raise ValueError(f"{p}: duplicate artifact {'/'.join(key)} (also in {seen[key]})")
@@ -361,7 +356,7 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    colors = {"hf": "tab:blue", "torchao": "tab:orange", "gguf": "tab:green", "onnx": "tab:purple"}
+    colors = {f: PALETTE[i % len(PALETTE)] for i, f in enumerate(FORMATS)}
     good = [r for r in rows if r["size_mb"] is not None and r["accuracy"] is not None]
     names = ["quality_vs_size.png", "tokens_per_s.png"]
     with atomic_dir(plots_dir) as tmp:

@@ -1,7 +1,7 @@
-"""``python -m qatforge.evaluate``: evaluate one artifact (see ``qatforge.evaluate.main``)."""
+"""``python -m qatforge.evaluate``: evaluate one artifact (see ``qatforge.evaluate.run.main``)."""
 
 import sys
 
-from qatforge.evaluate import main
+from qatforge.evaluate.run import main
 
 sys.exit(main())

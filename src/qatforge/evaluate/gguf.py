@@ -14,18 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
+from qatforge.formats import check_gguf
+
 GGML_TYPE_F32 = 0
-
-
-def check_gguf_file(path: Path) -> None:
-    """Clear error for a missing, truncated or foreign file before llama.cpp touches it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF artifact {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:4] != GGUF_MAGIC:
-        raise ValueError(f"{path} is not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
 
 
 class LlamaCppRuntime:
@@ -33,7 +24,7 @@ class LlamaCppRuntime:
 
     def __init__(self, gguf_file: str | Path, *, n_ctx: int, threads: int = 1):
         self.path = Path(gguf_file)
-        check_gguf_file(self.path)
+        check_gguf(self.path)  # a clear error before llama.cpp touches a foreign/truncated file
         from llama_cpp import Llama
 
         self.n_ctx = n_ctx

@@ -1,0 +1,298 @@
+"""The evaluation loop: one artifact in its own runtime, measured against the run's reference.
+
+``run_eval`` picks the runtime by format (transformers for hf/torchao, llama.cpp for gguf,
+onnxruntime for onnx), each in the calling process, and writes one JSON holding exactly the
+report columns (``qatforge.columns.REPORT_COLUMNS``) plus extras. Nothing here imports torch at
+module level: GGUF and ONNX evaluations run without torch/transformers.
+
+Command line: ``python -m qatforge.evaluate --artifact A --reference R --out J --run ... --format ...``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from qatforge.columns import REPORT_COLUMNS
+from qatforge.decode import Runtime, greedy
+from qatforge.formats import FORMATS
+from qatforge.reference import Reference, check_prompts, load
+
+
+def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], ids: Sequence[Sequence[int]]) -> dict:
+    """BOS/EOS ids, double-BOS and chat-template equality of a runtime against the reference."""
+    ref_bos, ref_eos = ref_meta.get("bos_token_id"), ref_meta.get("eos_token_id")
+    bos, eos = special.get("bos_token_id"), special.get("eos_token_id")
+    if bos is not None and bos < 0:
+        bos = None
+    add_bos = bool(special.get("add_bos"))
+    # Without a reference BOS the model must not get one prepended; its id is then irrelevant.
+    bos_ok = (not add_bos) if ref_bos is None else bos == ref_bos
+    eos_ok = eos is not None and (eos == ref_eos or eos in ref_meta.get("stop_token_ids", []))
+    doubles = [i for i, s in enumerate(ids) if bos is not None and len(s) >= 2 and s[0] == s[1] == bos]
+    tmpl = special.get("chat_template")
+    return {
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "ref_bos_token_id": ref_bos,
+        "ref_eos_token_id": ref_eos,
+        "add_bos": add_bos,
+        "bos_ok": bool(bos_ok),
+        "eos_ok": bool(eos_ok),
+        "no_double_bos": not doubles,
+        "chat_template_equal": tmpl == ref_meta.get("chat_template"),
+    }
+
+
+def speed(rt: Runtime, prompts: Sequence[Sequence[int]], max_new_tokens: int, repeats: int) -> dict[str, float]:
+    """Prompt and generation tokens/s on fixed prompts and a fixed generation length.
+
+    One untimed warm-up pass, then ``repeats`` passes; each figure is total tokens over the
+    median of the per-pass total times.
+    """
+    if not prompts:
+        raise ValueError("no speed prompts")
+    if repeats < 1:
+        raise ValueError(f"speed_repeats must be >= 1, got {repeats}")
+
+    def one_pass() -> tuple[float, float, int, int]:
+        ps = ds = 0.0
+        pt = steps = 0
+        for p in prompts:
+            _, p_s, d_s, n = greedy(rt, p, max_new_tokens, set(), ignore_stop=True)
+            ps, ds, pt, steps = ps + p_s, ds + d_s, pt + len(p), steps + n
+        return ps, ds, pt, steps
+
+    one_pass()
+    passes = [one_pass() for _ in range(repeats)]
+    p_med = statistics.median(p[0] for p in passes)
+    d_med = statistics.median(p[1] for p in passes)
+    n_prompt, n_steps = passes[0][2], passes[0][3]
+    return {
+        "prompt_tps": n_prompt / p_med if p_med > 0 else 0.0,
+        "gen_tps": n_steps / d_med if d_med > 0 else 0.0,
+        "speed_prompt_tokens": n_prompt,
+        "speed_gen_tokens": n_steps,
+    }
+
+
+def evaluate_runtime(
+    rt: Runtime,
+    ref: Reference,
+    *,
+    format: str,
+    variant: str,
+    max_new_tokens: int,
+    speed_prompts: int,
+    speed_repeats: int,
+    thresholds: Mapping[str, Any] | None,
+    eval_prompts_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """The measurements shared by every runtime (everything except load time, size, RSS)."""
+    from qatforge.chat import is_correct
+    from qatforge.parity import (
+        compare_logit_sets, gen_match, judge, mean_nll, nll_terms, thresholds_for, token_parity,
+    )
+
+    check_prompts(ref, eval_prompts_path)
+    ids = [rt.prompt_ids(m) for m in ref.prompts]
+    out: dict[str, Any] = token_parity([p.tolist() for p in ref.prompt_ids], ids)
+    special = rt.special_ids()
+    out.update(tokenizer_checks(ref.meta, special, ids))
+
+    stops = set(ref.stop_ids)
+    if special.get("eos_token_id") is not None:
+        stops.add(int(special["eos_token_id"]))
+    gens = [greedy(rt, p, ref.meta["max_new_tokens"], stops)[0] for p in ids]
+    texts = [rt.decode(g) for g in gens]
+    correct = [is_correct(t, a) for t, a in zip(texts, ref.answers)]
+    out["per_prompt_correct"] = correct
+    out["accuracy"] = sum(correct) / len(correct)
+    out["gen_match"] = gen_match([g.tolist() for g in ref.gen_ids], gens)
+    out["per_prompt_gen_match"] = [g.tolist() == h for g, h in zip(ref.gen_ids, gens)]
+    out["generations"] = texts[:10]
+
+    test_logits = [rt.logits(s.tolist()) for s in ref.nll_ids]
+    out.update(compare_logit_sets(ref.nll_logits, test_logits))
+    out["nll"] = mean_nll(test_logits, ref.nll_ids, ref.nll_mask)
+    terms = [nll_terms(lg, i, m) for lg, i, m in zip(test_logits, ref.nll_ids, ref.nll_mask)]
+    out["per_seq_nll_sum"] = [t[0] for t in terms]  # for bootstrap CIs over conversations
+    out["per_seq_tokens"] = [t[1] for t in terms]
+    out["ppl"] = math.exp(out["nll"])
+    out["ref_accuracy"] = ref.meta.get("accuracy")
+    out["ref_nll"] = ref.meta.get("nll")
+
+    out.update(speed(rt, ids[:speed_prompts], max_new_tokens, speed_repeats))
+
+    th = thresholds_for(format, variant, thresholds)
+    ok, failures = judge(out, th)
+    out.update(
+        parity_pass=ok, failures=failures, thresholds=th, n_prompts=len(ids),
+        n_nll=len(ref.nll_ids), n_logit_tokens=int(sum(len(s) for s in ref.nll_ids)),
+        max_new_tokens=max_new_tokens, speed_prompts=min(speed_prompts, len(ids)), speed_repeats=speed_repeats,
+        reference_merged_sha256=ref.meta.get("merged_sha256"),
+    )
+    return out
+
+
+def provenance(artifact: str | Path) -> dict[str, Any]:
+    """sha256 and source checkpoint from the artifact's export record, else computed/derived."""
+    from qatforge.io import manifest_path, read_json, sha256_path
+
+    mp = manifest_path(artifact)
+    rec = read_json(mp) if mp.is_file() else {}
+    prov = rec.get("provenance") or {}
+    sha = rec.get("sha256") or sha256_path(artifact)
+    src = _nested(prov, "checkpoint") or _nested(prov, "merged_dir") or str(artifact)
+    return {"sha256": sha, "source_checkpoint": str(src), "manifest": str(mp) if rec else None}
+
+
+def _nested(d: Any, key: str, depth: int = 3) -> Any:
+    """First string value of ``key`` in ``d`` or its nested dicts (breadth-first, e.g. provenance.source)."""
+    level = [d]
+    for _ in range(depth):
+        nxt = []
+        for x in level:
+            if isinstance(x, dict):
+                if isinstance(x.get(key), str) and x[key]:
+                    return x[key]
+                nxt += [v for v in x.values() if isinstance(v, dict)]
+        level = nxt
+    return None
+
+
+def run_eval(
+    artifact: str | Path,
+    reference_dir: str | Path,
+    eval_prompts_path: str | Path | None,
+    out_json: str | Path | None,
+    *,
+    run: str,
+    qat_scheme: str | None,
+    format: str,
+    variant: str,
+    threads: int = 1,
+    max_new_tokens: int = 24,
+    speed_prompts: int = 4,
+    speed_repeats: int = 3,
+    thresholds: Mapping[str, Any] | None = None,
+    record_errors: bool = False,
+) -> dict[str, Any]:
+    """Evaluate one artifact with its own runtime and write ``out_json`` (atomically).
+
+    With ``record_errors`` a failing evaluation still writes a row (metrics NaN, parity_pass
+    false, the error in ``failures``) so that the report lists it instead of stopping the run.
+    """
+    from qatforge.bench import peak_rss_mb, size_mb
+    from qatforge.io import atomic_file
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise FileNotFoundError(f"artifact {artifact} does not exist")
+    try:
+        if format in ("hf", "torchao"):
+            from qatforge.evaluate.hf import open_runtime
+        elif format == "gguf":
+            from qatforge.evaluate.gguf import open_runtime
+        else:
+            from qatforge.evaluate.onnx import open_runtime
+
+        ref = load(reference_dir)
+        t0 = time.perf_counter()
+        rt, about = open_runtime(artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens)
+        load_s = time.perf_counter() - t0
+        result = evaluate_runtime(
+            rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens, speed_prompts=speed_prompts,
+            speed_repeats=speed_repeats, thresholds=dict(thresholds) if thresholds else None,
+            eval_prompts_path=eval_prompts_path,
+        )
+        result.update(load_s=load_s, **about)
+    except Exception as e:
+        if not record_errors:
+            raise
+        result = {k: math.nan for k in REPORT_COLUMNS}
+        result.update(token_parity=False, parity_pass=False, failures=[f"evaluation error: {type(e).__name__}: {e}"],
+                      traceback=traceback.format_exc(limit=5))
+    result.update(
+        run=run, qat_scheme=qat_scheme, format=format, variant=variant, threads=threads,
+        artifact=str(artifact), size_mb=size_mb(artifact), peak_rss_mb=peak_rss_mb(),
+        **provenance(artifact),
+    )
+    missing = [c for c in REPORT_COLUMNS if c not in result]
+    if missing:
+        raise RuntimeError(f"evaluation of {artifact} produced no {missing}")
+    ordered = {c: result[c] for c in REPORT_COLUMNS}
+    ordered.update({k: v for k, v in result.items() if k not in ordered})
+    ordered = _jsonable(ordered)
+    if out_json is not None:  # report columns first, in their fixed order (write_json would sort keys)
+        with atomic_file(out_json) as tmp:
+            tmp.write_text(json.dumps(ordered, indent=2, allow_nan=False) + "\n")
+    return ordered
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars → Python; NaN/inf → None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _load_thresholds(arg: str | None) -> dict | None:
+    if not arg:
+        return None
+    p = Path(arg)
+    if p.is_file():
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    return json.loads(arg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qatforge.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--reference", required=True, help="the run's reference directory")
+    ap.add_argument("--eval-prompts", default=None)
+    ap.add_argument("--out", required=True, help="evaluation JSON to write")
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--qat-scheme", default=None)
+    ap.add_argument("--format", required=True, choices=FORMATS)
+    ap.add_argument("--variant", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--speed-prompts", type=int, default=4)
+    ap.add_argument("--speed-repeats", type=int, default=3)
+    ap.add_argument("--thresholds", default=None, help="JSON text or a .json/.yaml file (report.thresholds)")
+    ap.add_argument("--record-errors", action="store_true")
+    a = ap.parse_args(argv)
+    res = run_eval(
+        a.artifact, a.reference, a.eval_prompts, a.out, run=a.run,
+        qat_scheme=a.qat_scheme if a.qat_scheme not in (None, "", "none", "null") else None,
+        format=a.format, variant=a.variant, threads=a.threads, max_new_tokens=a.max_new_tokens,
+        speed_prompts=a.speed_prompts, speed_repeats=a.speed_repeats,
+        thresholds=_load_thresholds(a.thresholds), record_errors=a.record_errors,
+    )
+    status = "PASS" if res["parity_pass"] else "FAIL: " + "; ".join(res.get("failures") or [])
+    print(f"{a.run}/{a.format}/{a.variant}: accuracy={res['accuracy']} kld_mean={res['kld_mean']} "
+          f"top1={res['top1_agree']} gen_match={res['gen_match']} parity {status}", file=sys.stderr)
+    return 0
