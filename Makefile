@@ -35,7 +35,7 @@ verify: install
 	$(BIN)/python -m qatforge.verify results
 
 bench: install
-	$(BIN)/python -m qatforge.perf --out results/perf
+	$(BIN)/python bench/perf.py --out results/perf
 
 lint: install
 	$(BIN)/snakemake --lint

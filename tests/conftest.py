@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qatforge import perf
-
 ROOT = Path(__file__).resolve().parents[1]
+# What a runnable copy of the workflow needs (bench/perf.py keeps its own list for `make bench`).
+PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles")
 SMOKE = ROOT / "tests" / "smoke_config.yaml"
 
 
@@ -28,8 +28,17 @@ def deep_update(base: dict, over: dict) -> dict:
 
 def copy_project(dest: Path) -> Path:
     """A fresh project directory at ``dest`` with the smoke config as its config.yaml."""
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    return perf.copy_project(ROOT, dest, config=deep_update(cfg, yaml.safe_load(SMOKE.read_text())))
+    dest.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    cfg = deep_update(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), yaml.safe_load(SMOKE.read_text()))
+    write_config(dest, cfg)
+    (dest / "results").mkdir()
+    return dest
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 3600, check: bool = True) -> subprocess.CompletedProcess:

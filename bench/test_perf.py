@@ -1,5 +1,7 @@
-"""The pure parts of the ``make bench`` harness (qatforge.perf): benchmark TSVs, job logs, process
-accounting, the 10 x 30 DAG config and the summary table. No timing is asserted."""
+"""The pure parts of the ``make bench`` harness (bench/perf.py): benchmark TSVs, job logs, process
+accounting, the 10 x 30 DAG config and the summary table. No timing is asserted.
+
+pytest puts this directory on ``sys.path`` (it is not a package), so the harness imports as ``perf``."""
 
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from conftest import ROOT
 from qatforge import config as qcfg
-from qatforge import perf
+
+import perf
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 TINY_SNAKEFILE = textwrap.dedent("""
     rule all:
@@ -77,11 +82,12 @@ def test_jobs_and_job_count_from_a_real_log(tiny_run):
 
 def test_measure_reports_the_peak_rss_of_the_process_tree(tmp_path):
     # Linux counts a forked child's pre-exec RSS (the parent's image) in ru_maxrss, so measure from
-    # a light parent, as `make bench` does (qatforge.perf imports only the standard library).
+    # a light parent, as `make bench` does (the harness imports only the standard library).
     # The measured process's child allocates ~200 MB; wait4 accounts the whole tree.
     script = f"""
 import json, sys
-from qatforge import perf
+sys.path.insert(0, {str(HERE)!r})
+import perf
 code = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'b = bytearray(200 * 2**20); b[::4096] = b\\"x\\" * len(b[::4096])'], check=True)"
 big = perf.measure([sys.executable, "-c", code], log_file={str(tmp_path / "m.log")!r})
 small = perf.measure([sys.executable, "-c", "pass"])
@@ -201,7 +207,7 @@ def test_peak_sampler_names_the_call_holding_the_memory():
 
 
 def test_peak_call_prefers_the_innermost_qatforge_frame():
-    stack = ["runpy.py:1 _run", "qatforge/perf.py:10 run_stage", "qatforge/merge.py:165 merge",
+    stack = ["runpy.py:1 _run", "bench/perf.py:10 run_stage", "qatforge/merge.py:165 merge",
              "transformers/modeling_utils.py:5 load"]
     assert perf.peak_call(stack) == "qatforge/merge.py:165 merge → transformers/modeling_utils.py:5 load"
     assert perf.peak_call(["a.py:1 f"]) == "a.py:1 f" and perf.peak_call([]) is None

@@ -1,6 +1,6 @@
 """``make bench``: measured, repeatable performance figures of the pipeline itself (issue 8).
 
-``python -m qatforge.perf --out results/perf [--quick] [--only SECTIONS]`` writes
+``python bench/perf.py --out results/perf [--quick] [--only SECTIONS]`` (from the project root) writes
 ``<out>/<section>.json`` and ``<out>/summary.md`` (one table). Sections:
 
 * ``cold``: the default config built from an empty ``results/`` in a fresh copy of the project
@@ -64,6 +64,7 @@ TARGETS = {"cold_s": 900.0, "speedup": 1.4, "incremental_frac": 0.05, "noop_s": 
 RSS_JUDGED_FROM_MB = 512  # below this the ~0.3-0.5 GiB of imported libraries dominates peak RSS
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 MiB = 2**20
+HARNESS = str(Path(__file__).resolve())  # re-run as a script for the stage and qat processes
 
 
 class PerfError(RuntimeError):
@@ -214,7 +215,7 @@ def peak_call(stack: Sequence[str] | None) -> str | None:
     """The innermost qatforge frame and the innermost frame of a sampled peak-RSS stack."""
     if not stack:
         return None
-    ours = [f for f in stack if f.startswith("qatforge/") and not f.startswith("qatforge/perf.py")]
+    ours = [f for f in stack if f.startswith("qatforge/")]
     inner = stack[-1]
     return f"{ours[-1]} → {inner}" if ours and ours[-1] != inner else inner
 
@@ -467,7 +468,7 @@ def bench_dag(project: Path, work: Path, repeats: int, n_runs: int = 10, n_quant
 
 
 def _stage_cmd(stage: str, d: Path, **kw: Any) -> list[str]:
-    cmd = [sys.executable, "-m", "qatforge.perf", "stage", stage, str(d)]
+    cmd = [sys.executable, HARNESS, "stage", stage, str(d)]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     return cmd
@@ -753,7 +754,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
     sizes = args.sizes.split(",") if args.sizes else (["4M", "50M"] if args.quick else list(SIZES))
-    command = "python -m qatforge.perf " + " ".join(args.argv)
+    command = "python bench/perf.py " + " ".join(args.argv)
     proj = work / "project"
     failed = []
     for section in (s for s in SECTIONS if s in sections):
@@ -801,7 +802,7 @@ def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
     base_run = qcfg.baseline_runs(cfg)[0]
     steps = args.qat_steps or cfg["train"]["max_steps"]
     res_file = work / "qat-result.json"
-    cmd = [sys.executable, "-m", "qatforge.perf", "qat", str(proj / "results" / "runs" / base_run / "merged"),
+    cmd = [sys.executable, HARNESS, "qat", str(proj / "results" / "runs" / base_run / "merged"),
            str(proj / "results/data/train.parquet"), str(proj / "results/data/eval.parquet"), str(work),
            str(res_file), "--steps", str(steps), "--scheme", args.qat_scheme,
            "--lr", str(cfg["train"]["lr"]),
@@ -813,7 +814,7 @@ def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stage"]:
-        p = argparse.ArgumentParser(prog="python -m qatforge.perf stage", description="one export-growth stage")
+        p = argparse.ArgumentParser(prog="python bench/perf.py stage", description="one export-growth stage")
         p.add_argument("stage", choices=("setup", *STAGES))
         p.add_argument("dir", type=Path)
         p.add_argument("--size", choices=tuple(SIZES))
@@ -823,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_stage(a.stage, a.dir, size=a.size, data=a.data, threads=a.threads)
         return 0
     if argv[:1] == ["qat"]:
-        p = argparse.ArgumentParser(prog="python -m qatforge.perf qat", description=qat_check.__doc__)
+        p = argparse.ArgumentParser(prog="python bench/perf.py qat", description=qat_check.__doc__)
         for name in ("merged", "train", "eval", "work", "result"):
             p.add_argument(name, type=Path)
         p.add_argument("--steps", type=int, required=True)
@@ -837,7 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         lr=a.lr, batch_size=a.batch_size, threads=a.threads)
         write_json(a.result, res)
         return 0
-    p = argparse.ArgumentParser(prog="python -m qatforge.perf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python bench/perf.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/perf", help="where the JSONs and summary.md go")
     p.add_argument("--quick", action="store_true", help="only dag and growth at 4M/50M (development)")
     p.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
