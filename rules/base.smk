@@ -5,7 +5,7 @@ rule build_base:
         directory("results/base"),
     params:
         base=config["model"]["base"],
-        builtin=config["model"]["builtin"],
+        builtin=sorted_keys(config["model"]["builtin"]),
         trust_remote_code=config["model"]["trust_remote_code"],
         seed=config["seed"],
         max_tokens=config["data"]["max_tokens"],
@@ -17,7 +17,5 @@ rule build_base:
     resources:
         mem_mb=8000,
         runtime=60,
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/build_base.py"

@@ -3,6 +3,8 @@
 import re
 
 from qatforge import config as qcfg
+from qatforge.config import sorted_keys
+from qatforge.formats import EVAL_MEM_MB, FORMATS
 from qatforge.qat_schemes import detect_cuda_capability
 
 qcfg.check(config, workflow.basedir, cuda_capability=detect_cuda_capability())
@@ -11,6 +13,8 @@ MODEL = config["model"]["name"]
 OUTTYPE = qcfg.outtype_name(config)
 RUNS = qcfg.runs(config)
 QUANTS = list(config["gguf"]["quants"])
+# Every evaluated artifact as (run, format, variant): the only combinations `evaluate` accepts.
+ARTIFACTS = frozenset(qcfg.artifacts(config))
 
 
 def _alt(names):
@@ -21,9 +25,8 @@ def _alt(names):
 wildcard_constraints:
     run=_alt(RUNS),
     quant=_alt(QUANTS),
-    gguf_variant=_alt(QUANTS + [OUTTYPE]),
-    scheme=_alt(sorted({s for r in RUNS for s in qcfg.torchao_variants(config, r)})),
-    onnx_variant=_alt(config["onnx"]["variants"]),
+    format=_alt(FORMATS),
+    variant=_alt(sorted({v for _, _, v in ARTIFACTS})),
 
 
 def run_dir(run):
@@ -34,12 +37,14 @@ def qat_scheme(wildcards):
     return qcfg.qat_scheme(config, wildcards.run)
 
 
+# Params that are dicts (or built from config dicts) go through sorted_keys(): Snakemake compares
+# params by repr, so config key order must not show in them. Scalar params need nothing.
 def train_settings(wildcards):
-    return qcfg.train_settings(config, wildcards.run)
+    return sorted_keys(qcfg.train_settings(config, wildcards.run))
 
 
 def quant_settings(wildcards):
-    return config["gguf"]["quants"][wildcards.quant]
+    return sorted_keys(config["gguf"]["quants"][wildcards.quant])
 
 
 def gguf_file(run, variant):
@@ -59,6 +64,16 @@ def artifact_path(run, fmt, variant):
     return f"results/runs/{run}/onnx/{variant}"
 
 
+def eval_artifact(wildcards):
+    """The artifact an evaluation job reads; a (run, format, variant) that is none is an error."""
+    key = (wildcards.run, wildcards.format, wildcards.variant)
+    if key not in ARTIFACTS:
+        raise ValueError(
+            f"{eval_json(*key)}: run {key[0]!r} has no {key[1]} artifact {key[2]!r} in this config"
+        )
+    return artifact_path(*key)
+
+
 def eval_json(run, fmt, variant):
     return f"results/eval/{run}/{fmt}/{variant}.json"
 
@@ -75,17 +90,15 @@ def all_targets():
     return targets
 
 
-def thresholds(fmt):
-    """The report.thresholds slice of one artifact: {fmt: {variant or 'default': {...}}}."""
-
-    def get(wildcards):
-        table = config["report"].get("thresholds", {}).get(fmt, {})
-        variant = getattr(wildcards, "gguf_variant", None) or getattr(wildcards, "scheme", None)
-        variant = variant or getattr(wildcards, "onnx_variant", None) or "merged"
-        key = next((k for k in table if k.lower() == variant.lower()), "default")
-        return {fmt: {key: table[key]}} if key in table else {}
-
-    return get
+def thresholds(wildcards):
+    """The report.thresholds slice of one artifact: {format: {variant or 'default': {...}}}."""
+    fmt, variant = wildcards.format, wildcards.variant
+    table = config["report"].get("thresholds", {}).get(fmt, {})
+    if variant in table:
+        key = variant
+    else:  # case-insensitive match (sorted, so that key order cannot pick), else the default
+        key = next((k for k in sorted(table) if k.lower() == variant.lower()), "default")
+    return sorted_keys({fmt: {key: table[key]}}) if key in table else {}
 
 
 def maybe_temp(path):

@@ -18,7 +18,5 @@ rule prepare_data:
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/prepare_data.py"

@@ -21,8 +21,6 @@ rule reference:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/eval.yaml"
     script:
         "../scripts/reference.py"
 
@@ -35,109 +33,28 @@ EVAL_PARAMS = dict(
 )
 
 
-rule evaluate_hf:
+# One job per artifact of qcfg.artifacts(): {format} and {variant} are constrained in common.smk and
+# eval_artifact() rejects a combination that is not an artifact of the run.
+rule evaluate:
     input:
-        artifact="results/runs/{run}/merged",
+        artifact=eval_artifact,
         reference="results/runs/{run}/reference",
         prompts=config["data"]["eval_prompts"],
     output:
-        "results/eval/{run}/hf/merged.json",
+        "results/eval/{run}/{format}/{variant}.json",
     params:
-        format="hf",
-        variant="merged",
+        format=lambda w: w.format,
+        variant=lambda w: w.variant,
         qat_scheme=qat_scheme,
-        thresholds=thresholds("hf"),
+        thresholds=thresholds,
         **EVAL_PARAMS,
     log:
-        "logs/evaluate/{run}/hf-merged.log",
+        "logs/evaluate/{run}/{format}-{variant}.log",
     benchmark:
-        "benchmarks/evaluate/{run}/hf-merged.tsv"
+        "benchmarks/evaluate/{run}/{format}-{variant}.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=4000,
+        mem_mb=lambda w: EVAL_MEM_MB[w.format],
         runtime=30,
-    conda:
-        "../envs/eval.yaml"
-    script:
-        "../scripts/evaluate.py"
-
-
-rule evaluate_torchao:
-    input:
-        artifact=lambda w: artifact_path(w.run, "torchao", w.scheme),
-        reference="results/runs/{run}/reference",
-        prompts=config["data"]["eval_prompts"],
-    output:
-        "results/eval/{run}/torchao/{scheme}.json",
-    params:
-        format="torchao",
-        variant=lambda w: w.scheme,
-        qat_scheme=qat_scheme,
-        thresholds=thresholds("torchao"),
-        **EVAL_PARAMS,
-    log:
-        "logs/evaluate/{run}/torchao-{scheme}.log",
-    benchmark:
-        "benchmarks/evaluate/{run}/torchao-{scheme}.tsv"
-    threads: EVAL["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../envs/eval.yaml"
-    script:
-        "../scripts/evaluate.py"
-
-
-rule evaluate_gguf:
-    input:
-        artifact=gguf_file("{run}", "{gguf_variant}"),
-        reference="results/runs/{run}/reference",
-        prompts=config["data"]["eval_prompts"],
-    output:
-        "results/eval/{run}/gguf/{gguf_variant}.json",
-    params:
-        format="gguf",
-        variant=lambda w: w.gguf_variant,
-        qat_scheme=qat_scheme,
-        thresholds=thresholds("gguf"),
-        **EVAL_PARAMS,
-    log:
-        "logs/evaluate/{run}/gguf-{gguf_variant}.log",
-    benchmark:
-        "benchmarks/evaluate/{run}/gguf-{gguf_variant}.tsv"
-    threads: EVAL["threads"]
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../envs/eval.yaml"
-    script:
-        "../scripts/evaluate.py"
-
-
-rule evaluate_onnx:
-    input:
-        artifact="results/runs/{run}/onnx/{onnx_variant}",
-        reference="results/runs/{run}/reference",
-        prompts=config["data"]["eval_prompts"],
-    output:
-        "results/eval/{run}/onnx/{onnx_variant}.json",
-    params:
-        format="onnx",
-        variant=lambda w: w.onnx_variant,
-        qat_scheme=qat_scheme,
-        thresholds=thresholds("onnx"),
-        **EVAL_PARAMS,
-    log:
-        "logs/evaluate/{run}/onnx-{onnx_variant}.log",
-    benchmark:
-        "benchmarks/evaluate/{run}/onnx-{onnx_variant}.tsv"
-    threads: EVAL["threads"]
-    resources:
-        mem_mb=3000,
-        runtime=30,
-    conda:
-        "../envs/eval.yaml"
     script:
         "../scripts/evaluate.py"

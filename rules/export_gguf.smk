@@ -17,8 +17,6 @@ rule gguf_convert:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/gguf_convert.py"
 
@@ -41,8 +39,6 @@ rule gguf_imatrix:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/gguf_imatrix.py"
 
@@ -64,8 +60,6 @@ rule gguf_quantize:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/gguf_quantize.py"
 
@@ -82,7 +76,5 @@ rule ollama_modelfile:
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/ollama_modelfile.py"

@@ -11,8 +11,6 @@ rule onnx_export:
     resources:
         mem_mb=6000,
         runtime=30,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/onnx_export.py"
 
@@ -30,7 +28,5 @@ rule onnx_int8:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/onnx_int8.py"

@@ -14,7 +14,26 @@ rule torchao_ptq:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/export.yaml"
     script:
         "../scripts/torchao_ptq.py"
+
+
+rule qat_convert:
+    input:
+        merged="results/runs/{run}/merged",
+    output:
+        directory("results/runs/{run}/qat_converted"),
+    params:
+        scheme=qat_scheme,
+    wildcard_constraints:
+        run=_alt(qcfg.qat_runs(config)),
+    log:
+        "logs/qat_convert/{run}.log",
+    benchmark:
+        "benchmarks/qat_convert/{run}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/qat_convert.py"

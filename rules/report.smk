@@ -30,8 +30,6 @@ rule report:
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/report.yaml"
     script:
         "../scripts/report.py"
 
@@ -47,7 +45,5 @@ rule parity_gate:
     resources:
         mem_mb=500,
         runtime=5,
-    conda:
-        "../envs/report.yaml"
     script:
         "../scripts/parity_gate.py"

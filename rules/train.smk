@@ -17,8 +17,6 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/train.py"
 
@@ -46,8 +44,6 @@ rule select_best:
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/select_best.py"
 
@@ -70,30 +66,5 @@ rule merge:
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../envs/train.yaml"
     script:
         "../scripts/merge.py"
-
-
-rule qat_convert:
-    input:
-        merged="results/runs/{run}/merged",
-    output:
-        directory("results/runs/{run}/qat_converted"),
-    params:
-        scheme=qat_scheme,
-    wildcard_constraints:
-        run=_alt(qcfg.qat_runs(config)),
-    log:
-        "logs/qat_convert/{run}.log",
-    benchmark:
-        "benchmarks/qat_convert/{run}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../envs/export.yaml"
-    script:
-        "../scripts/qat_convert.py"

@@ -1,4 +1,4 @@
-"""Issue 6: after a config edit, `snakemake -n` schedules exactly the stale jobs (real Snakemake)."""
+"""Issues 6 and 11: after a config edit, `snakemake -n` schedules exactly the stale jobs (real Snakemake)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from conftest import read_config, snakemake, write_config
+import yaml
+from snakemake.utils import validate
+
+from conftest import ROOT, read_config, snakemake, write_config
+from qatforge import config as qcfg
 
 RUN_OTHER = "qat-int8-int4"
 
@@ -29,6 +33,48 @@ def test_no_change_nothing_to_do(built_workdir):
     assert "Nothing to be done" in out, out
 
 
+def test_config_with_sorted_keys_reruns_nothing(built_workdir):
+    """Params compare by value: the same config with every mapping's keys reordered is no change."""
+    cfg = read_config(built_workdir)
+    (built_workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    out = snakemake(built_workdir, "-n", "--cores", "2").stdout
+    assert "Nothing to be done" in out, out
+
+
+def _reversed_keys(value):
+    """``value`` with the keys of every dict in reverse order (lists unchanged)."""
+    if isinstance(value, dict):
+        return {k: _reversed_keys(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [_reversed_keys(v) for v in value]
+    return value
+
+
+def test_param_slices_do_not_depend_on_config_key_order():
+    """The config slices the rules pass as params have one repr for any key order (no build needed)."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg["runs"]["baseline"]["train"] = {"lr": 1e-3, "lora": {"r": 8, "alpha": 16}}
+    cfg["report"]["thresholds"] = {"gguf": {"Q8_0": {"top1_agree": 0.9, "kld_mean": 0.01}}, "hf": {}}
+    other = _reversed_keys(cfg)
+    for c in (cfg, other):
+        validate(c, str(ROOT / "config" / "schema.yaml"))  # fills defaults, as the Snakefile does
+    assert list(other["train"]) != list(cfg["train"]) and other == cfg
+
+    def reprs(c, canonical=qcfg.sorted_keys):
+        """repr of each params slice, by name (the rules pass them through sorted_keys)."""
+        out = {"builtin": c["model"]["builtin"], "thresholds": c["report"]["thresholds"]}
+        out |= {f"train:{run}": qcfg.train_settings(c, run) for run in qcfg.runs(c)}
+        out |= {f"quant:{q}": spec for q, spec in c["gguf"]["quants"].items()}
+        return {name: repr(canonical(value)) for name, value in out.items()}
+
+    assert reprs(cfg, canonical=lambda v: v) != reprs(other, canonical=lambda v: v)  # without it
+    assert reprs(cfg) == reprs(other)
+    # values and list order are kept
+    mixed = {"b": [{"y": 1, "x": (2, {"q": 0, "p": 1})}, 3], "a": None}
+    assert qcfg.sorted_keys(mixed) == mixed
+    assert repr(qcfg.sorted_keys(mixed)) == "{'a': None, 'b': [{'x': (2, {'p': 1, 'q': 0}), 'y': 1}, 3]}"
+
+
 def test_touching_dataset_without_changing_bytes_reruns_nothing(built_workdir):
     cfg = read_config(built_workdir)
     for key in ("path", "eval_prompts"):
@@ -42,8 +88,8 @@ def test_edit_one_quant_rebuilds_only_that_quant(built_workdir):
     write_config(built_workdir, cfg)
     jobs = planned_jobs(built_workdir)
     rules = Counter(rule for rule, _ in jobs)
-    assert rules == Counter({"gguf_quantize": 2, "evaluate_gguf": 2, "report": 1, "parity_gate": 1}), jobs
-    assert all("Q8_0" in out for rule, out in jobs if rule in ("gguf_quantize", "evaluate_gguf")), jobs
+    assert rules == Counter({"gguf_quantize": 2, "evaluate": 2, "report": 1, "parity_gate": 1}), jobs
+    assert all("Q8_0" in out for rule, out in jobs if rule in ("gguf_quantize", "evaluate")), jobs
 
 
 def test_add_quant_builds_only_its_jobs_and_remove_reruns_only_report(built_workdir):
@@ -52,9 +98,9 @@ def test_add_quant_builds_only_its_jobs_and_remove_reruns_only_report(built_work
     write_config(built_workdir, cfg)
     jobs = planned_jobs(built_workdir)
     assert Counter(r for r, _ in jobs) == Counter(
-        {"gguf_quantize": 2, "evaluate_gguf": 2, "report": 1, "parity_gate": 1}
+        {"gguf_quantize": 2, "evaluate": 2, "report": 1, "parity_gate": 1}
     ), jobs
-    assert all("Q5_K_M" in out for r, out in jobs if r in ("gguf_quantize", "evaluate_gguf")), jobs
+    assert all("Q5_K_M" in out for r, out in jobs if r in ("gguf_quantize", "evaluate")), jobs
 
     del cfg["gguf"]["quants"]["Q5_K_M"]
     del cfg["gguf"]["quants"]["Q4_0"]
