@@ -644,36 +644,35 @@ def _stage_call(stage: str, d: Path, *, size: str | None, data: Path | None, thr
 
 def _quant_metrics(merged: Path, scheme: str, convs: Sequence[Sequence[dict]], max_len: int) -> dict[str, float]:
     """Eval NLL of ``merged`` (fp32) before and after ``quantize_for_deploy(scheme)``, and the mean
-    per-token KL(float || quantized), both over assistant tokens."""
+    KL(float || quantized), both at the answer positions (``parity.compare_answers``)."""
+    import numpy as np
     import torch
 
     from qatforge.chat import IGNORE_INDEX, collate, encode_for_training
     from qatforge.model import load_causal_lm, load_tokenizer
-    from qatforge.parity import kld
+    from qatforge.parity import compare_answers, mean_nll
     from qatforge.qat import quantize_for_deploy
 
     tok = load_tokenizer(merged)
     model = load_causal_lm(merged, dtype=torch.float32).eval()
     rows = [encode_for_training(tok, c, max_len) for c in convs]
+    ids = [np.asarray(r["input_ids"]) for r in rows]
+    masks = [np.asarray(r["labels"]) != IGNORE_INDEX for r in rows]
 
-    def logits_targets() -> tuple[Any, Any]:
-        outs, tgts = [], []
+    def logits() -> list[np.ndarray]:
+        out = []
         for i in range(0, len(rows), 8):
             b = collate(rows[i:i + 8], tok.pad_token_id)
             with torch.no_grad():
-                lg = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-            t = b["labels"][:, 1:]
-            sel = t != IGNORE_INDEX
-            outs.append(lg[sel])
-            tgts.append(t[sel])
-        return torch.cat(outs), torch.cat(tgts)
+                lg = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().numpy()
+            out += [x[:len(r["input_ids"])] for x, r in zip(lg, rows[i:i + 8])]  # right padding dropped
+        return out
 
-    ref, tgt = logits_targets()
+    ref = logits()
     quantize_for_deploy(model, scheme)
-    q, _ = logits_targets()
-    nll = torch.nn.functional.cross_entropy
-    return {"nll_float": float(nll(ref, tgt)), "nll_quant": float(nll(q, tgt)),
-            "kld": float(kld(ref.double().numpy(), q.double().numpy()).mean()), "tokens": int(tgt.numel())}
+    m = compare_answers(ref, logits(), ids, masks)
+    return {"nll_float": mean_nll(ref, ids, masks), "nll_quant": m["nll"], "kld": m["kld_mean"],
+            "tokens": int(sum(m["per_seq_tokens"]))}
 
 
 def qat_check(merged: Path, train_parquet: Path, eval_parquet: Path, work: Path, *, steps: int,
@@ -803,7 +802,7 @@ def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
     steps = args.qat_steps or cfg["train"]["max_steps"]
     res_file = work / "qat-result.json"
     cmd = [sys.executable, HARNESS, "qat", str(proj / "results" / "runs" / base_run / "merged"),
-           str(proj / "results/data/train.parquet"), str(proj / "results/data/eval.parquet"), str(work),
+           str(proj / "results/data/train.parquet"), str(proj / "results/data/test.parquet"), str(work),
            str(res_file), "--steps", str(steps), "--scheme", args.qat_scheme,
            "--lr", str(cfg["train"]["lr"]),
            "--batch-size", str(cfg["train"]["batch_size"]), "--threads", str(args.threads)]

@@ -17,5 +17,7 @@ rule build_base:
     resources:
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/build_base.py"

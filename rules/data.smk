@@ -3,11 +3,14 @@ rule prepare_data:
         data=config["data"]["path"],
     output:
         train="results/data/train.parquet",
-        eval="results/data/eval.parquet",
+        dev="results/data/dev.parquet",
+        test="results/data/test.parquet",
         summary="results/data/summary.json",
     params:
-        seed=config["seed"],
-        eval_fraction=config["data"]["eval_fraction"],
+        dev_fraction=config["data"]["dev_fraction"],
+        test_fraction=config["data"]["test_fraction"],
+        n_prompts=config["eval"]["n_prompts"],
+        n_nll=config["eval"]["n_nll"],
         max_tokens=config["data"]["max_tokens"],
         on_bad_rows=config["data"]["on_bad_rows"],
     log:
@@ -18,5 +21,7 @@ rule prepare_data:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/prepare_data.py"

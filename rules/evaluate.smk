@@ -4,8 +4,7 @@ EVAL = config["eval"]
 rule reference:
     input:
         merged="results/runs/{run}/merged",
-        eval="results/data/eval.parquet",
-        prompts=config["data"]["eval_prompts"],
+        test="results/data/test.parquet",
     output:
         directory("results/runs/{run}/reference"),
     params:
@@ -21,6 +20,8 @@ rule reference:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/eval.yaml"
     script:
         "../scripts/reference.py"
 
@@ -39,7 +40,7 @@ rule evaluate:
     input:
         artifact=eval_artifact,
         reference="results/runs/{run}/reference",
-        prompts=config["data"]["eval_prompts"],
+        test="results/data/test.parquet",
     output:
         "results/eval/{run}/{format}/{variant}.json",
     params:
@@ -56,5 +57,7 @@ rule evaluate:
     resources:
         mem_mb=lambda w: EVAL_MEM_MB[w.format],
         runtime=30,
+    conda:
+        "../envs/eval.yaml"
     script:
         "../scripts/evaluate.py"

@@ -1,7 +1,7 @@
 rule gguf_convert:
     input:
         merged="results/runs/{run}/merged",
-        eval="results/data/eval.parquet",
+        dev="results/data/dev.parquet",
     output:
         gguf=maybe_temp(gguf_file("{run}", OUTTYPE)),
         record=gguf_file("{run}", OUTTYPE) + ".json",
@@ -17,6 +17,8 @@ rule gguf_convert:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/gguf_convert.py"
 
@@ -39,6 +41,8 @@ rule gguf_imatrix:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/gguf_imatrix.py"
 
@@ -60,6 +64,8 @@ rule gguf_quantize:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/gguf_quantize.py"
 
@@ -76,5 +82,7 @@ rule ollama_modelfile:
     resources:
         mem_mb=1000,
         runtime=5,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/ollama_modelfile.py"

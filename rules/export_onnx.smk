@@ -11,6 +11,8 @@ rule onnx_export:
     resources:
         mem_mb=6000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/onnx_export.py"
 
@@ -28,5 +30,7 @@ rule onnx_int8:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/onnx_int8.py"

@@ -14,6 +14,8 @@ rule torchao_ptq:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/torchao_ptq.py"
 
@@ -35,5 +37,7 @@ rule qat_convert:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/export.yaml"
     script:
         "../scripts/qat_convert.py"

@@ -30,6 +30,8 @@ rule report:
     resources:
         mem_mb=1000,
         runtime=5,
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/report.py"
 
@@ -45,5 +47,7 @@ rule parity_gate:
     resources:
         mem_mb=500,
         runtime=5,
+    conda:
+        "../envs/report.yaml"
     script:
         "../scripts/parity_gate.py"

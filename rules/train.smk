@@ -2,7 +2,7 @@ rule train:
     input:
         base="results/base",
         train="results/data/train.parquet",
-        eval="results/data/eval.parquet",
+        dev="results/data/dev.parquet",
     output:
         directory("results/runs/{run}/checkpoints"),
     params:
@@ -17,6 +17,8 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/train.py"
 
@@ -25,8 +27,7 @@ rule select_best:
     input:
         base="results/base",
         checkpoints="results/runs/{run}/checkpoints",
-        eval="results/data/eval.parquet",
-        prompts=config["data"]["eval_prompts"],
+        dev="results/data/dev.parquet",
     output:
         "results/runs/{run}/best.json",
     params:
@@ -44,6 +45,8 @@ rule select_best:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/select_best.py"
 
@@ -66,5 +69,7 @@ rule merge:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/train.yaml"
     script:
         "../scripts/merge.py"

@@ -7,7 +7,7 @@ with logged(snakemake) as log:
     row = run_eval(
         snakemake.input.artifact,
         snakemake.input.reference,
-        snakemake.input.prompts,
+        snakemake.input.test,
         snakemake.output[0],
         run=snakemake.wildcards.run,
         qat_scheme=p.qat_scheme,

@@ -10,7 +10,7 @@ with logged(snakemake) as log:
         outtype=p.outtype,
         pre_tokenizer=p.pre_tokenizer,
         model_name=p.model_name,
-        parity_texts=parity_texts_from_parquet(snakemake.input.eval, merged),
+        parity_texts=parity_texts_from_parquet(snakemake.input.dev, merged),
         log=log.info,
     )
     log.info("converted: %s", info)

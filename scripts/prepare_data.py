@@ -4,14 +4,21 @@ from qatforge.runlog import logged
 
 with logged(snakemake) as log:
     p = snakemake.params
+    out = snakemake.output
     summary = prepare(
         snakemake.input.data,
-        snakemake.output.train,
-        snakemake.output.eval,
-        seed=p.seed,
-        eval_fraction=p.eval_fraction,
+        out.train,
+        out.dev,
+        out.test,
+        dev_fraction=p.dev_fraction,
+        test_fraction=p.test_fraction,
         max_tokens=p.max_tokens,
         on_bad_rows=p.on_bad_rows,
+        n_prompts=p.n_prompts,
+        n_nll=p.n_nll,
     )
+    log.info("split: train %d, dev %d, test %d; dropped for leakage (a test or dev question in a user turn): "
+             "train %d, dev %d", summary["train_rows"], summary["dev_rows"], summary["test_rows"],
+             summary["leakage_dropped"]["train"], summary["leakage_dropped"]["dev"])
     log.info("prepared data: %s", summary)
-    write_json(snakemake.output.summary, summary)
+    write_json(out.summary, summary)

@@ -5,8 +5,7 @@ with logged(snakemake) as log:
     p = snakemake.params
     info = build(
         snakemake.input.merged,
-        snakemake.input.eval,
-        snakemake.input.prompts,
+        snakemake.input.test,
         snakemake.output[0],
         n_prompts=p.n_prompts,
         n_nll=p.n_nll,

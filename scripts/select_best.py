@@ -6,8 +6,7 @@ with logged(snakemake) as log:
     best = select_best(
         snakemake.input.base,
         snakemake.input.checkpoints,
-        snakemake.input.eval,
-        snakemake.input.prompts,
+        snakemake.input.dev,
         snakemake.output[0],
         metric=p.metric,
         pinned=p.pinned,

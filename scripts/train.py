@@ -7,7 +7,7 @@ with logged(snakemake) as log:
     train_run(
         snakemake.input.base,
         snakemake.input.train,
-        snakemake.input.eval,
+        snakemake.input.dev,
         snakemake.output[0],
         settings,
         work_dir=p.work_dir,

@@ -7,7 +7,6 @@ through its own fixture calling ``tiny_checkpoint(tmp_path_factory)``.
 from __future__ import annotations
 
 import copy
-import json
 import random
 from pathlib import Path
 
@@ -83,8 +82,8 @@ REVERSE_WORDS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]
 
 
 def reverse_task_checkpoint(root: Path, n_conv: int = 60, perturbed: bool = False) -> dict:
-    """A random tiny Qwen3 + tokenizer (qatforge.tiny) saved as ``root/merged``, with eval parquet and
-    prompts of a word-reversal task; ``perturbed`` also saves a noisy copy as ``root/perturbed``."""
+    """A random tiny Qwen3 + tokenizer (qatforge.tiny) saved as ``root/merged``, with a test split
+    ``root/test.parquet`` of a word-reversal task; ``perturbed`` also saves a noisy copy as ``root/perturbed``."""
     import numpy as np
     import polars as pl
     import torch
@@ -93,16 +92,15 @@ def reverse_task_checkpoint(root: Path, n_conv: int = 60, perturbed: bool = Fals
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    convs, prompts = [], []
+    convs = []
     for _ in range(n_conv):
         ws = [REVERSE_WORDS[j] for j in rng.integers(0, len(REVERSE_WORDS), 3)]
         q, a = f"Reverse: {' '.join(ws)}", " ".join(reversed(ws))
         convs.append([REVERSE_SYSTEM, {"role": "user", "content": q}, {"role": "assistant", "content": a}])
-        prompts.append({"messages": [REVERSE_SYSTEM, {"role": "user", "content": q}], "answer": a, "task": "reverse"})
     tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=320)
     model = tiny.build_model(tok, hidden=256, intermediate=256, layers=1, heads=4, kv_heads=2, head_dim=64, seed=0)
-    out = {"root": root, "merged": root / "merged", "parquet": root / "eval.parquet",
-           "prompts": root / "eval_prompts.jsonl", "model": model, "tokenizer": tok}
+    out = {"root": root, "merged": root / "merged", "parquet": root / "test.parquet", "model": model,
+           "tokenizer": tok}
     model.save_pretrained(out["merged"], safe_serialization=True)
     tok.save_pretrained(out["merged"])
     if perturbed:  # same tokenizer, noisy weights
@@ -114,6 +112,6 @@ def reverse_task_checkpoint(root: Path, n_conv: int = 60, perturbed: bool = Fals
         noisy.save_pretrained(out["perturbed"], safe_serialization=True)
         tok.save_pretrained(out["perturbed"])
     dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-    pl.DataFrame({"messages": convs}, schema={"messages": dtype}).write_parquet(out["parquet"])
-    out["prompts"].write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    pl.DataFrame({"messages": convs, "task": ["reverse"] * n_conv},
+                 schema={"messages": dtype, "task": pl.String}).write_parquet(out["parquet"])
     return out

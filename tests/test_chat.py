@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qatforge import chat, datagen, tiny
+from qatforge import chat, data, datagen, tiny
 
 MSGS = [
     {"role": "system", "content": "Be brief."},
@@ -56,7 +56,7 @@ def test_exact_match_normalisation():
 
 def test_generate_and_nll_on_a_real_model(tok):
     model = tiny.build_model(tok, layers=1, seed=0)
-    prompts = datagen.eval_prompts(0, 3)
+    prompts = [data.as_prompt(r["messages"], r["task"]) for r in datagen.generate(0, 3)]
     acc, correct, gens = chat.hf_exact_match(model, tok, prompts, max_new_tokens=4)
     assert len(correct) == len(gens) == 3 and 0.0 <= acc <= 1.0
     assert all(isinstance(g, str) and "<|im" not in g for g in gens)

@@ -47,6 +47,8 @@ def test_default_config_is_valid(cfg):
         ({"runs": {"../evil": {"qat_scheme": None}}}, "../evil"),
         ({"runs": {"a/b": {}}}, "a/b"),
         ({"data": {"on_bad_rows": "ignore"}}, "on_bad_rows"),
+        ({"data": {"test_fraction": 1.0}}, "test_fraction"),
+        ({"data": {"eval_prompts": "data/eval_prompts.jsonl"}}, "eval_prompts"),
     ],
 )
 def test_schema_rejects_with_the_key_named(cfg, patch, needle):
@@ -126,9 +128,22 @@ def test_tokenizer_without_chat_template_or_eos(cfg, tmp_path):
     assert "has no chat template" in msg and "has no eos_token" in msg
 
 
-def test_eval_prompts_too_few(cfg):
+def test_split_fractions_must_leave_a_train_split(cfg):
+    cfg["data"].update(dev_fraction=0.5, test_fraction=0.5)
+    assert "data.dev_fraction + data.test_fraction" in problems_of(cfg)
+
+
+def test_n_prompts_is_checked_by_prepare_data_not_at_parse_time(cfg, tmp_path):
+    """The test split's size is only known once the dataset is read: prepare_data fails, naming it."""
+    from qatforge import data
+
     cfg["eval"]["n_prompts"] = 10**6
-    assert "eval.n_prompts" in problems_of(cfg)
+    qcfg.check(cfg, ROOT)  # parse time does not read the dataset
+    outs = [tmp_path / f"{s}.parquet" for s in data.SPLITS]
+    with pytest.raises(data.DataError, match=r"the test split has \d+ conversations but eval\.n_prompts asks for 1000000"):
+        data.prepare(ROOT / cfg["data"]["path"], *outs, dev_fraction=cfg["data"]["dev_fraction"],
+                     test_fraction=cfg["data"]["test_fraction"], max_tokens=cfg["data"]["max_tokens"],
+                     n_prompts=cfg["eval"]["n_prompts"], n_nll=cfg["eval"]["n_nll"])
 
 
 def test_unknown_run_in_targets_is_named(tmp_path):

@@ -1,11 +1,18 @@
-"""Data preparation on good JSONL / Parquet / datasets-dir input and on each kind of bad row."""
+"""Data preparation on good JSONL / Parquet / datasets-dir input and on each kind of bad row;
+the train/dev/test split and its leakage removal."""
 
+import itertools
 import json
+import random
+from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 
 from qatforge import data, datagen
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_jsonl(path, rows):
@@ -14,23 +21,119 @@ def _write_jsonl(path, rows):
 
 
 GOOD = datagen.generate(1, 60)
+KW = dict(dev_fraction=0.2, test_fraction=0.2, max_tokens=256)
+
+
+def _prepare(src, out, **kw):
+    """``data.prepare`` into ``out/{train,dev,test}.parquet``."""
+    return data.prepare(src, *(out / f"{s}.parquet" for s in data.SPLITS), **{**KW, **kw})
+
+
+def _splits(out):
+    return {s: data.read_conversations(out / f"{s}.parquet") for s in data.SPLITS}
+
+
+def _conv(*qa):
+    """A conversation of (question, answer) exchanges."""
+    msgs = [{"role": "system", "content": "s"}]
+    for q, a in qa:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"messages": msgs}
 
 
 def test_prepare_jsonl_split_is_deterministic(tmp_path):
     src = _write_jsonl(tmp_path / "d.jsonl", GOOD)
-    kw = dict(seed=5, eval_fraction=0.1, max_tokens=256, on_bad_rows="error")
-    s1 = data.prepare(src, tmp_path / "a/train.parquet", tmp_path / "a/eval.parquet", **kw)
-    s2 = data.prepare(src, tmp_path / "b/train.parquet", tmp_path / "b/eval.parquet", **kw)
-    assert (s1["train_rows"], s1["eval_rows"], s1["rows_dropped"]) == (54, 6, 0)
-    assert (tmp_path / "a/train.parquet").read_bytes() == (tmp_path / "b/train.parquet").read_bytes()
-    tr = data.read_conversations(tmp_path / "a/train.parquet")
-    ev = data.read_conversations(tmp_path / "a/eval.parquet")
-    assert sorted(map(json.dumps, tr + ev)) == sorted(json.dumps(r["messages"]) for r in GOOD)
+    s1 = _prepare(src, tmp_path / "a", on_bad_rows="error")
+    s2 = _prepare(src, tmp_path / "b", on_bad_rows="error")
+    assert s1 == {**s2, "source": s1["source"]} and s1["rows_dropped"] == 0
+    assert all(s1[f"{s}_rows"] for s in data.SPLITS)
+    for s in data.SPLITS:
+        assert (tmp_path / f"a/{s}.parquet").read_bytes() == (tmp_path / f"b/{s}.parquet").read_bytes()
+    got = _splits(tmp_path / "a")
+    assert sum(map(len, got.values())) + sum(s1["leakage_dropped"].values()) == 60
     schema = pl.read_parquet_schema(tmp_path / "a/train.parquet")
     assert schema["messages"] == pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-    s3 = data.prepare(src, tmp_path / "c/train.parquet", tmp_path / "c/eval.parquet", **{**kw, "seed": 6})
-    assert data.read_conversations(tmp_path / "c/eval.parquet") != ev
-    assert s3["eval_rows"] == 6
+    assert schema["task"] == pl.String
+    for name, convs in got.items():  # each conversation is where the hash of its final question says
+        assert {data.split_of(data.final_question(c), 0.2, 0.2) for c in convs} == {name}
+
+
+def test_shipped_dataset_splits_are_disjoint_and_stable(tmp_path):
+    """Default config on the shipped data: no test question in train or dev, no dev one in train;
+    the same split whatever the row order."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    kw = dict(dev_fraction=cfg["data"]["dev_fraction"], test_fraction=cfg["data"]["test_fraction"],
+              max_tokens=cfg["data"]["max_tokens"], n_prompts=cfg["eval"]["n_prompts"], n_nll=cfg["eval"]["n_nll"])
+    src = ROOT / cfg["data"]["path"]
+    s = _prepare(src, tmp_path / "a", **kw)
+    got = _splits(tmp_path / "a")
+    users = {name: {m["content"] for c in convs for m in c if m["role"] == "user"} for name, convs in got.items()}
+    finals = {name: {data.final_question(c) for c in convs} for name, convs in got.items()}
+    assert not finals["test"] & (users["train"] | users["dev"])
+    assert not finals["dev"] & users["train"]
+    n = s["rows_kept"]
+    assert all(got[name] for name in data.SPLITS)
+    assert abs(len(got["test"]) / n - kw["test_fraction"]) < 0.03
+    assert abs(len(got["dev"]) / n - kw["dev_fraction"]) < 0.02
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    random.Random(0).shuffle(rows)
+    _prepare(_write_jsonl(tmp_path / "shuffled.jsonl", rows), tmp_path / "b", **kw)
+    for name, convs in _splits(tmp_path / "b").items():
+        assert sorted(map(json.dumps, convs)) == sorted(map(json.dumps, got[name]))
+
+
+def _question_in(split, prefix):
+    """The first question ``<prefix><i>`` whose hash puts it in ``split`` (at KW's fractions)."""
+    return next(f"{prefix}{i}" for i in itertools.count() if data.split_of(f"{prefix}{i}", 0.2, 0.2) == split)
+
+
+def test_leaked_multi_turn_conversations_are_dropped(tmp_path):
+    """A train or dev conversation with a test question in any user turn is dropped; a train one
+    with a dev question too; duplicates inside a split stay."""
+    qs = {name: _question_in(name, "q") for name in data.SPLITS}
+    more, dev2 = [_question_in("train", "x"), _question_in("train", "y")], _question_in("dev", "d")
+    rows = [
+        _conv((qs["test"], "a")),
+        _conv((qs["dev"], "a")),
+        _conv((qs["train"], "a")), _conv((qs["train"], "a")),  # duplicates: both kept
+        _conv((qs["test"], "a"), (more[0], "b")),  # train, but asks a test question first: dropped
+        _conv((qs["dev"], "a"), (more[1], "b")),  # train, asks a dev question first: dropped
+        _conv((qs["test"], "a"), (dev2, "b")),  # dev, asks a test question first: dropped
+    ]
+    s = _prepare(_write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "o")
+    got = _splits(tmp_path / "o")
+    assert got == {"train": [rows[2]["messages"]] * 2, "dev": [rows[1]["messages"]], "test": [rows[0]["messages"]]}
+    assert s["leakage_dropped"] == {"train": 2, "dev": 1}
+    assert (s["train_rows"], s["dev_rows"], s["test_rows"]) == (2, 1, 1)
+
+
+def test_prompts_from_parquet_answer_is_last_assistant_turn(tmp_path):
+    rows = [_conv(("q1", "a1"), ("q2", "a2")), _conv(("q3", "a3"))]
+    pq = tmp_path / "test.parquet"
+    pl.DataFrame({"messages": [r["messages"] for r in rows], "task": ["t", ""]}).write_parquet(pq)
+    got = data.prompts_from_parquet(pq, 2)
+    assert got[0] == {"messages": rows[0]["messages"][:-1], "answer": "a2", "task": "t"}
+    assert got[0]["messages"][-1] == {"role": "user", "content": "q2"}
+    assert got[1] == {"messages": rows[1]["messages"][:-1], "answer": "a3", "task": ""}
+    assert data.prompts_from_parquet(pq) == got and data.prompts_from_parquet(pq, 1) == got[:1]
+    with pytest.raises(data.DataError, match=r"test\.parquet: the test split has 2 conversations.*eval\.n_prompts"):
+        data.prompts_from_parquet(pq, 3)
+    pl.DataFrame({"messages": [r["messages"] for r in rows]}).write_parquet(pq)  # no task column
+    assert [p["task"] for p in data.prompts_from_parquet(pq)] == ["", ""]
+
+
+def test_too_few_rows_name_the_split_and_the_setting(tmp_path):
+    src = _write_jsonl(tmp_path / "d.jsonl", GOOD)
+    with pytest.raises(data.DataError, match=r"d\.jsonl: too few rows: the test split has \d+ .*eval\.n_prompts"):
+        _prepare(src, tmp_path / "o", n_prompts=1000)
+    with pytest.raises(data.DataError, match=r"the test split has \d+ .*eval\.n_nll"):
+        _prepare(src, tmp_path / "o", n_nll=1000)
+    with pytest.raises(data.DataError, match="too few rows: the dev split is empty"):
+        _prepare(_write_jsonl(tmp_path / "one.jsonl", [_conv(("q", "a"))] * 3), tmp_path / "o",
+                 dev_fraction=1e-9, test_fraction=1e-9)
+    with pytest.raises(ValueError, match=r"data\.dev_fraction \+ data\.test_fraction must be < 1"):
+        _prepare(src, tmp_path / "o", dev_fraction=0.5, test_fraction=0.5)
+    assert not (tmp_path / "o").exists()
 
 
 def test_parquet_and_datasets_dir_inputs(tmp_path):
@@ -38,12 +141,12 @@ def test_parquet_and_datasets_dir_inputs(tmp_path):
 
     pq = tmp_path / "d.parquet"
     pl.DataFrame({"messages": [r["messages"] for r in GOOD]}).write_parquet(pq)
-    assert data.load_rows(pq) == GOOD
+    assert data.load_rows(pq) == [{"messages": r["messages"]} for r in GOOD]
     ds_dir = tmp_path / "ds"
     datasets.Dataset.from_list(GOOD).save_to_disk(str(ds_dir))
     assert data.load_rows(ds_dir) == GOOD
-    s = data.prepare(ds_dir, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.05, max_tokens=256)
-    assert s["train_rows"] + s["eval_rows"] == 60
+    s = _prepare(ds_dir, tmp_path / "o")
+    assert sum(s[f"{n}_rows"] for n in data.SPLITS) + sum(s["leakage_dropped"].values()) == 60
 
 
 def test_unsupported_format_and_missing(tmp_path):
@@ -69,6 +172,7 @@ BAD_ROWS = [
     ({"messages": [SYS, USER]}, "ends with a 'user' turn"),
     ({"messages": [USER, {"role": "assistant", "content": 5}]}, "content is int"),
     ({"messages": [USER, {"role": "assistant", "content": "x" * 5000}]}, "over-length"),
+    ({"messages": [USER, ASSIST], "task": 3}, "'task' is int"),
     ("{not json", "invalid JSON"),
 ]
 
@@ -78,9 +182,9 @@ def test_each_bad_row_kind_names_file_and_line(tmp_path, bad, msg):
     rows = list(GOOD[:5])
     src = _write_jsonl(tmp_path / "d.jsonl", rows[:3] + [bad] + rows[3:])
     with pytest.raises(data.DataError) as e:
-        data.prepare(src, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.2, max_tokens=256)
+        _prepare(src, tmp_path / "o")
     assert str(src) in str(e.value) and "line 4" in str(e.value) and msg in str(e.value)
-    assert not (tmp_path / "t.parquet").exists()
+    assert not (tmp_path / "o").exists()
 
 
 def test_drop_mode_reports_dropped_rows(tmp_path):
@@ -88,11 +192,10 @@ def test_drop_mode_reports_dropped_rows(tmp_path):
     rows.insert(2, {"messages": [SYS, USER]})
     rows.insert(7, {"messages": [USER, {"role": "robot", "content": "x"}]})
     src = _write_jsonl(tmp_path / "d.jsonl", rows)
-    s = data.prepare(src, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.2,
-                     max_tokens=256, on_bad_rows="drop")
+    s = _prepare(src, tmp_path / "o", dev_fraction=0.3, test_fraction=0.3, on_bad_rows="drop")
     assert s["rows_dropped"] == 2 and s["rows_kept"] == 10
     assert [p["location"] for p in s["problems"]] == ["line 3", "line 8"]
-    assert s["train_rows"] + s["eval_rows"] == 10
+    assert sum(s[f"{n}_rows"] for n in data.SPLITS) + sum(s["leakage_dropped"].values()) == 10
 
 
 def test_validate_rows_row_numbers_and_token_bound(tmp_path):
@@ -105,32 +208,10 @@ def test_validate_rows_row_numbers_and_token_bound(tmp_path):
 def test_empty_and_too_small_dataset(tmp_path):
     src = _write_jsonl(tmp_path / "d.jsonl", [])
     with pytest.raises(data.DataError, match="empty"):
-        data.prepare(src, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.1, max_tokens=256)
+        _prepare(src, tmp_path / "o")
     src = _write_jsonl(tmp_path / "d.jsonl", GOOD[:1])
-    with pytest.raises(data.DataError, match="too few"):
-        data.prepare(src, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.1, max_tokens=256)
-
-
-def test_load_eval_prompts(tmp_path):
-    rows = datagen.eval_prompts(0, 5)
-    src = _write_jsonl(tmp_path / "p.jsonl", rows)
-    assert data.load_eval_prompts(src, 3) == rows[:3]
-    with pytest.raises(data.DataError, match=r"p\.jsonl: 5 eval prompts, but 9"):
-        data.load_eval_prompts(src, 9)
-    bad = dict(rows[1], messages=rows[1]["messages"] + [{"role": "assistant", "content": "x"}])
-    src = _write_jsonl(tmp_path / "q.jsonl", [rows[0], bad])
-    with pytest.raises(data.DataError, match=r"q\.jsonl: line 2: .*user turn"):
-        data.load_eval_prompts(src, 2)
-    src = _write_jsonl(tmp_path / "r.jsonl", [{k: v for k, v in rows[0].items() if k != "answer"}])
-    with pytest.raises(data.DataError, match="answer"):
-        data.load_eval_prompts(src, 1)
-
-
-def test_shipped_eval_prompts_load():
-    from pathlib import Path
-
-    rows = data.load_eval_prompts(Path(__file__).resolve().parents[1] / "data" / "eval_prompts.jsonl", 200)
-    assert len(rows) == 200
+    with pytest.raises(data.DataError, match="too few rows: the (train|dev|test) split is empty"):
+        _prepare(src, tmp_path / "o")
 
 
 def test_json_array_file(tmp_path):
@@ -139,4 +220,4 @@ def test_json_array_file(tmp_path):
     assert data.load_rows(src) == GOOD[:3]
     src.write_text(json.dumps([GOOD[0], {"messages": []}]))
     with pytest.raises(data.DataError, match=r"d\.json: item 2: empty"):
-        data.prepare(src, tmp_path / "t.parquet", tmp_path / "e.parquet", seed=0, eval_fraction=0.5, max_tokens=256)
+        _prepare(src, tmp_path / "o")

@@ -1,9 +1,9 @@
-"""The shipped dataset generator: deterministic, balanced, exact answers, eval disjoint from train."""
+"""The shipped dataset generator: deterministic, balanced, exact answers, each row's task recorded."""
 
 import json
 from pathlib import Path
 
-from qatforge import datagen
+from qatforge import data, datagen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,12 @@ def test_rows_are_valid_chat_conversations():
         assert msgs[0]["role"] == "system"
         assert [m["role"] for m in msgs[1:]] == ["user", "assistant"] * ((len(msgs) - 1) // 2)
         assert all(isinstance(m["content"], str) and m["content"] for m in msgs)
+        assert r["task"] in datagen.TASKS
     assert any(len(r["messages"]) == 5 for r in rows)  # some multi-turn conversations
 
 
 def test_answers_are_exactly_right():
-    rows = datagen.eval_prompts(3, 50)
+    rows = [data.as_prompt(r["messages"], r["task"]) for r in datagen.generate(3, 50)]
     for r in rows:
         q, a, task = r["messages"][-1]["content"], r["answer"], r["task"]
         arg = q.split(": ", 1)[-1]
@@ -44,23 +45,17 @@ def test_answers_are_exactly_right():
     assert {r["task"] for r in rows} == set(datagen.TASKS)
 
 
-def test_eval_prompts_disjoint_from_training_and_unique():
-    train_users = {m["content"] for r in datagen.generate(0, 4000) for m in r["messages"] if m["role"] == "user"}
-    ev = datagen.eval_prompts(0, 200)
-    users = [r["messages"][-1]["content"] for r in ev]
-    assert len(set(users)) == 200
-    assert not train_users & set(users)
-    assert all(r["messages"][-1]["role"] == "user" for r in ev)
+def test_reserved_problems_are_never_generated():
+    users = [m["content"] for r in datagen.generate(0, 2000) for m in r["messages"] if m["role"] == "user"]
+    assert not any(datagen.is_reserved(q) for q in users)
 
 
 def test_main_writes_files_and_shipped_files_match_generator(tmp_path):
-    datagen.main(["--out", str(tmp_path), "--n", "50", "--n-eval", "10", "--seed", "0"])
+    datagen.main(["--out", str(tmp_path), "--n", "50", "--seed", "0"])
     chat = [json.loads(l) for l in (tmp_path / "chat.jsonl").read_text().splitlines()]
     assert chat == datagen.generate(0, 50)
-    assert len((tmp_path / "eval_prompts.jsonl").read_text().splitlines()) == 10
-    # The committed files are exactly what the default command produces.
+    assert [p.name for p in tmp_path.iterdir()] == ["chat.jsonl"]
+    # The committed file is exactly what the default command produces.
     shipped = (ROOT / "data" / "chat.jsonl").read_text().splitlines()
     assert [json.loads(l) for l in shipped] == datagen.generate(0, len(shipped))
-    shipped_eval = [json.loads(l) for l in (ROOT / "data" / "eval_prompts.jsonl").read_text().splitlines()]
-    assert shipped_eval == datagen.eval_prompts(0, len(shipped_eval))
     assert (ROOT / "data" / "chat.jsonl").stat().st_size < 3 * 2**20

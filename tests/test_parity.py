@@ -26,31 +26,41 @@ def test_kld_matches_hand_computation():
     assert parity.kld(test, ref)[0] == pytest.approx(back, rel=1e-12)
 
 
-def test_compare_logits_top1_and_max_abs():
-    ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [0.0, 0.0, 1.0]])
-    test = ref.copy()
-    test[3] = [2.0, 0.0, 1.0]  # argmax moves from 2 to 0; largest |diff| = 2
-    m = parity.compare_logits(ref, test)
-    assert m["top1_agree"] == 0.75
-    assert m["max_abs_diff"] == 2.0
-    k = parity.kld(ref, test)
-    assert m["kld_mean"] == pytest.approx(k.mean()) and m["kld_max"] == pytest.approx(k[3])
-    assert k[:3].max() == 0.0 and k[3] > 0
+def test_answer_positions_are_those_before_answer_tokens():
+    # tokens: user, header, answer, answer, <|im_end|>, header, answer, <|im_end|>
+    mask = np.array([False, False, True, True, True, False, True, True])
+    assert parity.answer_positions(mask).tolist() == [1, 2, 3, 5, 6]
+    assert parity.answer_positions(np.zeros(3, dtype=bool)).tolist() == []
 
 
-def test_compare_logit_sets_pools_tokens():
-    a, b = np.zeros((2, 3)), np.zeros((3, 3))
-    b2 = b.copy()
-    b2[0] = [0.0, 1.0, 0.0]  # argmax of zeros is 0; this one is 1
-    pooled = parity.compare_logit_sets([a, b], [a, b2])
-    assert pooled["top1_agree"] == pytest.approx(4 / 5)
-    with pytest.raises(ValueError, match="2 reference sequences vs 1"):
-        parity.compare_logit_sets([a, b], [a])
+def test_compare_answers_scores_only_answer_positions():
+    """KLD, top-1, max |diff| and NLL by hand; the other positions differ wildly and must not count."""
+    wild = [100.0, -100.0, 0.0]
+    ids1, mask1 = np.array([2, 0, 1]), np.array([False, True, True])  # positions 0, 1
+    ref1 = np.zeros((3, 3))  # p uniform
+    test1 = np.array([[0.0, 0.0, 0.0], [0.0, math.log(2), 0.0], wild])  # q = (1/4, 1/2, 1/4) at 1
+    ids2, mask2 = np.array([0, 1, 1, 2]), np.array([False, False, True, False])  # position 1
+    ref2 = np.zeros((4, 3))
+    test2 = np.array([wild, [0.0, 0.0, 0.0], wild, wild])
+    m = parity.compare_answers([ref1, ref2], [test1, test2], [ids1, ids2], [mask1, mask2])
+    k = math.log(32 / 27) / 3  # KL(uniform || (1/4, 1/2, 1/4))
+    assert m["kld_mean"] == pytest.approx(k / 3, rel=1e-12) and m["kld_max"] == pytest.approx(k, rel=1e-12)
+    assert m["top1_agree"] == pytest.approx(2 / 3)  # argmax 0 vs 1 at seq 1's position 1
+    assert m["max_abs_diff"] == pytest.approx(math.log(2))
+    # test's -log p of ids1[1]=0, ids1[2]=1 and ids2[2]=1
+    assert m["per_seq_nll_sum"] == pytest.approx([math.log(3) + math.log(2), math.log(3)])
+    assert m["per_seq_tokens"] == [2, 1]
+    assert m["nll"] == pytest.approx((2 * math.log(3) + math.log(2)) / 3, rel=1e-12)
+    assert m["nll"] == pytest.approx(parity.mean_nll([test1, test2], [ids1, ids2], [mask1, mask2]), rel=1e-12)
+    with pytest.raises(ValueError, match="2 reference, 1 test"):
+        parity.compare_answers([ref1, ref2], [test1], [ids1, ids2], [mask1, mask2])
+    with pytest.raises(ValueError, match="no answer positions"):
+        parity.compare_answers([ref1], [test1], [ids1], [np.zeros(3, dtype=bool)])
 
 
 def test_shape_and_nan_errors():
     with pytest.raises(ValueError, match="shapes differ"):
-        parity.compare_logits(np.zeros((2, 3)), np.zeros((2, 4)))
+        parity.kld(np.zeros((2, 3)), np.zeros((2, 4)))
     bad = np.zeros((2, 3))
     bad[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):

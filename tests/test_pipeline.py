@@ -54,10 +54,28 @@ def test_report_figures_are_in_range(report):
     assert (merged["kld_mean"] < 1e-6).all() and (merged["top1_agree"] == 1).all()
     assert merged["token_parity"].all()
     gguf = report.filter(pl.col("format") == "gguf")
-    assert gguf["token_parity"].all(), "llama.cpp must tokenize the eval prompts like HF"
+    assert gguf["token_parity"].all(), "llama.cpp must tokenize the test prompts like HF"
     q8 = gguf.filter(pl.col("variant") == "Q8_0")["kld_mean"].max()
     q4 = gguf.filter(pl.col("variant") == "Q4_0")["kld_mean"].min()
     assert q8 < q4, "8-bit quantization must stay closer to the reference than 4-bit"
+
+
+def test_dev_selects_and_test_reports_with_no_test_prompt_in_train_or_dev(pipeline_build):
+    from qatforge.data import read_conversations
+
+    cfg = read_config(pipeline_build)
+    data = pipeline_build / "results" / "data"
+    summary = json.loads((data / "summary.json").read_text())
+    seen = {m["content"] for s in ("train", "dev") for c in read_conversations(data / f"{s}.parquet")
+            for m in c if m["role"] == "user"}
+    for run in qcfg.runs(cfg):
+        ref = json.loads((pipeline_build / "results/runs" / run / "reference/reference.json").read_text())
+        assert ref["test_sha256"] == sha256_path(data / "test.parquet")
+        assert len(ref["prompts"]) == cfg["eval"]["n_prompts"]
+        assert not {p["messages"][-1]["content"] for p in ref["prompts"]} & seen
+        best = json.loads((pipeline_build / "results/runs" / run / "best.json").read_text())
+        assert best["dev_parquet"] == "results/data/dev.parquet"
+        assert best["n_prompts"] == min(cfg["eval"]["n_prompts"], summary["dev_rows"])
 
 
 def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):

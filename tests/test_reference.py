@@ -1,6 +1,5 @@
 """The reference (built once from the merged model): contents, numpy-only loading, atomicity, errors."""
 
-import json
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from export_helpers import reverse_task_checkpoint
 def tiny_ref(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     t = reverse_task_checkpoint(root)
-    meta = reference.build(t["merged"], t["parquet"], t["prompts"], root / "reference",
+    meta = reference.build(t["merged"], t["parquet"], root / "reference",
                            n_prompts=6, n_nll=4, max_new_tokens=8, max_len=64, threads=1)
     return t, root / "reference", meta
 
@@ -38,7 +37,7 @@ def test_reference_contents_match_the_model(tiny_ref):
     text = render(tok, ref.prompts[0], add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     assert ref.prompt_ids[0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
-    # full fp32 logits and the assistant mask of the eval conversations
+    # full fp32 logits and the assistant mask of the test conversations
     conv = read_conversations(t["parquet"])[1]
     enc = encode_for_training(tok, conv, 64)
     assert ref.nll_ids[1].tolist() == enc["input_ids"]
@@ -57,7 +56,10 @@ def test_reference_contents_match_the_model(tiny_ref):
     assert meta["eos_token_id"] == tok.eos_token_id and meta["bos_token_id"] is None
     assert meta["stop_token_ids"] == [tok.eos_token_id]
     assert meta["chat_template"] == tok.chat_template
-    assert [p["answer"] for p in meta["prompts"]][:1] == [json.loads(t["prompts"].read_text().splitlines()[0])["answer"]]
+    # prompts: the test conversations up to their last assistant turn, whose content is the answer
+    conv = read_conversations(t["parquet"])[0]
+    assert meta["prompts"][0] == {"messages": conv[:-1], "answer": conv[-1]["content"], "task": "reverse"}
+    assert meta["test_sha256"] == sha256_path(t["parquet"])
     assert meta["merged_sha256"] == sha256_path(t["merged"])
     assert len(meta["tokenizer_sha256"]) == 64 and meta["vocab_size"] == len(tok)
     assert meta["n_nll_tokens"] == sum(len(x) for x in ref.nll_ids)
@@ -77,8 +79,8 @@ def test_load_needs_numpy_only(tiny_ref):
 
 def test_failed_build_leaves_nothing(tiny_ref, tmp_path):
     t, _, _ = tiny_ref
-    with pytest.raises(ValueError, match="need n_nll=999"):
-        reference.build(t["merged"], t["parquet"], t["prompts"], tmp_path / "reference",
+    with pytest.raises(ValueError, match=r"test split has 60 conversations, but eval\.n_nll asks for 999"):
+        reference.build(t["merged"], t["parquet"], tmp_path / "reference",
                         n_prompts=2, n_nll=999, max_new_tokens=4, max_len=64)
     assert not (tmp_path / "reference").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".reference")]
@@ -96,13 +98,15 @@ def test_load_errors(tiny_ref, tmp_path):
         reference.load(bad)
 
 
-def test_check_prompts_detects_changed_eval_prompts(tiny_ref, tmp_path):
+def test_check_test_data_detects_a_changed_test_split(tiny_ref, tmp_path):
+    import polars as pl
+
     t, ref_dir, _ = tiny_ref
     ref = reference.load(ref_dir)
-    reference.check_prompts(ref, t["prompts"])  # unchanged: fine
-    rows = [json.loads(line) for line in t["prompts"].read_text().splitlines()]
-    rows[2]["answer"] = "something else"
-    changed = tmp_path / "prompts.jsonl"
-    changed.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match="prompt 3 differs from the reference"):
-        reference.check_prompts(ref, changed)
+    reference.check_test_data(ref, t["parquet"])  # unchanged: fine
+    reference.check_test_data(ref, None)
+    df = pl.read_parquet(t["parquet"])
+    changed = tmp_path / "test.parquet"
+    df.with_columns(task=pl.lit("other")).write_parquet(changed)
+    with pytest.raises(ValueError, match="differs from the test split the reference was built from"):
+        reference.check_test_data(ref, changed)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from qatforge import report
-from qatforge.columns import REPORT_COLUMNS
+from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
 
 N_PROMPTS = 100
 N_SEQ = 20
@@ -31,6 +31,8 @@ def _row(run, scheme, fmt, variant, size, n_correct, nll, *, ok=True, kld=1e-4, 
         "failures": failures if failures is not None else ([] if ok else ["top1_agree 0.7 < 0.88"]),
         "per_prompt_correct": correct, "per_seq_nll_sum": sums, "per_seq_tokens": tokens,
         "threads": 1, "n_prompts": N_PROMPTS,
+        "prompt_tps_p25": 990.0 + seed, "prompt_tps_p75": 1010.0 + seed, "gen_tps_p25": 290.0 + seed,
+        "gen_tps_p75": 310.0 + seed, "speed_rss_mb": 120.0,
     }
 
 
@@ -78,6 +80,7 @@ def test_csv_schema_order_and_ranges(built):
     for c in ("size_mb", "accuracy", "nll", "ppl", "kld_mean", "top1_agree", "gen_match", "gen_tps"):
         assert df.schema[c] == pl.Float64
     assert df.null_count().sum_horizontal().item() == 0
+    assert tuple(df.columns[-len(SPEED_COLUMNS):]) == SPEED_COLUMNS and (df["gen_tps_p25"] < df["gen_tps"]).all()
     assert df["accuracy"].is_between(0, 1).all() and df["top1_agree"].is_between(0, 1).all()
     assert (df["kld_mean"] >= 0).all() and (df["size_mb"] > 0).all()
     # failing rows first, baseline's scheme recorded as "none"
@@ -89,9 +92,10 @@ def test_csv_schema_order_and_ranges(built):
 def test_markdown_sections_and_failing_rows_first(built, caplog):
     out, _, _ = built
     md = (out / "report.md").read_text()
-    assert md.index("## Parity failures") < md.index("## All artifacts") < md.index("## QAT vs PTQ") < md.index(
-        "## Recommendation"
-    )
+    assert md.index("## Parity failures") < md.index("## All artifacts") < md.index("## Speed") < md.index(
+        "## QAT vs PTQ"
+    ) < md.index("## Recommendation")
+    assert "| baseline/hf/merged | 1 | 1001 [991, 1011] | 301 [291, 311] | 120 |" in md
     table = md.split("## All artifacts")[1]
     first_data_row = [line for line in table.splitlines() if line.startswith("| baseline") or line.startswith("| qat")][0]
     assert "Q4_0" in first_data_row and "**NO**" in first_data_row

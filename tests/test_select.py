@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qatforge import data
 from qatforge import select as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,19 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny random base, an eval split, a prompt file and a 4-step LoRA run with 2 checkpoints."""
+    """A tiny random base, a train/dev/test split and a 4-step LoRA run with 2 checkpoints."""
     import torch
 
-    from qatforge import data, tiny
+    from qatforge import tiny
     from qatforge.train import TrainSettings, train_run
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("select")
     src = root / "chat.jsonl"
     src.write_text("\n".join((ROOT / "data/chat.jsonl").read_text().splitlines()[:160]) + "\n")
-    data.prepare(src, root / "train.parquet", root / "eval.parquet", seed=1, eval_fraction=0.1, max_tokens=256)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("\n".join((ROOT / "data/eval_prompts.jsonl").read_text().splitlines()[:6]) + "\n")
+    data.prepare(src, *(root / f"{s}.parquet" for s in data.SPLITS), dev_fraction=0.1, test_fraction=0.1,
+                 max_tokens=256)
     convs = data.read_conversations(root / "train.parquet")
     tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=300)
     model = tiny.build_model(tok, layers=1, intermediate=256, seed=2)
@@ -34,14 +34,14 @@ def run(tmp_path_factory):
     tok.save_pretrained(root / "base")
     settings = TrainSettings(max_steps=4, save_steps=2, batch_size=4, lr=3e-3, lora_r=4, lora_alpha=8, threads=1,
                              max_len=96, eval_rows=0, backend="hf")
-    train_run(root / "base", root / "train.parquet", root / "eval.parquet", root / "ckpts", settings,
+    train_run(root / "base", root / "train.parquet", root / "dev.parquet", root / "ckpts", settings,
               log=lambda m: None)
     return root
 
 
 def _select(run, out, **kw):
     args = dict(n_prompts=6, max_new_tokens=6, n_eval=8, max_len=96, threads=1, log=lambda m: None)
-    return S.select_best(run / "base", run / "ckpts", run / "eval.parquet", run / "prompts.jsonl", out, **{**args, **kw})
+    return S.select_best(run / "base", run / "ckpts", run / "dev.parquet", out, **{**args, **kw})
 
 
 def test_select_scores_all_and_records(run, tmp_path):
@@ -59,8 +59,12 @@ def test_select_scores_all_and_records(run, tmp_path):
 
 
 def test_select_pinned_and_qat(run, tmp_path):
-    rec = _select(run, tmp_path / "best.json", metric="accuracy", pinned="checkpoint-2", qat_scheme="int8-int4")
+    rec = _select(run, tmp_path / "best.json", metric="accuracy", pinned="checkpoint-2", qat_scheme="int8-int4",
+                  n_prompts=100)
     assert rec["selected"] == "checkpoint-2" and rec["pinned"] == "checkpoint-2"
+    # a dev split smaller than eval.n_prompts: all its conversations are scored, and recorded
+    n_dev = len(data.read_conversations(run / "dev.parquet"))
+    assert n_dev < 100 and rec["n_prompts"] == n_dev and rec["n_prompts_asked"] == 100
     assert rec["scored_with_fake_quant"] and len(rec["candidates"]) == 2
     with pytest.raises(S.SelectError, match="checkpoint-3 not found.*checkpoint-2, checkpoint-4"):
         _select(run, tmp_path / "x.json", pinned=3)

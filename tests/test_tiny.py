@@ -52,7 +52,7 @@ def test_save_reload_identical_logits(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     m2, t2 = load_causal_lm(tmp_path), load_tokenizer(tmp_path)
-    ids = torch.tensor([tok(chat.render(tok, datagen.eval_prompts(0, 1)[0]["messages"], True))["input_ids"]])
+    ids = torch.tensor([tok(chat.render(tok, data.as_prompt(datagen.generate(0, 1)[0]["messages"])["messages"], True))["input_ids"]])
     with torch.no_grad():
         assert torch.equal(m(ids).logits, m2(ids).logits)
     assert t2.chat_template == tok.chat_template and t2.eos_token_id == tok.eos_token_id
@@ -74,7 +74,7 @@ def test_warmup_reduces_loss_and_is_deterministic(tok, rows):
 def test_build_base_writes_loadable_checkpoint(rows, tmp_path):
     train = tmp_path / "train.parquet"
     data._write_parquet(data._messages_frame(rows), train)
-    prompts = datagen.eval_prompts(0, 5)
+    prompts = [data.as_prompt(r["messages"], r["task"]) for r in datagen.generate(0, 5)]
     metrics = tiny.build_base(train, tmp_path / "base", steps=3, batch_size=4, lr=1e-3, seed=0,
                               vocab_size=512, log_path=tmp_path / "warmup.csv", eval_prompts=prompts,
                               max_new_tokens=4, model_kwargs={"layers": 1}, eval_every=2)

@@ -22,7 +22,7 @@ SETTINGS = dict(max_steps=6, save_steps=2, batch_size=4, lr=1e-3, lora_r=4, lora
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A tiny random base (1 layer, hidden 256) and a train/eval split of 240 shipped conversations."""
+    """A tiny random base (1 layer, hidden 256) and a train/dev/test split of 240 shipped conversations."""
     import torch
 
     from qatforge import data, tiny
@@ -31,7 +31,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     src = root / "chat.jsonl"
     src.write_text("\n".join((ROOT / "data/chat.jsonl").read_text().splitlines()[:240]) + "\n")
-    data.prepare(src, root / "train.parquet", root / "eval.parquet", seed=1, eval_fraction=0.1, max_tokens=256)
+    data.prepare(src, *(root / f"{s}.parquet" for s in data.SPLITS), dev_fraction=0.1, test_fraction=0.1,
+                 max_tokens=256)
     convs = data.read_conversations(root / "train.parquet")
     tok = tiny.build_tokenizer((t for c in convs for m in c for t in (m["role"] + "\n", m["content"])), vocab_size=300)
     model = tiny.build_model(tok, layers=1, intermediate=256, seed=1)
@@ -43,7 +44,7 @@ def env(tmp_path_factory):
 def _run(env, name, log=None, **over):
     settings = T.TrainSettings(**{**SETTINGS, **over})
     msgs = []
-    summary = T.train_run(env / "base", env / "train.parquet", env / "eval.parquet", env / name, settings,
+    summary = T.train_run(env / "base", env / "train.parquet", env / "dev.parquet", env / name, settings,
                           work_dir=env / f"{name}.work", log=log or msgs.append)
     return summary, msgs
 
@@ -118,7 +119,7 @@ def test_resume_after_kill_matches_uninterrupted_run(env, baseline):
     out, work = env / "killed", env / "killed.work"
     settings = json.dumps(SETTINGS)
     cmd = [sys.executable, "-m", "qatforge.train", str(env / "base"), str(env / "train.parquet"),
-           str(env / "eval.parquet"), str(out), "--work-dir", str(work), "--settings", settings]
+           str(env / "dev.parquet"), str(out), "--work-dir", str(work), "--settings", settings]
     environ = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -156,7 +157,7 @@ env, big = sys.argv[1], int(sys.argv[2])
 def run(name, batch):
     s = T.TrainSettings(max_steps=1, save_steps=1, batch_size=batch, lr=1e-3, threads=1, max_len=256,
                         eval_rows=0, backend="hf", lora_r=4, lora_alpha=8)
-    return T.train_run(env + "/base", env + "/train.parquet", env + "/eval.parquet", env + "/" + name, s,
+    return T.train_run(env + "/base", env + "/train.parquet", env + "/dev.parquet", env + "/" + name, s,
                        log=lambda m: None)
 
 run("oom_calib", 2)  # the address space a small batch needs (a second run, as the real one will be) ...
@@ -273,7 +274,7 @@ def test_unsloth_backend_trains_qat_on_cpu(env):
     out = env / "unsloth"
     settings = json.dumps({**SETTINGS, "backend": "unsloth", "qat_scheme": "int8-int4", "max_steps": 2, "save_steps": 2})
     proc = subprocess.run(
-        [sys.executable, "-m", "qatforge.train", str(env / "base"), str(env / "train.parquet"), str(env / "eval.parquet"),
+        [sys.executable, "-m", "qatforge.train", str(env / "base"), str(env / "train.parquet"), str(env / "dev.parquet"),
          str(out), "--settings", settings],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )

@@ -8,3 +8,10 @@ REPORT_COLUMNS = (
 STR_COLUMNS = ("run", "qat_scheme", "format", "variant", "source_checkpoint", "sha256")
 BOOL_COLUMNS = ("token_parity", "parity_pass")
 FLOAT_COLUMNS = tuple(c for c in REPORT_COLUMNS if c not in STR_COLUMNS + BOOL_COLUMNS)
+
+# The speed pass's spread and memory (floats), written after the report columns. Optional when
+# reading: an evaluation JSON without them gives NaN. The spread is the 25th/75th percentile of
+# the per-run tokens/s when repeats x prompts >= 4, else their min/max (``speed_spread`` says which).
+# ``speed_rss_mb`` is the peak RSS during the speed pass alone; ``peak_rss_mb`` stays the peak of
+# the whole evaluation process, parity pass included (``qatforge.bench.peak_rss_mb``).
+SPEED_COLUMNS = ("prompt_tps_p25", "prompt_tps_p75", "gen_tps_p25", "gen_tps_p75", "speed_rss_mb")

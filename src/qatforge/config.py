@@ -175,21 +175,18 @@ def _check_names(config: dict) -> list[str]:
     return problems
 
 
-def _check_eval(config: dict, workdir: Path) -> list[str]:
-    path = workdir / config["data"]["eval_prompts"]
-    if not path.is_file():
-        return [f"data.eval_prompts: {config['data']['eval_prompts']!r} does not exist"]
-    with open(path, "rb") as f:
-        n = sum(1 for line in f if line.strip())
-    if n < config["eval"]["n_prompts"]:
-        return [
-            f"eval.n_prompts: {config['eval']['n_prompts']} prompts asked but "
-            f"{config['data']['eval_prompts']} has only {n}"
-        ]
-    data = workdir / config["data"]["path"]
-    if not data.exists():
-        return [f"data.path: {config['data']['path']!r} does not exist"]
-    return []
+def _check_data(config: dict, workdir: Path) -> list[str]:
+    """Cheap checks only: the dataset is not read here (prepare_data checks the split sizes)."""
+    d = config["data"]
+    problems = []
+    if d["dev_fraction"] + d["test_fraction"] >= 1:
+        problems.append(
+            f"data.dev_fraction + data.test_fraction: {d['dev_fraction']} + {d['test_fraction']} "
+            f"leaves no training split (the sum must be < 1)"
+        )
+    if not (workdir / d["path"]).exists():
+        problems.append(f"data.path: {d['path']!r} does not exist")
+    return problems
 
 
 def check(config: dict, workdir: str | Path = ".", cuda_capability: tuple[int, int] | None = None) -> None:
@@ -200,7 +197,7 @@ def check(config: dict, workdir: str | Path = ".", cuda_capability: tuple[int, i
         + _check_base(config, workdir)
         + _check_schemes(config, cuda_capability)
         + _check_gguf(config)
-        + _check_eval(config, workdir)
+        + _check_data(config, workdir)
     )
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))

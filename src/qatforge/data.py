@@ -1,14 +1,20 @@
-"""Loading, validating and splitting chat datasets (``messages`` format) into train/eval Parquet."""
+"""Loading, validating and splitting chat datasets (``messages`` format) into train/dev/test Parquet.
+
+A conversation's split follows from a sha256 of its final user message (the question it answers),
+so a question lands in the same split whatever the row order or seed. Train fits the model, dev
+selects the checkpoint, test gives every number in the report.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant")
+SPLITS = ("train", "dev", "test")
 ACCEPTED = "JSONL (.jsonl/.ndjson, or .json lines or array), Parquet (.parquet) or a local `datasets` save_to_disk directory"
 CHARS_PER_TOKEN = 4  # bound used for the over-length check when no tokenizer is given
 MESSAGE_OVERHEAD_TOKENS = 4  # role header + end-of-turn tokens per message (ChatML)
@@ -80,6 +86,8 @@ def _row_problem(row: Any, max_chars: int | None, tokenizer: Any, max_tokens: in
         return f"'messages' is a {type(msgs).__name__}, not a list"
     if not msgs:
         return "empty 'messages'"
+    if not isinstance(row.get("task", ""), (str, type(None))):
+        return f"'task' is {type(row['task']).__name__}, not a string"
     for j, m in enumerate(msgs, start=1):
         if not isinstance(m, dict):
             return f"message {j} is not an object"
@@ -118,8 +126,9 @@ def validate_rows(
     """Check every row; raise ``DataError`` on the first bad row, or drop bad rows.
 
     With ``on_bad_rows="drop"`` returns ``(good_rows, problems)`` where each problem is
-    ``{"location": "line 7", "problem": "..."}``. Over-length is judged in tokens when a tokenizer
-    and ``max_tokens`` are given, else in characters against ``max_tokens_chars``.
+    ``{"location": "line 7", "problem": "..."}``. A row's optional ``task`` (a string) is kept.
+    Over-length is judged in tokens when a tokenizer and ``max_tokens`` are given, else in
+    characters against ``max_tokens_chars``.
     """
     if on_bad_rows not in ("error", "drop"):
         raise ValueError(f"on_bad_rows must be 'error' or 'drop', not {on_bad_rows!r}")
@@ -129,7 +138,10 @@ def validate_rows(
     for row, loc in zip(rows, locations):
         problem = _row_problem(row, max_tokens_chars, tokenizer, max_tokens)
         if problem is None:
-            good.append({"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]})
+            conv = {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+            if "task" in row:
+                conv["task"] = row["task"] or ""
+            good.append(conv)
         elif on_bad_rows == "error":
             raise DataError(f"{source}: {loc}: {problem} (set data.on_bad_rows: drop to skip bad rows)")
         else:
@@ -137,11 +149,14 @@ def validate_rows(
     return good, problems
 
 
-def _messages_frame(convs: Sequence[dict]) -> Any:
+def _messages_frame(convs: Sequence[dict], with_task: bool = False) -> Any:
     import polars as pl
 
     dtype = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-    return pl.DataFrame({"messages": [c["messages"] for c in convs]}, schema={"messages": dtype})
+    cols, schema = {"messages": [c["messages"] for c in convs]}, {"messages": dtype}
+    if with_task:
+        cols["task"], schema["task"] = [c.get("task", "") for c in convs], pl.String
+    return pl.DataFrame(cols, schema=schema)
 
 
 def _write_parquet(df: Any, path: str | os.PathLike) -> None:
@@ -151,24 +166,53 @@ def _write_parquet(df: Any, path: str | os.PathLike) -> None:
         df.write_parquet(tmp)
 
 
+def final_question(messages: Sequence[dict]) -> str:
+    """The content of the last user turn ("" when there is none): the question being answered."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def _finals(convs: Sequence[dict]) -> set[str]:
+    return {final_question(c["messages"]) for c in convs}
+
+
+def _without(convs: Sequence[dict], questions: set[str]) -> list[dict]:
+    """``convs`` minus those with a user turn in ``questions``."""
+    return [c for c in convs if not any(m["role"] == "user" and m["content"] in questions for m in c["messages"])]
+
+
+def split_of(question: str, dev_fraction: float, test_fraction: float) -> str:
+    """``test``, ``dev`` or ``train`` by a sha256 of ``question`` (unsalted: stable everywhere)."""
+    u = int.from_bytes(hashlib.sha256(question.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "test" if u < test_fraction else "dev" if u < test_fraction + dev_fraction else "train"
+
+
 def prepare(
     path: str | os.PathLike,
     train_out: str | os.PathLike,
-    eval_out: str | os.PathLike,
+    dev_out: str | os.PathLike,
+    test_out: str | os.PathLike,
     *,
-    seed: int,
-    eval_fraction: float,
+    dev_fraction: float,
+    test_fraction: float,
     max_tokens: int,
     on_bad_rows: str = "error",
-    min_eval: int = 1,
+    n_prompts: int | None = None,
+    n_nll: int | None = None,
     tokenizer: Any = None,
 ) -> dict:
-    """Validate a dataset and write a seeded, deterministic train/eval split as Parquet.
+    """Validate a dataset and write its train/dev/test split (``split_of`` the final question).
 
-    Returns a summary (counts, dropped problems, seed). Writes nothing when validation fails.
+    Leakage is removed after the split: train and dev lose every conversation with a user turn
+    that is a test conversation's final question, train also those with a dev one. Raises
+    ``DataError`` when a split is empty or the test split holds fewer than ``n_prompts``
+    (eval.n_prompts) or ``n_nll`` (eval.n_nll) conversations. Writes nothing when it fails.
+    Returns a summary (counts per split, rows dropped as bad or for leakage).
     """
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    for key, f in (("dev_fraction", dev_fraction), ("test_fraction", test_fraction)):
+        if not 0 < f < 1:
+            raise ValueError(f"data.{key} must be in (0, 1), got {f}")
+    if dev_fraction + test_fraction >= 1:
+        raise ValueError(f"data.dev_fraction + data.test_fraction must be < 1, got {dev_fraction} + {test_fraction}")
     rows, locs = _load_with_locations(path)
     if not rows:
         raise DataError(f"{path}: dataset is empty")
@@ -176,35 +220,46 @@ def prepare(
         rows, str(path), max_tokens * CHARS_PER_TOKEN, on_bad_rows,
         locations=locs, tokenizer=tokenizer, max_tokens=max_tokens,
     )
-    n = len(good)
-    n_eval = max(min_eval, round(eval_fraction * n))
-    if n - n_eval < 1:
-        raise DataError(
-            f"{path}: {n} usable rows ({len(problems)} dropped) are too few for {n_eval} eval rows "
-            f"plus at least one training row"
-        )
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    eval_idx = sorted(order[:n_eval])
-    train_idx = sorted(order[n_eval:])
-    _write_parquet(_messages_frame([good[i] for i in train_idx]), train_out)
-    _write_parquet(_messages_frame([good[i] for i in eval_idx]), eval_out)
+    split: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    for conv in good:
+        split[split_of(final_question(conv["messages"]), dev_fraction, test_fraction)].append(conv)
+    n_before = {name: len(split[name]) for name in SPLITS}
+    test_qs = _finals(split["test"])
+    split["dev"] = _without(split["dev"], test_qs)
+    split["train"] = _without(split["train"], test_qs | _finals(split["dev"]))
+    leaked = {name: n_before[name] - len(split[name]) for name in ("train", "dev")}
+    counts = {name: len(split[name]) for name in SPLITS}
+    why = (f"{len(good)} usable rows ({len(problems)} bad rows dropped, {leaked['train']} train and "
+           f"{leaked['dev']} dev rows dropped for leakage, data.dev_fraction={dev_fraction}, "
+           f"data.test_fraction={test_fraction})")
+    for name in SPLITS:
+        if not counts[name]:
+            raise DataError(f"{path}: too few rows: the {name} split is empty; {why}")
+    for key, n in (("n_prompts", n_prompts), ("n_nll", n_nll)):
+        if n is not None and counts["test"] < n:
+            raise DataError(
+                f"{path}: too few rows: the test split has {counts['test']} conversations but eval.{key} "
+                f"asks for {n}; lower eval.{key} or raise data.test_fraction; {why}"
+            )
+    with_task = any("task" in c for c in good)
+    for name, out in zip(SPLITS, (train_out, dev_out, test_out)):
+        _write_parquet(_messages_frame(split[name], with_task), out)
     return {
         "source": str(path),
         "rows_read": len(rows),
-        "rows_kept": n,
+        "rows_kept": len(good),
         "rows_dropped": len(problems),
         "problems": problems,
-        "train_rows": len(train_idx),
-        "eval_rows": len(eval_idx),
-        "seed": seed,
-        "eval_fraction": eval_fraction,
+        **{f"{name}_rows": counts[name] for name in SPLITS},
+        "leakage_dropped": leaked,
+        "split_by": "sha256 of the final user message",
+        "dev_fraction": dev_fraction,
+        "test_fraction": test_fraction,
         "max_tokens": max_tokens,
     }
 
 
-def read_conversations(parquet_path: str | os.PathLike) -> list[list[dict]]:
-    """The ``messages`` column of a prepared Parquet file as plain lists of dicts."""
+def _read_split(parquet_path: str | os.PathLike) -> Any:
     import polars as pl
 
     path = Path(parquet_path)
@@ -213,31 +268,33 @@ def read_conversations(parquet_path: str | os.PathLike) -> list[list[dict]]:
     df = pl.read_parquet(path)
     if "messages" not in df.columns:
         raise DataError(f"{path}: no 'messages' column (columns: {df.columns})")
-    return df["messages"].to_list()
+    return df
 
 
-def load_eval_prompts(path: str | os.PathLike, n: int) -> list[dict]:
-    """The first ``n`` eval prompts ``{"messages": [..., user], "answer": str, "task"?}``."""
-    rows, locs = _load_with_locations(path)
-    if len(rows) < n:
-        raise DataError(f"{path}: {len(rows)} eval prompts, but {n} were asked for (eval.n_prompts)")
-    out = []
-    for row, loc in zip(rows[:n], locs[:n]):
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{path}: {loc}: missing or empty 'messages'")
-        for j, m in enumerate(msgs, start=1):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise DataError(f"{path}: {loc}: message {j} has no valid role (allowed: {', '.join(ROLES)})")
-            if not isinstance(m.get("content"), str):
-                raise DataError(f"{path}: {loc}: message {j} content is not a string")
-        if msgs[-1]["role"] != "user":
-            raise DataError(f"{path}: {loc}: prompt must end with a user turn, not {msgs[-1]['role']!r}")
-        if not isinstance(row.get("answer"), str):
-            raise DataError(f"{path}: {loc}: missing string 'answer'")
-        out.append({
-            "messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
-            "answer": row["answer"],
-            "task": row.get("task", ""),
-        })
-    return out
+def read_conversations(parquet_path: str | os.PathLike) -> list[list[dict]]:
+    """The ``messages`` column of a prepared Parquet file as plain lists of dicts."""
+    return _read_split(parquet_path)["messages"].to_list()
+
+
+def as_prompt(messages: Sequence[dict], task: str | None = "") -> dict:
+    """An exact-match prompt ``{"messages", "answer", "task"}``: the turns before the last
+    assistant turn, whose content is the answer."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {
+        "messages": [{"role": m["role"], "content": m["content"]} for m in messages[:last]],
+        "answer": messages[last]["content"],
+        "task": task or "",
+    }
+
+
+def prompts_from_parquet(parquet_path: str | os.PathLike, n: int | None = None) -> list[dict]:
+    """Exact-match prompts (``as_prompt``) of the first ``n`` conversations of a split (None: all)."""
+    df = _read_split(parquet_path)
+    if n is not None and df.height < n:
+        raise DataError(
+            f"{parquet_path}: the {Path(parquet_path).stem} split has {df.height} conversations, "
+            f"but eval.n_prompts asks for {n} prompts"
+        )
+    df = df.head(n) if n is not None else df
+    tasks = df["task"].to_list() if "task" in df.columns else [""] * df.height
+    return [as_prompt(m, t) for m, t in zip(df["messages"].to_list(), tasks)]

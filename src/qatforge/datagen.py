@@ -1,4 +1,4 @@
-"""Seeded generator of the shipped synthetic chat dataset and its exact-match eval prompts.
+"""Seeded generator of the shipped synthetic chat dataset.
 
 Five small deterministic tasks whose answers can be checked exactly and that a ~4M-parameter
 model learns: letter reversal, digit sorting, uppercasing words, the largest digit of a list and
@@ -7,10 +7,11 @@ digit values) stayed at 5 % after 1300 warm-up steps, reversal of 6-7 letters an
 4 words were error-prone, so those were dropped or shortened. Letters are space separated and digits are
 split one per token by the Qwen2 pre-tokenizer regex, so a tiny BPE keeps them as single tokens.
 
-Every problem is assigned to the training or the eval side by a hash of its user text, so eval
-prompts never occur in training data, whatever the seeds and sizes.
+Each row carries the ``task`` of its last exchange. Exact-match prompts are no longer generated:
+prepare_data takes them from its dev and test splits. One problem in ``RESERVED_BUCKET`` (by a hash
+of its user text, the former eval side) is never generated, so the shipped file stays reproducible.
 
-    python -m qatforge.datagen --out data/ [--seed 0] [--n 4000] [--n-eval 200]
+    python -m qatforge.datagen --out data/ [--seed 0] [--n 4000]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ UNITS = [  # (from, to, factor)
 ]
 
 TASKS = ("reverse", "sort", "uppercase", "largest", "convert")
-EVAL_BUCKET = 8  # one problem in EVAL_BUCKET (by hash of its user text) belongs to the eval side
+RESERVED_BUCKET = 8  # one problem in RESERVED_BUCKET (by hash of its user text) is never generated
 
 
 def _letters(rng: random.Random, lo: int, hi: int) -> list[str]:
@@ -87,27 +88,27 @@ MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def is_eval_problem(user_text: str) -> bool:
-    """Whether a problem belongs to the eval side (a stable hash of its user text)."""
-    return int(hashlib.sha256(user_text.encode()).hexdigest(), 16) % EVAL_BUCKET == 0
+def is_reserved(user_text: str) -> bool:
+    """Whether a problem is in the never-generated bucket (a stable hash of its user text)."""
+    return int(hashlib.sha256(user_text.encode()).hexdigest(), 16) % RESERVED_BUCKET == 0
 
 
-def _problems(rng: random.Random, eval_side: bool, task: str):
-    """Endless stream of (question, answer) for ``task`` on one side of the split."""
+def _problems(rng: random.Random, task: str):
+    """Endless stream of (question, answer) for ``task``, reserved problems skipped."""
     while True:
         q, a = MAKERS[task](rng)
-        if is_eval_problem(q) == eval_side:
+        if not is_reserved(q):
             yield q, a
 
 
 def generate(seed: int, n: int, multi_turn_fraction: float = 0.1) -> list[dict]:
-    """``n`` training conversations ``{"messages": [system, user, assistant, ...]}``.
+    """``n`` conversations ``{"messages": [system, user, assistant, ...], "task"}``.
 
     Tasks are spread evenly (round robin); about ``multi_turn_fraction`` of the conversations hold
-    two exchanges. Deterministic in ``seed``.
+    two exchanges; ``task`` is that of the last one. Deterministic in ``seed``.
     """
     rng = random.Random(f"qatforge-train-{seed}")
-    streams = {t: _problems(random.Random(f"{seed}-{t}"), False, t) for t in TASKS}
+    streams = {t: _problems(random.Random(f"{seed}-{t}"), t) for t in TASKS}
     rows = []
     for i in range(n):
         turns = 2 if rng.random() < multi_turn_fraction else 1
@@ -116,31 +117,7 @@ def generate(seed: int, n: int, multi_turn_fraction: float = 0.1) -> list[dict]:
             task = TASKS[(i + j) % len(TASKS)] if j == 0 else rng.choice(TASKS)
             q, a = next(streams[task])
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        rows.append({"messages": msgs})
-    return rows
-
-
-def eval_prompts(seed: int, n: int) -> list[dict]:
-    """``n`` held-out prompts ``{"messages": [system, user], "answer", "task"}``, tasks round robin.
-
-    No prompt repeats and none can occur in ``generate`` output (hash-partitioned problem space).
-    """
-    streams = {t: _problems(random.Random(f"eval-{seed}-{t}"), True, t) for t in TASKS}
-    seen: set[str] = set()
-    rows = []
-    i = 0
-    while len(rows) < n:
-        task = TASKS[i % len(TASKS)]
-        q, a = next(streams[task])
-        if q in seen:
-            continue
-        seen.add(q)
-        i += 1
-        rows.append({
-            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}],
-            "answer": a,
-            "task": task,
-        })
+        rows.append({"messages": msgs, "task": task})
     return rows
 
 
@@ -156,16 +133,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="data", help="output directory (chat.jsonl, eval_prompts.jsonl)")
+    p.add_argument("--out", default="data", help="output directory (chat.jsonl)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=4000, help="training conversations")
-    p.add_argument("--n-eval", type=int, default=200, help="eval prompts")
+    p.add_argument("--n", type=int, default=4000, help="conversations")
     a = p.parse_args(argv)
     out = Path(a.out)
     write_jsonl(out / "chat.jsonl", generate(a.seed, a.n))
-    write_jsonl(out / "eval_prompts.jsonl", eval_prompts(a.seed, a.n_eval))
-    print(f"wrote {a.n} conversations to {out / 'chat.jsonl'} and {a.n_eval} prompts to "
-          f"{out / 'eval_prompts.jsonl'}")
+    print(f"wrote {a.n} conversations to {out / 'chat.jsonl'}")
 
 
 if __name__ == "__main__":

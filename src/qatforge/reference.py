@@ -1,14 +1,19 @@
 """A run's reference outputs, computed once from its merged HF model (like llama.cpp's
 ``--kl-divergence-base`` file) and read by every artifact's evaluation.
 
+Everything is measured on the test split only (``n_prompts`` prompts and ``n_nll`` conversations
+from its start); dev is for checkpoint selection.
+
 ``<out_dir>/reference.npz`` (numpy only, ragged sequences stored flat with offsets):
-  prompt_ids / prompt_offsets   rendered eval prompts (chat template, generation prompt), token ids
+  prompt_ids / prompt_offsets   rendered test prompts (chat template, generation prompt), token ids
   gen_ids / gen_offsets         greedy generation per prompt (stop token excluded)
-  nll_ids / nll_mask / nll_offsets   full token ids of ``n_nll`` eval conversations and their
-                                     assistant-label mask (``chat.encode_for_training``)
+  nll_ids / nll_mask / nll_offsets   full token ids of ``n_nll`` test conversations and their
+                                     answer-token mask (``chat.encode_for_training``'s labels;
+                                     scored at ``parity.answer_positions``)
   nll_logits                    fp32 logits at every position of those conversations [tokens, vocab]
 ``<out_dir>/reference.json``: special-token ids, stop ids, chat template, the prompts and their
-expected answers, tokenizer-files hash, merged sha256, settings and the reference's own scores.
+expected answers, tokenizer-files hash, merged and test-split sha256, settings and the
+reference's own scores.
 
 Loading (``load``) needs numpy only.
 """
@@ -37,7 +42,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prompts and NLL conversations from the test split, test_sha256
 
 
 @dataclass
@@ -116,8 +121,7 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
 
 def build(
     merged_dir: str | Path,
-    eval_parquet: str | Path,
-    eval_prompts_path: str | Path,
+    test_parquet: str | Path,
     out_dir: str | Path,
     *,
     n_prompts: int,
@@ -131,7 +135,7 @@ def build(
     import torch
 
     from qatforge.chat import IGNORE_INDEX, encode_for_training, is_correct
-    from qatforge.data import load_eval_prompts, read_conversations
+    from qatforge.data import prompts_from_parquet, read_conversations
     from qatforge.decode import greedy
     from qatforge.hf_runtime import HFRuntime
     from qatforge.io import package_versions
@@ -139,12 +143,12 @@ def build(
     if threads:
         torch.set_num_threads(threads)
     merged_dir = Path(merged_dir)
-    rows = list(load_eval_prompts(eval_prompts_path, n_prompts))
-    if len(rows) < n_prompts:
-        raise ValueError(f"{eval_prompts_path}: {len(rows)} eval prompts, need n_prompts={n_prompts}")
-    convs = list(read_conversations(eval_parquet))
+    rows = prompts_from_parquet(test_parquet, n_prompts)
+    convs = read_conversations(test_parquet)
     if len(convs) < n_nll:
-        raise ValueError(f"{eval_parquet}: {len(convs)} eval conversations, need n_nll={n_nll}")
+        raise ValueError(
+            f"{test_parquet}: the test split has {len(convs)} conversations, but eval.n_nll asks for {n_nll}"
+        )
     convs = convs[:n_nll]
 
     rt = HFRuntime(merged_dir, compute_dtype="float32", trust_remote_code=trust_remote_code)
@@ -159,12 +163,12 @@ def build(
     enc = [encode_for_training(tok, c, max_len) for c in convs]
     nll_ids = [e["input_ids"] for e in enc]
     nll_mask = [[lab != IGNORE_INDEX for lab in e["labels"]] for e in enc]
-    for i, m in enumerate(nll_mask):
-        if not any(m[1:]):
-            raise ValueError(f"{eval_parquet}: eval conversation {i} has no assistant tokens within max_len={max_len}")
-    logits = [rt.logits(ids) for ids in nll_ids]
+    from qatforge.parity import answer_positions, mean_nll
 
-    from qatforge.parity import mean_nll
+    for i, m in enumerate(nll_mask):
+        if not len(answer_positions(m)):
+            raise ValueError(f"{test_parquet}: test conversation {i} has no assistant tokens within max_len={max_len}")
+    logits = [rt.logits(ids) for ids in nll_ids]
 
     nll = mean_nll(logits, [np.asarray(i) for i in nll_ids], [np.asarray(m) for m in nll_mask])
     vocab = int(logits[0].shape[-1])
@@ -195,8 +199,8 @@ def build(
         "prompts": [
             {"messages": list(r["messages"]), "answer": str(r["answer"]), "task": r.get("task")} for r in rows
         ],
-        "eval_prompts_path": str(eval_prompts_path),
-        "eval_parquet": str(eval_parquet),
+        "test_parquet": str(test_parquet),
+        "test_sha256": sha256_path(test_parquet),
         "compute_dtype": "float32",
         "accuracy": sum(correct) / len(correct) if correct else 0.0,
         "per_prompt_correct": correct,
@@ -249,17 +253,12 @@ def load(ref_dir: str | Path) -> Reference:
     return ref
 
 
-def check_prompts(ref: Reference, eval_prompts_path: str | Path | None) -> None:
-    """Raise when ``eval_prompts_path`` no longer starts with the reference's prompts/answers."""
-    if eval_prompts_path is None:
+def check_test_data(ref: Reference, test_parquet: str | Path | None) -> None:
+    """Raise when ``test_parquet`` is not the test split the reference was built from (sha256)."""
+    if test_parquet is None:
         return
-    from qatforge.data import load_eval_prompts
-
-    want = ref.meta["prompts"]
-    rows = load_eval_prompts(eval_prompts_path, len(want))
-    for i, (row, w) in enumerate(zip(rows, want)):
-        if row["messages"] != w["messages"] or row["answer"] != w["answer"]:
-            raise ValueError(
-                f"{eval_prompts_path}: prompt {i + 1} differs from the reference's "
-                f"({ref.meta.get('eval_prompts_path')}); rebuild the reference"
-            )
+    if sha256_path(test_parquet) != ref.meta["test_sha256"]:
+        raise ValueError(
+            f"{test_parquet} differs from the test split the reference was built from "
+            f"({ref.meta.get('test_parquet')}); rebuild the reference"
+        )

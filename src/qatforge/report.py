@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, REPORT_COLUMNS, STR_COLUMNS
+from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS, STR_COLUMNS
 from qatforge.formats import FORMATS
 from qatforge.io import atomic_dir, atomic_file, read_json
 
@@ -66,11 +66,13 @@ def _sort_key(r: Mapping[str, Any]) -> tuple:
 
 
 def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
-    """polars DataFrame with the report columns in fixed order (failing rows first)."""
+    """polars DataFrame with the report columns in fixed order (failing rows first), then the extras
+    and the speed columns (NaN where an evaluation JSON has none)."""
     import polars as pl
 
     rows = sorted(rows, key=_sort_key)
-    data: dict[str, list] = {c: [] for c in REPORT_COLUMNS + EXTRA_COLUMNS}
+    cols = REPORT_COLUMNS + EXTRA_COLUMNS + SPEED_COLUMNS
+    data: dict[str, list] = {c: [] for c in cols}
     for r in rows:
         for c in REPORT_COLUMNS:
             v = r.get(c)
@@ -84,9 +86,11 @@ def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
         data["threads"].append(int(r.get("threads") or 0))
         data["n_prompts"].append(int(r.get("n_prompts") or 0))
         data["failures"].append("; ".join(r.get("failures") or []) or "none")
-    schema = {c: pl.String for c in STR_COLUMNS} | {c: pl.Float64 for c in FLOAT_COLUMNS}
+        for c in SPEED_COLUMNS:
+            data[c].append(float("nan") if r.get(c) is None else float(r[c]))
+    schema = {c: pl.String for c in STR_COLUMNS} | {c: pl.Float64 for c in FLOAT_COLUMNS + SPEED_COLUMNS}
     schema |= {c: pl.Boolean for c in BOOL_COLUMNS} | {"threads": pl.Int64, "n_prompts": pl.Int64, "failures": pl.String}
-    return pl.DataFrame(data, schema={c: schema[c] for c in REPORT_COLUMNS + EXTRA_COLUMNS})
+    return pl.DataFrame(data, schema={c: schema[c] for c in cols})
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ def _fmt(v: Any, col: str) -> str:
         return f"{v:.4f}"
     if col in ("ppl", "size_mb", "load_s"):
         return f"{v:.3f}" if v < 10 else f"{v:.1f}"
-    if col in ("prompt_tps", "gen_tps", "peak_rss_mb"):
+    if col in ("prompt_tps", "gen_tps", "peak_rss_mb") + SPEED_COLUMNS:
         return f"{v:.0f}"
     if col == "sha256":
         return str(v)[:12]
@@ -309,6 +313,24 @@ def _qat_section(items: Sequence[Mapping]) -> list[str]:
     return md
 
 
+def _speed_section(rows: Sequence[Mapping]) -> list[str]:
+    md = ["## Speed", "",
+          "Measured after the parity pass, on a second runtime instance with deployment settings: llama.cpp with "
+          "its default KV cache type and batch, last logits only, its own greedy sampler and perf counters; "
+          "onnxruntime on the graph with past key values and default session options; transformers with "
+          "use_cache (merged model in fp32, the reference format; TorchAO in its quantized tensors). Every prompt "
+          "generates exactly max_new_tokens (EOS ignored) after one warm-up pass. Figures: median tokens/s over "
+          "repeats × prompts, [25th, 75th percentile] (min and max below 4 runs). RSS: peak during the speed "
+          "pass; peak_rss_mb in the table above is the whole evaluation's.", "",
+          "| artifact | threads | prompt tok/s | gen tok/s | speed RSS MiB |", "|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["run"], FORMAT_ORDER[r["format"]], r["variant"])):
+        tps = [f"{_fmt(r.get(c), c)} [{_fmt(r.get(c + '_p25'), c)}, {_fmt(r.get(c + '_p75'), c)}]"
+               for c in ("prompt_tps", "gen_tps")]
+        md.append(f"| {_label(r)} | {r.get('threads') or 'n/a'} | {tps[0]} | {tps[1]} | "
+                  f"{_fmt(r.get('speed_rss_mb'), 'speed_rss_mb')} |")
+    return md + [""]
+
+
 def _recommend_section(rec: Mapping[str, Any]) -> list[str]:
     md = ["## Recommendation", ""]
     base = rec["baseline"]
@@ -348,8 +370,12 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _num(v: Any, default: float = 0.0) -> float:
+    return default if v is None or math.isnan(v) else float(v)
+
+
 def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
-    """quality_vs_size.png (accuracy and NLL vs size, Pareto front) and tokens_per_s.png."""
+    """quality_vs_size.png (accuracy and NLL vs size, Pareto front) and tokens_per_s.png (medians, spread bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,15 +425,18 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
         labels = [_label(r) for r in srt]
         fig, axes = plt.subplots(1, 2, figsize=(13, max(3.0, 0.28 * len(srt) + 1.5)), sharey=True)
         for ax, col, title in ((axes[0], "gen_tps", "generated tokens/s"), (axes[1], "prompt_tps", "prompt tokens/s")):
-            vals = [r[col] if r[col] is not None and not math.isnan(r[col]) else 0.0 for r in srt]
-            ax.barh(range(len(srt)), vals, color=[colors[r["format"]] for r in srt])
+            vals = [_num(r[col]) for r in srt]
+            err = [[max(v - _num(r.get(f"{col}_p25"), v), 0.0) for v, r in zip(vals, srt)],
+                   [max(_num(r.get(f"{col}_p75"), v) - v, 0.0) for v, r in zip(vals, srt)]]
+            ax.barh(range(len(srt)), vals, xerr=err, capsize=2, color=[colors[r["format"]] for r in srt])
             ax.set_yticks(range(len(srt)))
             ax.set_yticklabels(labels, fontsize=7)
-            ax.invert_yaxis()
             ax.set_xlabel(title)
             ax.grid(axis="x", alpha=0.3)
+        axes[0].invert_yaxis()  # once: the y axis is shared
         threads = sorted({r.get("threads") for r in rows if r.get("threads")})
-        fig.suptitle(f"Speed per artifact (threads: {', '.join(map(str, threads)) or 'n/a'})")
+        fig.suptitle(f"Speed per artifact: median, 25th-75th percentile "
+                     f"(threads: {', '.join(map(str, threads)) or 'n/a'})")
         fig.tight_layout()
         fig.savefig(tmp / names[1], dpi=110)
         plt.close(fig)
@@ -467,8 +496,9 @@ def build_report(
            "Failing rows first. Quality: exact-match accuracy on the eval prompts (greedy, the runtime's own "
            "chat template) and mean NLL / PPL on the eval conversations' assistant tokens. Parity against the "
            "run's reference (its merged model): KL divergence and top-1 agreement on identical token ids, "
-           "share of identical greedy generations, and tokenizer/template parity. Speed: median of repeats, "
-           "warm-up excluded.", "", markdown_table(rows), ""]
+           "share of identical greedy generations, and tokenizer/template parity. Speed: median tokens/s of "
+           "the speed pass (next section).", "", markdown_table(rows), ""]
+    md += _speed_section(rows)
     md += _qat_section(comparisons)
     md += _recommend_section(rec)
     md += ["## Plots", ""]

@@ -90,8 +90,7 @@ def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int,
 def select_best(
     base_dir: str | os.PathLike,
     checkpoints_dir: str | os.PathLike,
-    eval_parquet: str | os.PathLike,
-    eval_prompts_path: str | os.PathLike,
+    dev_parquet: str | os.PathLike,
     out_json: str | os.PathLike,
     *,
     metric: str = "accuracy",
@@ -105,16 +104,19 @@ def select_best(
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Score every checkpoint (eval-split NLL + greedy exact match) and write ``out_json``.
+    """Score every checkpoint on the dev split and write ``out_json``.
 
-    QAT runs are scored as they trained: with the scheme's fake quantization on the base weights.
-    The base model (adapters disabled) is scored too, for reference. ``n_eval`` limits the
-    eval-split conversations (None: all). Returns the record written.
+    The scores are the NLL of the dev conversations (the first ``n_eval``; None: all) and greedy
+    exact match on the prompts of the first ``n_prompts`` of them; a dev split smaller than
+    ``n_prompts`` gives all its conversations (the number used is recorded as ``n_prompts``).
+    The test split is never read here. QAT runs are scored as they trained: with the scheme's
+    fake quantization on the base weights. The base model (adapters disabled) is scored too, for
+    reference. Returns the record written.
     """
     import torch
     from peft import PeftModel
 
-    from qatforge.data import load_eval_prompts, read_conversations
+    from qatforge.data import prompts_from_parquet, read_conversations
     from qatforge.io import write_json
     from qatforge.model import load_causal_lm, load_tokenizer
     from qatforge.qat import prepare_qat
@@ -132,8 +134,11 @@ def select_best(
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     tok = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
-    convs = read_conversations(eval_parquet)[: n_eval or None]
-    prompts = load_eval_prompts(eval_prompts_path, n_prompts)
+    convs = read_conversations(dev_parquet)[: n_eval or None]
+    prompts = prompts_from_parquet(dev_parquet)[:n_prompts]
+    if len(prompts) < n_prompts:
+        log(f"{dev_parquet}: the dev split has {len(prompts)} conversations, fewer than eval.n_prompts="
+            f"{n_prompts}: selecting on all {len(prompts)}")
 
     base = load_causal_lm(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model = None
@@ -173,7 +178,9 @@ def select_best(
         "qat_scheme": qat_scheme,
         "scored_with_fake_quant": bool(qat_scheme),
         "n_prompts": len(prompts),
+        "n_prompts_asked": n_prompts,
         "n_eval_conversations": len(convs),
+        "dev_parquet": str(dev_parquet),
         "max_new_tokens": max_new_tokens,
         "checkpoints_dir": str(checkpoints_dir),
         "seconds": round(time.perf_counter() - t0, 2),

@@ -2,9 +2,13 @@
 
 The chat template comes from the GGUF metadata (``tokenizer.chat_template``) and is rendered by
 llama-cpp-python's own Jinja2 chat formatter; llama.cpp tokenizes the text (``special=True``,
-BOS only when the model asks for one). The context uses an F32 KV cache (``type_k=0,
+BOS only when the model asks for one). The parity context uses an F32 KV cache (``type_k=0,
 type_v=0``) so that F32/F16 files can match the reference exactly; logits of every position
 come from evaluating the reference token ids (``logits_all=True``).
+
+The speed context (``deployment=True``) keeps the bindings' defaults (KV cache type, batch, flash
+attention, only the last logits) and generates with llama.cpp's own greedy sampler, timed by
+llama.cpp's perf counters (``llama_perf_context``).
 """
 
 from __future__ import annotations
@@ -22,23 +26,19 @@ GGML_TYPE_F32 = 0
 class LlamaCppRuntime:
     """A GGUF model in llama.cpp behind the evaluator's runtime interface."""
 
-    def __init__(self, gguf_file: str | Path, *, n_ctx: int, threads: int = 1):
+    def __init__(self, gguf_file: str | Path, *, n_ctx: int, threads: int = 1, deployment: bool = False):
         self.path = Path(gguf_file)
         check_gguf(self.path)  # a clear error before llama.cpp touches a foreign/truncated file
         from llama_cpp import Llama
 
         self.n_ctx = n_ctx
+        parity = {} if deployment else dict(
+            n_batch=min(n_ctx, 512), n_ubatch=min(n_ctx, 512), logits_all=True,
+            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+        )
         self.llm = Llama(
-            model_path=str(self.path),
-            n_ctx=n_ctx,
-            n_batch=min(n_ctx, 512),
-            n_ubatch=min(n_ctx, 512),
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=True,
-            type_k=GGML_TYPE_F32,
-            type_v=GGML_TYPE_F32,
-            verbose=False,
+            model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+            **parity,
         )
         self.metadata = dict(self.llm.metadata)
         self.n_vocab = self.llm.n_vocab()
@@ -113,16 +113,54 @@ class LlamaCppRuntime:
         self._eval([token])
         return self._last_logits()
 
+    def timed_generate(self, prompt_ids: Sequence[int], n: int) -> tuple[float, float, int, int]:
+        """``n`` tokens by llama.cpp's greedy sampler, EOS ignored, from an empty cache.
+
+        Returns (prompt_s, gen_s, prompt_tokens, gen_steps) from llama.cpp's perf counters.
+        """
+        import llama_cpp
+
+        if len(prompt_ids) + n > self.n_ctx:
+            raise ValueError(f"sequence of {len(prompt_ids) + n} tokens exceeds n_ctx={self.n_ctx}")
+        self.llm.reset()  # no prefix reuse from the previous run
+        llama_cpp.llama_perf_context_reset(self.llm.ctx)
+        tokens = self.llm.generate(list(prompt_ids), temp=0.0, repeat_penalty=1.0)
+        for _ in zip(range(n), tokens):  # generate() itself never stops at EOS
+            pass
+        tokens.close()
+        perf = llama_cpp.llama_perf_context(self.llm.ctx)
+        return perf.t_p_eval_ms / 1e3, perf.t_eval_ms / 1e3, perf.n_p_eval, perf.n_eval
+
+
+def _n_ctx(ref: Any, max_new_tokens: int) -> int:
+    """A context that fits the reference's longest sequence and prompt + generation, in steps of 64."""
+    longest_prompt = max(len(p) for p in ref.prompt_ids)
+    need = max(ref.meta["max_seq_len"], longest_prompt + max(max_new_tokens, ref.meta["max_new_tokens"]))
+    return int(-(-(need + 8) // 64) * 64)
+
 
 def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: int,
                  max_new_tokens: int) -> tuple[LlamaCppRuntime, dict[str, Any]]:
     """A GGUF file in llama.cpp, with a context that fits the reference's longest sequence."""
     from qatforge.io import package_versions
 
-    longest_prompt = max(len(p) for p in ref.prompt_ids)
-    need = max(ref.meta["max_seq_len"], longest_prompt + max(max_new_tokens, ref.meta["max_new_tokens"]))
-    n_ctx = int(-(-(need + 8) // 64) * 64)
+    n_ctx = _n_ctx(ref, max_new_tokens)
     rt = LlamaCppRuntime(artifact_path, n_ctx=n_ctx, threads=threads)
     return rt, {"runtime": "llama.cpp", "n_ctx": n_ctx, "kv_cache_type": "f32",
                 "gguf_file_type": rt.metadata.get("general.file_type"),
                 "runtime_versions": package_versions("llama_cpp_python", "numpy", "jinja2")}
+
+
+def open_speed_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: int,
+                       max_new_tokens: int) -> tuple[LlamaCppRuntime, dict[str, Any]]:
+    """The same file in a deployment context: the bindings' defaults, ``threads`` for both phases."""
+    import llama_cpp
+
+    rt = LlamaCppRuntime(artifact_path, n_ctx=_n_ctx(ref, max_new_tokens), threads=threads, deployment=True)
+    cp = rt.llm.context_params
+    kv = {v: k.removeprefix("GGML_TYPE_").lower() for k, v in vars(llama_cpp).items() if k.startswith("GGML_TYPE_")}
+    return rt, {"runtime": "llama.cpp", "n_ctx": rt.llm.n_ctx(), "n_batch": cp.n_batch, "n_ubatch": cp.n_ubatch,
+                "n_threads": cp.n_threads, "n_threads_batch": cp.n_threads_batch, "logits_all": False,
+                "kv_cache_type_k": kv.get(cp.type_k, cp.type_k), "kv_cache_type_v": kv.get(cp.type_v, cp.type_v),
+                "flash_attn": {-1: "auto", 0: "off", 1: "on"}.get(cp.flash_attn_type),
+                "sampler": "llama.cpp greedy (temp 0), EOS ignored", "timing": "llama_perf_context (t_p_eval_ms, t_eval_ms)"}

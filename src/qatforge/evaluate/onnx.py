@@ -4,6 +4,8 @@ The prompt is rendered from the directory's own chat template with jinja2 (the s
 settings transformers uses: trim_blocks, lstrip_blocks, loopcontrols) and tokenized with
 ``tokenizers``; decoding feeds input_ids / attention_mask / position_ids and the KV cache
 (``past_key_values.N.key|value`` → ``present.N.key|value``), starting from an empty cache.
+The speed session (``deployment=True``) runs the same with-past graph with default session
+options except ``intra_op_num_threads`` (and a quieter log).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def render_chat(template: str, messages: Sequence[dict], add_generation_prompt: 
 class OnnxRuntime:
     """An optimum ``text-generation-with-past`` export run with onnxruntime on CPU."""
 
-    def __init__(self, model_dir: str | Path, *, threads: int = 1):
+    def __init__(self, model_dir: str | Path, *, threads: int = 1, deployment: bool = False):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -95,8 +97,10 @@ class OnnxRuntime:
         }
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        if not deployment:
+            so.inter_op_num_threads = 1
+        self.session_options = so
         self.session = ort.InferenceSession(str(self.onnx_file), so, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -173,3 +177,15 @@ def open_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: i
     rt = OnnxRuntime(artifact_path, threads=threads)
     return rt, {"runtime": "onnxruntime", "onnx_file": rt.onnx_file.name,
                 "runtime_versions": package_versions("onnxruntime", "tokenizers", "jinja2")}
+
+
+def open_speed_runtime(artifact_path: str | Path, ref: Any, *, format: str, threads: int,
+                       max_new_tokens: int) -> tuple[OnnxRuntime, dict[str, Any]]:
+    """A second session on the same graph with deployment settings: defaults but the thread count."""
+    rt = OnnxRuntime(artifact_path, threads=threads, deployment=True)
+    so = rt.session_options
+    return rt, {"runtime": "onnxruntime", "onnx_file": rt.onnx_file.name, "kv_cache": bool(rt.past_names),
+                "intra_op_num_threads": so.intra_op_num_threads, "inter_op_num_threads": so.inter_op_num_threads,
+                "graph_optimization_level": str(so.graph_optimization_level).rsplit(".", 1)[-1],
+                "execution_mode": str(so.execution_mode).rsplit(".", 1)[-1],
+                "providers": rt.session.get_providers(), "timing": "wall clock (time.perf_counter)"}

@@ -2,8 +2,12 @@
 
 ``run_eval`` picks the runtime by format (transformers for hf/torchao, llama.cpp for gguf,
 onnxruntime for onnx), each in the calling process, and writes one JSON holding exactly the
-report columns (``qatforge.columns.REPORT_COLUMNS``) plus extras. Nothing here imports torch at
-module level: GGUF and ONNX evaluations run without torch/transformers.
+report columns (``qatforge.columns.REPORT_COLUMNS``, then ``SPEED_COLUMNS``) plus extras. Nothing
+here imports torch at module level: GGUF and ONNX evaluations run without torch/transformers.
+
+Speed is measured apart from parity: the parity runtime is released and a second instance is
+opened with each runtime's deployment settings (``open_speed_runtime``, recorded in
+``speed_settings``).
 
 Command line: ``python -m qatforge.evaluate --artifact A --reference R --out J --run ... --format ...``
 """
@@ -13,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -22,10 +25,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qatforge.columns import REPORT_COLUMNS
+from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
 from qatforge.decode import Runtime, greedy
 from qatforge.formats import FORMATS
-from qatforge.reference import Reference, check_prompts, load
+from qatforge.reference import Reference, check_test_data, load
 
 
 def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], ids: Sequence[Sequence[int]]) -> dict:
@@ -53,36 +56,41 @@ def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], id
     }
 
 
-def speed(rt: Runtime, prompts: Sequence[Sequence[int]], max_new_tokens: int, repeats: int) -> dict[str, float]:
-    """Prompt and generation tokens/s on fixed prompts and a fixed generation length.
+def speed(rt: Runtime, prompts: Sequence[Sequence[int]], max_new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Prompt and generation tokens/s: medians over ``repeats`` x ``prompts`` runs, and their spread.
 
-    One untimed warm-up pass, then ``repeats`` passes; each figure is total tokens over the
-    median of the per-pass total times.
+    One untimed warm-up pass over the prompts, then every prompt ``repeats`` times; each run
+    generates exactly ``max_new_tokens`` (EOS ignored) from an empty cache. Generation counts the
+    decode steps after the first token (that one comes with the prompt). The spread is the 25th
+    and 75th percentile with at least 4 runs, else min and max (``speed_spread``). A runtime with
+    ``timed_generate`` (llama.cpp) times itself; the others run ``decode.greedy``.
     """
     if not prompts:
         raise ValueError("no speed prompts")
     if repeats < 1:
         raise ValueError(f"speed_repeats must be >= 1, got {repeats}")
 
-    def one_pass() -> tuple[float, float, int, int]:
-        ps = ds = 0.0
-        pt = steps = 0
-        for p in prompts:
-            _, p_s, d_s, n = greedy(rt, p, max_new_tokens, set(), ignore_stop=True)
-            ps, ds, pt, steps = ps + p_s, ds + d_s, pt + len(p), steps + n
-        return ps, ds, pt, steps
+    def one(p: Sequence[int]) -> tuple[float, float, int, int]:
+        if hasattr(rt, "timed_generate"):
+            return rt.timed_generate(p, max_new_tokens)
+        _, p_s, d_s, n = greedy(rt, p, max_new_tokens, set(), ignore_stop=True)
+        return p_s, d_s, len(p), n
 
-    one_pass()
-    passes = [one_pass() for _ in range(repeats)]
-    p_med = statistics.median(p[0] for p in passes)
-    d_med = statistics.median(p[1] for p in passes)
-    n_prompt, n_steps = passes[0][2], passes[0][3]
-    return {
-        "prompt_tps": n_prompt / p_med if p_med > 0 else 0.0,
-        "gen_tps": n_steps / d_med if d_med > 0 else 0.0,
-        "speed_prompt_tokens": n_prompt,
-        "speed_gen_tokens": n_steps,
-    }
+    for p in prompts:
+        one(p)
+    runs = [one(p) for _ in range(repeats) for p in prompts]
+    quartiles = len(runs) >= 4
+    out: dict[str, Any] = {}
+    for col, t, n in (("prompt_tps", 0, 2), ("gen_tps", 1, 3)):
+        tps = np.array([r[n] / r[t] if r[n] and r[t] > 0 else math.nan for r in runs])  # NaN: max_new_tokens 1
+        lo, hi = np.percentile(tps, [25, 75]) if quartiles else (tps.min(), tps.max())
+        out.update({col: float(np.median(tps)), f"{col}_p25": float(lo), f"{col}_p75": float(hi)})
+    out.update(
+        speed_spread="quartiles" if quartiles else "min-max", speed_runs=len(runs), speed_prompts=len(prompts),
+        speed_repeats=repeats, speed_prompt_tokens=sum(r[2] for r in runs[: len(prompts)]),
+        speed_gen_tokens=sum(r[3] for r in runs[: len(prompts)]),
+    )
+    return out
 
 
 def evaluate_runtime(
@@ -92,18 +100,17 @@ def evaluate_runtime(
     format: str,
     variant: str,
     max_new_tokens: int,
-    speed_prompts: int,
-    speed_repeats: int,
     thresholds: Mapping[str, Any] | None,
-    eval_prompts_path: str | Path | None = None,
+    test_parquet: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The measurements shared by every runtime (everything except load time, size, RSS)."""
-    from qatforge.chat import is_correct
-    from qatforge.parity import (
-        compare_logit_sets, gen_match, judge, mean_nll, nll_terms, thresholds_for, token_parity,
-    )
+    """The parity and quality measurements shared by every runtime (not load time, size, RSS, speed).
 
-    check_prompts(ref, eval_prompts_path)
+    ``test_parquet``, when given, must be the test split the reference was built from.
+    """
+    from qatforge.chat import is_correct
+    from qatforge.parity import compare_answers, gen_match, judge, thresholds_for, token_parity
+
+    check_test_data(ref, test_parquet)
     ids = [rt.prompt_ids(m) for m in ref.prompts]
     out: dict[str, Any] = token_parity([p.tolist() for p in ref.prompt_ids], ids)
     special = rt.special_ids()
@@ -122,25 +129,35 @@ def evaluate_runtime(
     out["generations"] = texts[:10]
 
     test_logits = [rt.logits(s.tolist()) for s in ref.nll_ids]
-    out.update(compare_logit_sets(ref.nll_logits, test_logits))
-    out["nll"] = mean_nll(test_logits, ref.nll_ids, ref.nll_mask)
-    terms = [nll_terms(lg, i, m) for lg, i, m in zip(test_logits, ref.nll_ids, ref.nll_mask)]
-    out["per_seq_nll_sum"] = [t[0] for t in terms]  # for bootstrap CIs over conversations
-    out["per_seq_tokens"] = [t[1] for t in terms]
+    # KLD, top-1 and NLL at the answer positions (parity.answer_positions); the per-conversation
+    # NLL sums and counts are for bootstrap CIs over conversations
+    out.update(compare_answers(ref.nll_logits, test_logits, ref.nll_ids, ref.nll_mask))
     out["ppl"] = math.exp(out["nll"])
     out["ref_accuracy"] = ref.meta.get("accuracy")
     out["ref_nll"] = ref.meta.get("nll")
-
-    out.update(speed(rt, ids[:speed_prompts], max_new_tokens, speed_repeats))
 
     th = thresholds_for(format, variant, thresholds)
     ok, failures = judge(out, th)
     out.update(
         parity_pass=ok, failures=failures, thresholds=th, n_prompts=len(ids),
-        n_nll=len(ref.nll_ids), n_logit_tokens=int(sum(len(s) for s in ref.nll_ids)),
-        max_new_tokens=max_new_tokens, speed_prompts=min(speed_prompts, len(ids)), speed_repeats=speed_repeats,
-        reference_merged_sha256=ref.meta.get("merged_sha256"),
+        n_nll=len(ref.nll_ids), n_logit_tokens=int(sum(out["per_seq_tokens"])),
+        max_new_tokens=max_new_tokens, reference_merged_sha256=ref.meta.get("merged_sha256"),
     )
+    return out
+
+
+def speed_pass(open_speed_runtime: Any, artifact: Path, ref: Reference, *, format: str, threads: int,
+               max_new_tokens: int, speed_prompts: int, speed_repeats: int) -> dict[str, Any]:
+    """``speed`` on a fresh runtime with deployment settings, tokenizing the first prompts itself.
+
+    Call it with the parity runtime released: ``speed_rss_mb`` is the peak RSS from here on.
+    """
+    from qatforge.bench import peak_rss_mb, reset_peak_rss
+
+    reset = reset_peak_rss()
+    rt, settings = open_speed_runtime(artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens)
+    out = speed(rt, [rt.prompt_ids(m) for m in ref.prompts[:speed_prompts]], max_new_tokens, speed_repeats)
+    out.update(speed_rss_mb=peak_rss_mb() if reset else math.nan, speed_settings=settings)
     return out
 
 
@@ -173,7 +190,7 @@ def _nested(d: Any, key: str, depth: int = 3) -> Any:
 def run_eval(
     artifact: str | Path,
     reference_dir: str | Path,
-    eval_prompts_path: str | Path | None,
+    test_parquet: str | Path | None,
     out_json: str | Path | None,
     *,
     run: str,
@@ -194,45 +211,57 @@ def run_eval(
     """
     from qatforge.bench import peak_rss_mb, size_mb
     from qatforge.io import atomic_file
+    from qatforge.model import release_freed_memory
 
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     artifact = Path(artifact)
     if not artifact.exists():
         raise FileNotFoundError(f"artifact {artifact} does not exist")
+    parity_peak = 0.0
     try:
         if format in ("hf", "torchao"):
-            from qatforge.evaluate.hf import open_runtime
+            from qatforge.evaluate.hf import open_runtime, open_speed_runtime
         elif format == "gguf":
-            from qatforge.evaluate.gguf import open_runtime
+            from qatforge.evaluate.gguf import open_runtime, open_speed_runtime
         else:
-            from qatforge.evaluate.onnx import open_runtime
+            from qatforge.evaluate.onnx import open_runtime, open_speed_runtime
 
         ref = load(reference_dir)
         t0 = time.perf_counter()
         rt, about = open_runtime(artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens)
         load_s = time.perf_counter() - t0
         result = evaluate_runtime(
-            rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens, speed_prompts=speed_prompts,
-            speed_repeats=speed_repeats, thresholds=dict(thresholds) if thresholds else None,
-            eval_prompts_path=eval_prompts_path,
+            rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
+            thresholds=dict(thresholds) if thresholds else None, test_parquet=test_parquet,
         )
         result.update(load_s=load_s, **about)
+
+        del rt  # the speed pass gets a runtime of its own, without the reference logits around
+        ref.nll_logits = []
+        release_freed_memory()
+        parity_peak = peak_rss_mb()
+        result.update(speed_pass(
+            open_speed_runtime, artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens,
+            speed_prompts=speed_prompts, speed_repeats=speed_repeats,
+        ))
     except Exception as e:
         if not record_errors:
             raise
-        result = {k: math.nan for k in REPORT_COLUMNS}
+        result = {k: math.nan for k in REPORT_COLUMNS + SPEED_COLUMNS}
         result.update(token_parity=False, parity_pass=False, failures=[f"evaluation error: {type(e).__name__}: {e}"],
                       traceback=traceback.format_exc(limit=5))
+    # the whole process's peak: the mark restarted with the speed pass (and the kernel's count is approximate)
+    peak = float(np.nanmax([parity_peak, peak_rss_mb(), result.get("speed_rss_mb", math.nan)]))
     result.update(
         run=run, qat_scheme=qat_scheme, format=format, variant=variant, threads=threads,
-        artifact=str(artifact), size_mb=size_mb(artifact), peak_rss_mb=peak_rss_mb(),
+        artifact=str(artifact), size_mb=size_mb(artifact), peak_rss_mb=peak,
         **provenance(artifact),
     )
-    missing = [c for c in REPORT_COLUMNS if c not in result]
+    missing = [c for c in REPORT_COLUMNS + SPEED_COLUMNS if c not in result]
     if missing:
         raise RuntimeError(f"evaluation of {artifact} produced no {missing}")
-    ordered = {c: result[c] for c in REPORT_COLUMNS}
+    ordered = {c: result[c] for c in REPORT_COLUMNS + SPEED_COLUMNS}
     ordered.update({k: v for k, v in result.items() if k not in ordered})
     ordered = _jsonable(ordered)
     if out_json is not None:  # report columns first, in their fixed order (write_json would sort keys)
@@ -272,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qatforge.evaluate", description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", required=True)
     ap.add_argument("--reference", required=True, help="the run's reference directory")
-    ap.add_argument("--eval-prompts", default=None)
+    ap.add_argument("--test-data", default=None, help="the test split the reference was built from (checked)")
     ap.add_argument("--out", required=True, help="evaluation JSON to write")
     ap.add_argument("--run", required=True)
     ap.add_argument("--qat-scheme", default=None)
@@ -286,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--record-errors", action="store_true")
     a = ap.parse_args(argv)
     res = run_eval(
-        a.artifact, a.reference, a.eval_prompts, a.out, run=a.run,
+        a.artifact, a.reference, a.test_data, a.out, run=a.run,
         qat_scheme=a.qat_scheme if a.qat_scheme not in (None, "", "none", "null") else None,
         format=a.format, variant=a.variant, threads=a.threads, max_new_tokens=a.max_new_tokens,
         speed_prompts=a.speed_prompts, speed_repeats=a.speed_repeats,
