@@ -1,10 +1,15 @@
+BASE = config["model"]["base"]
+
+
+# The builtin base trains on its own corpus (not the dataset) and comes from the machine cache when
+# its recipe was built before; a local model.base directory is an input, a hub id is not.
 rule build_base:
     input:
-        train="results/data/train.parquet",
+        lambda w: [BASE] if os.path.isdir(BASE) else [],
     output:
         directory("results/base"),
     params:
-        base=config["model"]["base"],
+        base=BASE,
         builtin=sorted_keys(config["model"]["builtin"]),
         trust_remote_code=config["model"]["trust_remote_code"],
         seed=config["seed"],

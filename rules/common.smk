@@ -1,10 +1,11 @@
 # Helpers shared by the rules: config slices per wildcard, wildcard constraints, targets.
 # Parse-time only: nothing here imports torch, transformers or llama_cpp.
+import os
 import re
 
 from qatforge import config as qcfg
 from qatforge.config import sorted_keys
-from qatforge.formats import EVAL_MEM_MB, FORMATS
+from qatforge.formats import BASE_ARTIFACT, EVAL_MEM_MB, FORMATS, is_deployment_artifact
 from qatforge.qat_schemes import detect_cuda_capability
 
 qcfg.check(config, workflow.basedir, cuda_capability=detect_cuda_capability())
@@ -53,6 +54,8 @@ def gguf_file(run, variant):
 
 def artifact_path(run, fmt, variant):
     """Where the artifact of (run, format, variant) lives."""
+    if (fmt, variant) == BASE_ARTIFACT:
+        return "results/base"
     if fmt == "hf":
         return f"results/runs/{run}/merged"
     if fmt == "torchao":
@@ -93,6 +96,8 @@ def all_targets():
 def thresholds(wildcards):
     """The report.thresholds slice of one artifact: {format: {variant or 'default': {...}}}."""
     fmt, variant = wildcards.format, wildcards.variant
+    if not is_deployment_artifact(fmt, variant):  # not judged: no threshold edit reruns it
+        return {}
     table = config["report"].get("thresholds", {}).get(fmt, {})
     if variant in table:
         key = variant

@@ -1,3 +1,5 @@
+# eval.n_prompts / eval.n_nll are checked against the test split here (before any training) but are
+# not params: they do not change the splits, so editing them must not rerun the whole DAG.
 rule prepare_data:
     input:
         data=config["data"]["path"],
@@ -9,8 +11,6 @@ rule prepare_data:
     params:
         dev_fraction=config["data"]["dev_fraction"],
         test_fraction=config["data"]["test_fraction"],
-        n_prompts=config["eval"]["n_prompts"],
-        n_nll=config["eval"]["n_nll"],
         max_tokens=config["data"]["max_tokens"],
         on_bad_rows=config["data"]["on_bad_rows"],
     log:

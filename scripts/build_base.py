@@ -5,7 +5,6 @@ with logged(snakemake) as log:
     p = snakemake.params
     info = build(
         p.base,
-        snakemake.input.train,
         snakemake.output[0],
         builtin=p.builtin,
         seed=p.seed,

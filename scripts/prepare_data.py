@@ -14,8 +14,8 @@ with logged(snakemake) as log:
         test_fraction=p.test_fraction,
         max_tokens=p.max_tokens,
         on_bad_rows=p.on_bad_rows,
-        n_prompts=p.n_prompts,
-        n_nll=p.n_nll,
+        n_prompts=snakemake.config["eval"]["n_prompts"],
+        n_nll=snakemake.config["eval"]["n_nll"],
     )
     log.info("split: train %d, dev %d, test %d; dropped for leakage (a test or dev question in a user turn): "
              "train %d, dev %d", summary["train_rows"], summary["dev_rows"], summary["test_rows"],

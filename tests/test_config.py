@@ -34,8 +34,12 @@ def problems_of(c, workdir=ROOT, cuda=None):
 
 def test_default_config_is_valid(cfg):
     qcfg.check(cfg, ROOT)
-    # per run: hf, BF16, 6 quants, 2 onnx; torchao: 2 PTQ schemes (baseline) + 1 QAT scheme
-    assert len(qcfg.artifacts(cfg)) == 2 * (1 + 1 + 6 + 2) + 2 + 1
+    # per run: hf, BF16, 6 quants, 2 onnx; torchao: 2 PTQ schemes (baseline) + 1 QAT scheme; the base
+    assert len(qcfg.artifacts(cfg)) == 2 * (1 + 1 + 6 + 2) + 2 + 1 + 1
+    assert [a for a in qcfg.artifacts(cfg) if a[1:] == ("hf", "base")] == [("baseline", "hf", "base")]
+    only_qat = copy.deepcopy(cfg)
+    del only_qat["runs"]["baseline"]
+    assert not [a for a in qcfg.artifacts(only_qat) if a[1:] == ("hf", "base")]  # no baseline run, no base row
 
 
 @pytest.mark.parametrize(

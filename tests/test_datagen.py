@@ -1,4 +1,4 @@
-"""The shipped dataset generator: deterministic, balanced, exact answers, each row's task recorded."""
+"""The dataset and base-corpus generators: deterministic, mixed as documented, exact answers, disjoint."""
 
 import json
 from pathlib import Path
@@ -42,12 +42,33 @@ def test_answers_are_exactly_right():
         elif task == "convert":
             nums = [int(t) for t in q.rstrip(".?").split() if t.isdigit()]
             assert int(a) % nums[0] == 0 and int(a) // nums[0] in (10, 100, 1000)
+        elif task == "smallest":
+            assert a == min(arg.split())
+        elif task == "last":
+            assert a == arg.split()[-1]
+        elif task == "count":
+            assert a == str(len(arg.split()))
+        elif task == "convert_back":
+            v = [int(t) for t in q.rstrip(".?").split() if t.isdigit()][0]
+            assert v % int(a) == 0 and v // int(a) in (10, 100, 1000)
     assert {r["task"] for r in rows} == set(datagen.TASKS)
 
 
-def test_reserved_problems_are_never_generated():
-    users = [m["content"] for r in datagen.generate(0, 2000) for m in r["messages"] if m["role"] == "user"]
-    assert not any(datagen.is_reserved(q) for q in users)
+def test_dataset_mix_weights_new_tasks_three_to_one():
+    tasks = [r["task"] for r in datagen.generate(0, 1700)]
+    for t in datagen.BASE_TASKS:
+        assert 0.04 < tasks.count(t) / len(tasks) < 0.08, t  # 1/17 each (second turns add noise)
+    for t in datagen.NEW_TASKS:
+        assert 0.15 < tasks.count(t) / len(tasks) < 0.20, t  # 3/17 each
+
+
+def test_base_corpus_holds_base_tasks_only_and_no_dataset_question():
+    corpus = datagen.base_corpus(0, 2000)
+    assert {r["task"] for r in corpus} == set(datagen.BASE_TASKS)
+    base_q = {m["content"] for r in corpus for m in r["messages"] if m["role"] == "user"}
+    data_q = {m["content"] for r in datagen.generate(0, 4000) for m in r["messages"] if m["role"] == "user"}
+    assert base_q and data_q and not base_q & data_q
+    assert all(datagen.is_base_problem(q) for q in base_q) and not any(datagen.is_base_problem(q) for q in data_q)
 
 
 def test_main_writes_files_and_shipped_files_match_generator(tmp_path):

@@ -138,6 +138,30 @@ def test_metrics_at_answer_positions_for_two_runtimes():
         assert out["accuracy"] == 1.0 and out["gen_match"] == 1.0
 
 
+def test_base_model_gets_every_metric_but_no_parity_verdict():
+    """The base (hf/base) is measured like the merged model, but parity is not judged: a threshold
+    that fails the merged model leaves the base without a verdict, failures or thresholds."""
+    from qatforge.evaluate.run import evaluate_runtime
+
+    ids, mask = np.array([0, 1, 2, 3]), np.array([False, False, True, True])
+    logits = np.zeros((4, 4), dtype=np.float32)
+    ref = reference.Reference(
+        meta={"max_new_tokens": 4, "stop_token_ids": [3], "bos_token_id": None, "eos_token_id": 3,
+              "chat_template": "T", "prompts": [{"messages": [{"role": "user", "content": "q"}], "answer": ""}]},
+        prompt_ids=[np.array([0, 1])], gen_ids=[np.array([], dtype=np.int32)],
+        nll_ids=[ids], nll_mask=[mask], nll_logits=[logits],
+    )
+    th = {"hf": {"default": {"kld_mean": -1.0}, "merged": {"kld_mean": -1.0}}}
+    kw = dict(format="hf", max_new_tokens=4, thresholds=th)
+    merged = evaluate_runtime(_FixedLogits(ids, logits), ref, variant="merged", **kw)
+    assert merged["parity_pass"] is False and merged["failures"] == ["kld_mean 0 > -1"] and "parity" not in merged
+    base = evaluate_runtime(_FixedLogits(ids, logits), ref, variant="base", **kw)
+    assert base["parity_pass"] is None and base["failures"] == [] and base["thresholds"] is None
+    assert base["parity"] == "not applicable: the base is not an export of the merged model"
+    assert base["nll"] == pytest.approx(np.log(4)) and base["accuracy"] == 1.0 and base["kld_mean"] == 0
+    assert base["per_seq_tokens"] == [2] and base["per_prompt_correct"] == [True]
+
+
 def _subprocess_eval(artifact: Path, t: dict, fmt: str, variant: str, out: Path) -> tuple[dict, list[str]]:
     """run_eval in a fresh interpreter; returns the JSON row and the heavy modules it imported."""
     code = (

@@ -14,11 +14,13 @@ import pytest
 
 from conftest import read_config, snakemake
 from qatforge import config as qcfg
-from qatforge.columns import REPORT_COLUMNS
+from qatforge.columns import LOSS_COLUMNS, REPORT_COLUMNS
+from qatforge.formats import BASE_ARTIFACT
 from qatforge.io import sha256_path
 from qatforge.verify import verify
 
 COLUMNS = list(REPORT_COLUMNS)
+IS_BASE = (pl.col("format") == BASE_ARTIFACT[0]) & (pl.col("variant") == BASE_ARTIFACT[1])
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,25 @@ def test_report_has_one_complete_row_per_artifact(pipeline_build, report):
     assert got == expected
     must_fill = [c for c in COLUMNS if c != "qat_scheme"]
     nulls = {c: report[c].null_count() for c in must_fill if report[c].null_count()}
-    assert not nulls, f"empty cells: {nulls}"
+    assert nulls == {"parity_pass": 1}, f"empty cells: {nulls}"  # the base row's verdict only
+    assert report.filter(IS_BASE)["parity_pass"].null_count() == 1
+
+
+def test_report_has_one_base_row_without_parity_verdict(pipeline_build, report):
+    cfg = read_config(pipeline_build)
+    base = report.filter(IS_BASE)
+    assert base.height == 1, base
+    row = base.row(0, named=True)
+    assert row["run"] == qcfg.baseline_runs(cfg)[0] and row["qat_scheme"] == "none"
+    assert row["parity_pass"] is None and row["failures"] == "none"
+    assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0 and row["size_mb"] > 0 and row["gen_tps"] > 0
+    merged = report.filter((pl.col("run") == row["run"]) & (pl.col("variant") == "merged")).row(0, named=True)
+    assert row["kld_mean"] > merged["kld_mean"]  # the base is not the merged model
+    assert row["acc_loss"] == pytest.approx(merged["accuracy"] - row["accuracy"])  # the fine-tuning gain
+    ev = json.loads((pipeline_build / "results/eval" / row["run"] / "hf/base.json").read_text())
+    assert ev["artifact"] == "results/base" and ev["parity"].startswith("not applicable")
+    assert ev["parity_pass"] is None and ev["failures"] == []
+    assert (pipeline_build / "results" / "parity.ok").is_file()  # the gate ignores it
 
 
 def test_report_figures_are_in_range(report):
@@ -49,8 +69,11 @@ def test_report_figures_are_in_range(report):
     assert (report["kld_mean"] >= 0).all() and (report["kld_max"] >= report["kld_mean"]).all()
     assert report["top1_agree"].is_between(0, 1).all() and report["gen_match"].is_between(0, 1).all()
     assert report["sha256"].str.len_chars().eq(64).all()
-    assert report["source_checkpoint"].str.starts_with("checkpoint-").all(), report["source_checkpoint"]
-    merged = report.filter(pl.col("format") == "hf")
+    deployed = report.filter(~IS_BASE)
+    assert deployed["source_checkpoint"].str.starts_with("checkpoint-").all(), deployed["source_checkpoint"]
+    assert tuple(report.columns[-len(LOSS_COLUMNS):]) == LOSS_COLUMNS
+    merged = report.filter(pl.col("variant") == "merged")
+    assert (merged["acc_loss"] == 0).all() and (merged["nll_loss"] == 0).all()
     assert (merged["kld_mean"] < 1e-6).all() and (merged["top1_agree"] == 1).all()
     assert merged["token_parity"].all()
     gguf = report.filter(pl.col("format") == "gguf")
@@ -81,6 +104,9 @@ def test_dev_selects_and_test_reports_with_no_test_prompt_in_train_or_dev(pipeli
 def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):
     md = (pipeline_build / "results" / "report.md").read_text()
     assert "QAT vs PTQ" in md and "Recommendation" in md
+    assert "## Base vs fine-tuned" in md and "## Loss against the merged model" in md
+    gains = md.split("## Base vs fine-tuned")[1].split("## Loss against")[0]
+    assert "| baseline/hf/merged |" in gains and "| qat-int8-int4/hf/merged |" in gains
     assert "int8-int4" in md
 
 

@@ -1,4 +1,5 @@
-"""The polars report on synthetic evaluation JSONs: schema, order, QAT vs PTQ, recommendation, gate."""
+"""The polars report on synthetic evaluation JSONs: schema, order, losses, base vs fine-tuned, QAT vs
+PTQ, recommendation, gate."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import polars as pl
 import pytest
 
 from qatforge import report
-from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
+from qatforge.columns import LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS
 
 N_PROMPTS = 100
 N_SEQ = 20
@@ -52,6 +53,8 @@ def _synthetic():
         _row(q, "int8-int4", "torchao", "int8-int4", 3.0, 85, 0.55, kld=0.01, seed=11),
         _row(q, "int8-int4", "gguf", "BF16", 8.1, 89, 0.505, kld=2e-5, seed=12),
         _row(q, "int8-int4", "gguf", "Q4_0", 2.4, 89, 0.52, kld=0.02, seed=13),
+        # the base model: reference only, no parity verdict
+        _row(b, None, "hf", "base", 8.0, 40, 1.20, kld=0.4, seed=14, ok=None, failures=[]),
     ]
 
 
@@ -79,12 +82,15 @@ def test_csv_schema_order_and_ranges(built):
     assert df.schema["parity_pass"] == pl.Boolean and df.schema["token_parity"] == pl.Boolean
     for c in ("size_mb", "accuracy", "nll", "ppl", "kld_mean", "top1_agree", "gen_match", "gen_tps"):
         assert df.schema[c] == pl.Float64
-    assert df.null_count().sum_horizontal().item() == 0
-    assert tuple(df.columns[-len(SPEED_COLUMNS):]) == SPEED_COLUMNS and (df["gen_tps_p25"] < df["gen_tps"]).all()
+    # the only empty cell: the base row's verdict
+    assert df.null_count().sum_horizontal().item() == 1 and df["parity_pass"].null_count() == 1
+    assert tuple(df.columns[-len(SPEED_COLUMNS + LOSS_COLUMNS):]) == SPEED_COLUMNS + LOSS_COLUMNS
+    assert (df["gen_tps_p25"] < df["gen_tps"]).all()
     assert df["accuracy"].is_between(0, 1).all() and df["top1_agree"].is_between(0, 1).all()
     assert (df["kld_mean"] >= 0).all() and (df["size_mb"] > 0).all()
     # failing rows first, baseline's scheme recorded as "none"
-    assert df["parity_pass"].to_list()[0] is False and all(df["parity_pass"].to_list()[1:])
+    verdicts = df["parity_pass"].to_list()
+    assert verdicts[0] is False and False not in verdicts[1:]
     assert set(df.filter(pl.col("run") == "baseline")["qat_scheme"]) == {"none"}
     assert summary["failing"] == ["baseline/gguf/Q4_0"]
 
@@ -92,9 +98,9 @@ def test_csv_schema_order_and_ranges(built):
 def test_markdown_sections_and_failing_rows_first(built, caplog):
     out, _, _ = built
     md = (out / "report.md").read_text()
-    assert md.index("## Parity failures") < md.index("## All artifacts") < md.index("## Speed") < md.index(
-        "## QAT vs PTQ"
-    ) < md.index("## Recommendation")
+    heads = ("## Parity failures", "## All artifacts", "## Base vs fine-tuned", "## Loss against the merged model",
+             "## Speed", "## QAT vs PTQ", "## Recommendation")
+    assert [md.index(h) for h in heads] == sorted(md.index(h) for h in heads)
     assert "| baseline/hf/merged | 1 | 1001 [991, 1011] | 301 [291, 311] | 120 |" in md
     table = md.split("## All artifacts")[1]
     first_data_row = [line for line in table.splitlines() if line.startswith("| baseline") or line.startswith("| qat")][0]
@@ -156,6 +162,95 @@ def test_gate(built, tmp_path):
     report.build_report(good, out / "r2.csv", out / "r2.md", out / "plots2", accuracy_margin=0.05)
     report.parity_gate(out / "r2.csv", out / "parity.ok")
     assert "all 12 artifacts" in (out / "parity.ok").read_text()
+
+
+def test_base_row_is_reported_but_not_judged(built):
+    out, summary, _ = built
+    df = pl.read_csv(out / "report.csv")
+    base = df.filter((pl.col("format") == "hf") & (pl.col("variant") == "base"))
+    assert base.height == 1 and base["run"].item() == "baseline" and base["parity_pass"].item() is None
+    assert base["failures"].item() == "none" and base["accuracy"].item() == pytest.approx(0.40)
+    md = (out / "report.md").read_text()
+    assert "12 pass parity, 1 fail; not judged: 1 reference-only (the base model)" in md
+    assert "baseline/hf/base" not in md.split("## Parity failures")[1].split("## All artifacts")[0]
+    assert "baseline/hf/base" not in md.split("## Loss against the merged model")[1].split("## Speed")[0]
+    assert "baseline/hf/base" not in md.split("## Recommendation")[1]
+    assert summary["failing"] == ["baseline/gguf/Q4_0"]
+
+
+def test_base_vs_finetuned_gains(built):
+    out, summary, _ = built
+    gains = {g["run"]: g for g in summary["base_vs_finetuned"]}
+    assert set(gains) == {"baseline", "qat-int8-int4"}
+    # base 40 correct and NLL 1.20; baseline merged 90 and 0.50: +50 points, 0.70 nats/token less
+    acc, nll = gains["baseline"]["accuracy"], gains["baseline"]["nll"]
+    assert acc["loss"] == pytest.approx(0.50) and 0 < acc["ci"][0] < 0.50 < acc["ci"][1]
+    assert nll["loss"] == pytest.approx(0.70) and 0 < nll["ci"][0] < 0.70 < nll["ci"][1]
+    assert gains["qat-int8-int4"]["accuracy"]["loss"] == pytest.approx(0.49)
+    md = (out / "report.md").read_text().split("## Base vs fine-tuned")[1].split("## Loss against")[0]
+    assert "| baseline/hf/merged | 0.400 → 0.900 | +50 pt [" in md and "qat-int8-int4/hf/merged" in md
+
+
+def test_loss_columns_against_the_run_merged_model(built):
+    out, _, _ = built
+    df = pl.read_csv(out / "report.csv")
+
+    def row(run, fmt, variant):
+        return df.filter((pl.col("run") == run) & (pl.col("format") == fmt) & (pl.col("variant") == variant)).row(
+            0, named=True)
+
+    # a clear loss (90 -> 60 correct, NLL 0.50 -> 0.80): both intervals exclude zero
+    tao = row("baseline", "torchao", "int8-int4")
+    assert tao["acc_loss"] == pytest.approx(0.30) and tao["acc_loss_ci_low"] > 0
+    assert tao["nll_loss"] == pytest.approx(0.30) and tao["nll_loss_ci_low"] > 0
+    assert tao["acc_loss_ci_low"] < tao["acc_loss"] < tao["acc_loss_ci_high"]
+    # the merged model against itself, and an artifact with the same answers: zero loss, zero width
+    for r in (row("baseline", "hf", "merged"), row("baseline", "gguf", "BF16")):
+        assert r["acc_loss"] == r["acc_loss_ci_low"] == r["acc_loss_ci_high"] == 0
+    assert row("baseline", "hf", "merged")["nll_loss_ci_high"] == 0
+    # against its own run's merged model: the QAT run's torchao (85 vs 89 correct)
+    assert row("qat-int8-int4", "torchao", "int8-int4")["acc_loss"] == pytest.approx(0.04)
+    # the base row: its loss is the fine-tuning gain
+    assert row("baseline", "hf", "base")["acc_loss"] == pytest.approx(0.50)
+    md = (out / "report.md").read_text().split("## Loss against the merged model")[1].split("## Speed")[0]
+    assert "| baseline/torchao/int8-int4 | +30 pt [" in md and md.count("| accuracy, NLL |") >= 1
+    assert "| baseline/gguf/BF16 | +0 pt [+0 pt, +0 pt] |" in md and "baseline/hf/merged" not in md
+
+
+def test_paired_loss_is_seeded_and_zero_for_identical_rows():
+    a = _row("r", None, "hf", "merged", 1.0, 70, 0.5, seed=1)
+    b = _row("r", None, "gguf", "Q4_0", 1.0, 55, 0.9, seed=2)
+    for measure in ("accuracy", "nll"):
+        same = report.paired_loss(a, a, measure)
+        assert same["loss"] == 0 and same["ci"] == (0.0, 0.0)
+        assert report.paired_loss(a, b, measure) == report.paired_loss(a, b, measure)  # fixed seed
+    assert report.paired_loss(a, b, "accuracy")["ci"][0] > 0
+    assert report.paired_loss(a, {**b, "per_prompt_correct": [True]}, "accuracy") is None
+    assert report.paired_loss(a, {**b, "per_seq_tokens": [11] * N_SEQ}, "nll") is None
+
+
+def test_gate_ignores_the_base_row_but_not_a_missing_verdict(built, tmp_path):
+    out, _, paths = built
+    good = [p for p in paths if not p.match("*/baseline/gguf/Q4_0.json")]
+    report.build_report(good, tmp_path / "r.csv", tmp_path / "r.md", tmp_path / "plots", accuracy_margin=0.05)
+    report.parity_gate(tmp_path / "r.csv", tmp_path / "parity.ok")
+    assert (tmp_path / "parity.ok").read_text().startswith("all 12 artifacts in r.csv pass parity (not judged: 1")
+    # a deployment artifact with an empty verdict fails the gate
+    df = pl.read_csv(tmp_path / "r.csv")
+    df = df.with_columns(pl.when(pl.col("variant") == "Q8_0").then(None).otherwise(pl.col("parity_pass"))
+                         .alias("parity_pass"))
+    df.write_csv(tmp_path / "bad.csv")
+    with pytest.raises(RuntimeError, match=r"(?s)parity failed for 1 of 12.*baseline/gguf/Q8_0: no parity verdict"):
+        report.parity_gate(tmp_path / "bad.csv", tmp_path / "bad.ok")
+    assert not (tmp_path / "bad.ok").exists()
+
+
+def test_no_base_row_without_it(built, tmp_path):
+    _, _, paths = built
+    summary = report.build_report([p for p in paths if not p.match("*/hf/base.json")], tmp_path / "r.csv",
+                                  tmp_path / "r.md", tmp_path / "plots", accuracy_margin=0.05)
+    assert summary["base_vs_finetuned"] == [] and "No base model row" in (tmp_path / "r.md").read_text()
+    assert pl.read_csv(tmp_path / "r.csv")["parity_pass"].null_count() == 0
 
 
 def test_bad_inputs_name_the_file(tmp_path):

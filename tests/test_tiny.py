@@ -72,10 +72,8 @@ def test_warmup_reduces_loss_and_is_deterministic(tok, rows):
 
 
 def test_build_base_writes_loadable_checkpoint(rows, tmp_path):
-    train = tmp_path / "train.parquet"
-    data._write_parquet(data._messages_frame(rows), train)
     prompts = [data.as_prompt(r["messages"], r["task"]) for r in datagen.generate(0, 5)]
-    metrics = tiny.build_base(train, tmp_path / "base", steps=3, batch_size=4, lr=1e-3, seed=0,
+    metrics = tiny.build_base([r["messages"] for r in rows], tmp_path / "base", steps=3, batch_size=4, lr=1e-3, seed=0,
                               vocab_size=512, log_path=tmp_path / "warmup.csv", eval_prompts=prompts,
                               max_new_tokens=4, model_kwargs={"layers": 1}, eval_every=2)
     out = tmp_path / "base"

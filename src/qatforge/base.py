@@ -6,12 +6,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qatforge.config import BUILTIN_PREFIX
-from qatforge.io import atomic_dir, write_manifest
+from qatforge.io import atomic_dir, read_json, write_manifest
+
+
+def builtin_recipe(builtin: dict[str, Any], seed: int, max_tokens: int) -> dict[str, Any]:
+    """Everything that decides the builtin base's weights (with the code and library versions,
+    which ``base_cache.recipe_key`` adds)."""
+    return {"model": "tiny-qwen3", "seed": seed, "max_tokens": max_tokens, **builtin}
 
 
 def build(
     base: str,
-    train_parquet: str | Path,
     out_dir: str | Path,
     *,
     builtin: dict[str, Any],
@@ -21,24 +26,36 @@ def build(
     threads: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Write the base checkpoint to ``out_dir`` (safetensors, tokenizer, chat template)."""
+    """Write the base checkpoint to ``out_dir`` (safetensors, tokenizer, chat template).
+
+    The builtin base is trained on its own warm-up corpus (``datagen.base_corpus``), never on the
+    dataset, and taken from the machine cache when the same recipe was built before
+    (``base_cache``).
+    """
     import torch
 
     torch.set_num_threads(threads)
     if base.startswith(BUILTIN_PREFIX):
-        from qatforge import tiny
+        from qatforge import base_cache, datagen, tiny
 
-        info = tiny.build_base(
-            train_parquet,
-            out_dir,
-            steps=builtin["steps"],
-            batch_size=builtin["batch_size"],
-            lr=builtin["lr"],
-            seed=seed,
-            vocab_size=builtin.get("vocab_size", 1024),
-            max_len=max_tokens,
-            threads=threads,
-        )
+        recipe = builtin_recipe(builtin, seed, max_tokens)
+        key = base_cache.recipe_key(recipe)
+        if base_cache.fetch(key, out_dir, log=log):
+            info = read_json(Path(out_dir) / "warmup.json")["metrics"] | {"cache": "hit"}
+        else:
+            info = tiny.build_base(
+                [r["messages"] for r in datagen.base_corpus(builtin["corpus_seed"], builtin["corpus_size"])],
+                out_dir,
+                steps=builtin["steps"],
+                batch_size=builtin["batch_size"],
+                lr=builtin["lr"],
+                seed=seed,
+                vocab_size=builtin["vocab_size"],
+                max_len=max_tokens,
+                threads=threads,
+            ) | {"cache": "miss"}
+            base_cache.store(key, out_dir, log=log)
+        info["recipe_key"] = key
     else:
         from qatforge.model import check_chat_tokenizer, load_causal_lm, load_tokenizer
 

@@ -15,3 +15,9 @@ FLOAT_COLUMNS = tuple(c for c in REPORT_COLUMNS if c not in STR_COLUMNS + BOOL_C
 # ``speed_rss_mb`` is the peak RSS during the speed pass alone; ``peak_rss_mb`` stays the peak of
 # the whole evaluation process, parity pass included (``qatforge.bench.peak_rss_mb``).
 SPEED_COLUMNS = ("prompt_tps_p25", "prompt_tps_p75", "gen_tps_p25", "gen_tps_p75", "speed_rss_mb")
+
+# Written by the report after the speed columns (floats; NaN without the run's merged row or
+# per-item results): each row's loss against its run's merged model on the test set, with the
+# paired bootstrap 95 % interval (``qatforge.report.paired_loss``). ``acc_loss`` = merged − row
+# accuracy (over prompts), ``nll_loss`` = row − merged NLL in nats/token (over conversations).
+LOSS_COLUMNS = ("acc_loss", "acc_loss_ci_low", "acc_loss_ci_high", "nll_loss", "nll_loss_ci_low", "nll_loss_ci_high")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qatforge.formats import FORMATS
+from qatforge.formats import BASE_ARTIFACT, FORMATS
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-qwen3",)
@@ -66,10 +66,14 @@ def torchao_variants(config: dict, run: str) -> list[str]:
 
 
 def artifacts(config: dict) -> list[tuple[str, str, str]]:
-    """Every evaluated artifact as (run, format, variant)."""
+    """Every evaluated artifact as (run, format, variant); the base model is a row of the first
+    baseline run (``formats.BASE_ARTIFACT``), and there is none without a baseline run."""
+    base_run = next(iter(baseline_runs(config)), None)
     out = []
     for run in runs(config):
         out.append((run, "hf", "merged"))
+        if run == base_run:
+            out.append((run, *BASE_ARTIFACT))
         out += [(run, "torchao", s) for s in torchao_variants(config, run)]
         out.append((run, "gguf", outtype_name(config)))
         out += [(run, "gguf", q) for q in config["gguf"]["quants"]]

@@ -1,15 +1,19 @@
-"""Seeded generator of the shipped synthetic chat dataset.
+"""Seeded generators of the builtin base's warm-up corpus and of the shipped fine-tuning dataset.
 
-Five small deterministic tasks whose answers can be checked exactly and that a ~4M-parameter
-model learns: letter reversal, digit sorting, uppercasing words, the largest digit of a list and
-metric unit conversion (a number times a power of ten). Measured: key lookup in a short dict (two-
-digit values) stayed at 5 % after 1300 warm-up steps, reversal of 6-7 letters and uppercasing of
-4 words were error-prone, so those were dropped or shortened. Letters are space separated and digits are
-split one per token by the Qwen2 pre-tokenizer regex, so a tiny BPE keeps them as single tokens.
+Small deterministic tasks whose answers can be checked exactly, on letters, digits and words that
+a tiny byte-level BPE keeps as single tokens (the Qwen2 pre-tokenizer regex splits digits one per
+token). Two sets:
 
-Each row carries the ``task`` of its last exchange. Exact-match prompts are no longer generated:
-prepare_data takes them from its dev and test splits. One problem in ``RESERVED_BUCKET`` (by a hash
-of its user text, the former eval side) is never generated, so the shipped file stays reproducible.
+* ``BASE_TASKS`` (letter reversal, digit sorting, uppercasing, the largest digit, metric unit
+  conversion by multiplication): what the builtin base learns in its warm-up (``base_corpus``).
+* ``NEW_TASKS`` (the smallest digit, the last letter, counting letters, unit conversion by
+  division): what only the fine-tuning dataset teaches. Similar prompts to the base tasks, other
+  answers, so the base gets them wrong (measured: 0 % on each) and LoRA can learn them.
+
+The shipped dataset (``generate``) mixes one share of each base task with three shares of each new
+task (``DATASET_MIX``), so the base scores about a third of its test prompts and fine-tuning has
+the rest to teach. Problems are split between the two by a hash of the user text
+(``is_base_problem``): no question of the dataset occurs in the base's warm-up corpus.
 
     python -m qatforge.datagen --out data/ [--seed 0] [--n 4000]
 """
@@ -22,7 +26,7 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 SYSTEM_PROMPT = "Reply with the answer only."
 
@@ -40,8 +44,12 @@ UNITS = [  # (from, to, factor)
     ("l", "ml", 1000),
 ]
 
-TASKS = ("reverse", "sort", "uppercase", "largest", "convert")
-RESERVED_BUCKET = 8  # one problem in RESERVED_BUCKET (by hash of its user text) is never generated
+BASE_TASKS = ("reverse", "sort", "uppercase", "largest", "convert")
+NEW_TASKS = ("smallest", "last", "count", "convert_back")
+TASKS = BASE_TASKS + NEW_TASKS
+# The dataset's round-robin task order: each base task once, each new task three times.
+DATASET_MIX = BASE_TASKS + tuple(t for t in NEW_TASKS for _ in range(3))
+BASE_BUCKETS = 2  # a problem belongs to the base corpus iff hash(user text) % BASE_BUCKETS == 0
 
 
 def _letters(rng: random.Random, lo: int, hi: int) -> list[str]:
@@ -79,46 +87,85 @@ def _convert(rng: random.Random) -> tuple[str, str]:
     return q, str(x * factor)
 
 
+def _smallest(rng: random.Random) -> tuple[str, str]:
+    xs = [rng.choice(string.digits) for _ in range(rng.randint(3, 7))]
+    q = rng.choice(["Smallest digit: {}", "Which digit is smallest: {}"]).format(" ".join(xs))
+    return q, min(xs)
+
+
+def _last(rng: random.Random) -> tuple[str, str]:
+    xs = _letters(rng, 3, 6)
+    q = rng.choice(["Last letter: {}", "Which letter comes last: {}"]).format(" ".join(xs))
+    return q, xs[-1]
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    xs = _letters(rng, 2, 8)
+    q = rng.choice(["How many letters: {}", "Count the letters: {}"]).format(" ".join(xs))
+    return q, str(len(xs))
+
+
+def _convert_back(rng: random.Random) -> tuple[str, str]:
+    src, dst, factor = rng.choice(UNITS)
+    x = rng.randint(1, 99)
+    q = rng.choice(["Convert {v} {d} to {s}.", "How many {s} is {v} {d}?"]).format(v=x * factor, s=src, d=dst)
+    return q, str(x)
+
+
 MAKERS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "reverse": _reverse,
     "sort": _sort,
     "uppercase": _uppercase,
     "largest": _largest,
     "convert": _convert,
+    "smallest": _smallest,
+    "last": _last,
+    "count": _count,
+    "convert_back": _convert_back,
 }
 
 
-def is_reserved(user_text: str) -> bool:
-    """Whether a problem is in the never-generated bucket (a stable hash of its user text)."""
-    return int(hashlib.sha256(user_text.encode()).hexdigest(), 16) % RESERVED_BUCKET == 0
+def is_base_problem(user_text: str) -> bool:
+    """Whether a problem belongs to the base's warm-up corpus (a stable hash of its user text)."""
+    return int(hashlib.sha256(user_text.encode()).hexdigest(), 16) % BASE_BUCKETS == 0
 
 
-def _problems(rng: random.Random, task: str):
-    """Endless stream of (question, answer) for ``task``, reserved problems skipped."""
+def _problems(rng: random.Random, task: str, base_side: bool):
+    """Endless stream of (question, answer) for ``task`` on one side of the base/dataset split."""
     while True:
         q, a = MAKERS[task](rng)
-        if not is_reserved(q):
+        if is_base_problem(q) == base_side:
             yield q, a
 
 
-def generate(seed: int, n: int, multi_turn_fraction: float = 0.1) -> list[dict]:
-    """``n`` conversations ``{"messages": [system, user, assistant, ...], "task"}``.
-
-    Tasks are spread evenly (round robin); about ``multi_turn_fraction`` of the conversations hold
-    two exchanges; ``task`` is that of the last one. Deterministic in ``seed``.
-    """
-    rng = random.Random(f"qatforge-train-{seed}")
-    streams = {t: _problems(random.Random(f"{seed}-{t}"), t) for t in TASKS}
+def _conversations(seed: int, n: int, mix: Sequence[str], base_side: bool, multi_turn_fraction: float,
+                   salt: str) -> list[dict]:
+    rng = random.Random(f"qatforge-{salt}-{seed}")
+    streams = {t: _problems(random.Random(f"{salt}-{seed}-{t}"), t, base_side) for t in set(mix)}
     rows = []
     for i in range(n):
         turns = 2 if rng.random() < multi_turn_fraction else 1
         msgs = [{"role": "system", "content": SYSTEM_PROMPT}]
         for j in range(turns):
-            task = TASKS[(i + j) % len(TASKS)] if j == 0 else rng.choice(TASKS)
+            task = mix[(i + j) % len(mix)] if j == 0 else rng.choice(mix)
             q, a = next(streams[task])
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         rows.append({"messages": msgs, "task": task})
     return rows
+
+
+def generate(seed: int, n: int, multi_turn_fraction: float = 0.1) -> list[dict]:
+    """``n`` dataset conversations ``{"messages": [system, user, assistant, ...], "task"}``.
+
+    Tasks follow ``DATASET_MIX`` round robin; about ``multi_turn_fraction`` of the conversations
+    hold two exchanges; ``task`` is that of the last one. Deterministic in ``seed``.
+    """
+    return _conversations(seed, n, DATASET_MIX, False, multi_turn_fraction, "train")
+
+
+def base_corpus(seed: int, n: int) -> list[dict]:
+    """``n`` warm-up conversations of the builtin base: ``BASE_TASKS`` only, disjoint from ``generate``."""
+    return _conversations(seed, n, BASE_TASKS, True, 0.1, "base")
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -12,6 +12,16 @@ from pathlib import Path
 FORMATS = ("hf", "torchao", "gguf", "onnx")
 # Memory (MiB) of one evaluation job per format, used by the evaluate rule's resources.
 EVAL_MEM_MB = {"hf": 4000, "torchao": 4000, "gguf": 2000, "onnx": 3000}
+# The base model (results/base), evaluated as a row of the first baseline run to show the fine-tuning gain.
+BASE_ARTIFACT = ("hf", "base")
+# (format, variant) rows that are evaluated but are no export of the run's merged model, with the
+# reason: parity does not apply to them (no verdict, no gate, never recommended).
+REFERENCE_ONLY = {BASE_ARTIFACT: "the base is not an export of the merged model"}
+
+
+def is_deployment_artifact(fmt: str, variant: str) -> bool:
+    """Whether (format, variant) is an export of the run's merged model, so that parity applies."""
+    return (fmt, variant) not in REFERENCE_ONLY
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)

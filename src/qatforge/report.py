@@ -1,4 +1,5 @@
-"""The polars report: one row per evaluated artifact, QAT vs PTQ, a recommendation, plots, gate.
+"""The polars report: one row per evaluated artifact, losses against the merged model, base vs
+fine-tuned, QAT vs PTQ, a recommendation, plots, gate.
 
 Inputs are only the per-artifact evaluation JSONs (``qatforge.evaluate.run.run_eval``) plus a few
 parameters, so a change to one artifact reruns only its evaluation and this aggregation.
@@ -14,8 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS, STR_COLUMNS
-from qatforge.formats import FORMATS
+from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS, STR_COLUMNS
+from qatforge.formats import BASE_ARTIFACT, FORMATS, REFERENCE_ONLY, is_deployment_artifact
 from qatforge.io import atomic_dir, atomic_file, read_json
 
 log = logging.getLogger("qatforge.report")
@@ -54,6 +55,8 @@ def load_evals(eval_jsons: Iterable[str | Path]) -> list[dict[str, Any]]:
         seen[key] = p
         rec = dict(rec)
         rec["qat_scheme"] = rec["qat_scheme"] or NO_SCHEME
+        # a deployment artifact without a verdict fails; a reference-only row (the base) has none
+        rec["parity_pass"] = bool(rec["parity_pass"]) if is_deployment_artifact(*key[1:]) else None
         rec["_path"] = str(p)
         rows.append(rec)
     if not rows:
@@ -62,16 +65,20 @@ def load_evals(eval_jsons: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def _sort_key(r: Mapping[str, Any]) -> tuple:
-    return (bool(r["parity_pass"]), r["run"], FORMAT_ORDER[r["format"]], -(r["size_mb"] or 0.0), r["variant"])
+    return (r["parity_pass"] is not False, r["run"], FORMAT_ORDER[r["format"]], -(r["size_mb"] or 0.0), r["variant"])
+
+
+def _deployed(r: Mapping[str, Any]) -> bool:
+    return is_deployment_artifact(r["format"], r["variant"])
 
 
 def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
-    """polars DataFrame with the report columns in fixed order (failing rows first), then the extras
-    and the speed columns (NaN where an evaluation JSON has none)."""
+    """polars DataFrame with the report columns in fixed order (failing rows first), then the extras,
+    the speed and the loss columns (NaN where a row has none; ``parity_pass`` null on reference-only rows)."""
     import polars as pl
 
     rows = sorted(rows, key=_sort_key)
-    cols = REPORT_COLUMNS + EXTRA_COLUMNS + SPEED_COLUMNS
+    cols = REPORT_COLUMNS + EXTRA_COLUMNS + SPEED_COLUMNS + LOSS_COLUMNS
     data: dict[str, list] = {c: [] for c in cols}
     for r in rows:
         for c in REPORT_COLUMNS:
@@ -79,16 +86,16 @@ def to_frame(rows: Sequence[Mapping[str, Any]]) -> Any:
             if c in FLOAT_COLUMNS:
                 v = float("nan") if v is None else float(v)
             elif c in BOOL_COLUMNS:
-                v = bool(v)
+                v = None if v is None else bool(v)
             else:
                 v = str(v)
             data[c].append(v)
         data["threads"].append(int(r.get("threads") or 0))
         data["n_prompts"].append(int(r.get("n_prompts") or 0))
         data["failures"].append("; ".join(r.get("failures") or []) or "none")
-        for c in SPEED_COLUMNS:
+        for c in SPEED_COLUMNS + LOSS_COLUMNS:
             data[c].append(float("nan") if r.get(c) is None else float(r[c]))
-    schema = {c: pl.String for c in STR_COLUMNS} | {c: pl.Float64 for c in FLOAT_COLUMNS + SPEED_COLUMNS}
+    schema = {c: pl.String for c in STR_COLUMNS} | {c: pl.Float64 for c in FLOAT_COLUMNS + SPEED_COLUMNS + LOSS_COLUMNS}
     schema |= {c: pl.Boolean for c in BOOL_COLUMNS} | {"threads": pl.Int64, "n_prompts": pl.Int64, "failures": pl.String}
     return pl.DataFrame(data, schema={c: schema[c] for c in cols})
 
@@ -105,6 +112,16 @@ def _resample_idx(n: int, b: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(b, n))
 
 
+def _accuracy_loss(x0: np.ndarray, x: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
+    """Accuracy lost by per-prompt results ``x`` against ``x0``, and on each resample of ``idx``."""
+    return float(x0.mean() - x.mean()), x0[idx].mean(1) - x[idx].mean(1)
+
+
+def _nll_loss(cnt: np.ndarray, s0: np.ndarray, s: np.ndarray, idx: np.ndarray) -> tuple[float, np.ndarray]:
+    """Token-weighted NLL added by per-conversation sums ``s`` over ``s0``, and on each resample."""
+    return float((s.sum() - s0.sum()) / cnt.sum()), (s[idx].sum(1) - s0[idx].sum(1)) / cnt[idx].sum(1)
+
+
 def paired_accuracy_losses(
     base: Sequence[bool], ptq: Sequence[bool], qat: Sequence[bool], *, b: int = BOOTSTRAP, seed: int = 0
 ) -> dict[str, Any]:
@@ -113,9 +130,8 @@ def paired_accuracy_losses(
     if not (len(x0) == len(xp) == len(xq)) or len(x0) == 0:
         raise ValueError(f"per-prompt results differ in length: {len(x0)}, {len(xp)}, {len(xq)}")
     idx = _resample_idx(len(x0), b, seed)
-    ptq_b = x0[idx].mean(1) - xp[idx].mean(1)
-    qat_b = x0[idx].mean(1) - xq[idx].mean(1)
-    return _losses(x0.mean() - xp.mean(), x0.mean() - xq.mean(), ptq_b, qat_b, len(x0))
+    (ptq_l, ptq_b), (qat_l, qat_b) = _accuracy_loss(x0, xp, idx), _accuracy_loss(x0, xq, idx)
+    return _losses(ptq_l, qat_l, ptq_b, qat_b, len(x0))
 
 
 def paired_nll_losses(
@@ -128,11 +144,31 @@ def paired_nll_losses(
     if not (len(s0) == len(sp) == len(sq) == len(cnt)) or len(cnt) == 0:
         raise ValueError("per-conversation NLL lists differ in length")
     idx = _resample_idx(len(cnt), b, seed)
-    c = cnt[idx].sum(1)
-    ptq_b = (sp[idx].sum(1) - s0[idx].sum(1)) / c
-    qat_b = (sq[idx].sum(1) - s0[idx].sum(1)) / c
-    tot = cnt.sum()
-    return _losses((sp.sum() - s0.sum()) / tot, (sq.sum() - s0.sum()) / tot, ptq_b, qat_b, len(cnt))
+    (ptq_l, ptq_b), (qat_l, qat_b) = _nll_loss(cnt, s0, sp, idx), _nll_loss(cnt, s0, sq, idx)
+    return _losses(ptq_l, qat_l, ptq_b, qat_b, len(cnt))
+
+
+def paired_loss(ref: Mapping, row: Mapping, measure: str, *, b: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any] | None:
+    """Loss of evaluation ``row`` against ``ref`` on the same test items, with its paired bootstrap
+    95 % interval: ``"accuracy"`` ref − row over prompts, ``"nll"`` row − ref (nats/token) over
+    conversations. None when either lacks the per-item results or they do not pair up."""
+    if measure == "accuracy":
+        x0, x = (np.asarray(r.get("per_prompt_correct") or [], dtype=float) for r in (ref, row))
+        if not len(x0) or len(x) != len(x0):
+            return None
+        n = len(x0)
+        loss, boot = _accuracy_loss(x0, x, _resample_idx(n, b, seed))
+    elif measure == "nll":
+        cnt = np.asarray(ref.get("per_seq_tokens") or [], dtype=float)
+        s0, s = (np.asarray(r.get("per_seq_nll_sum") or [], dtype=float) for r in (ref, row))
+        same_items = list(row.get("per_seq_tokens") or []) == list(ref.get("per_seq_tokens") or [])
+        if not cnt.sum() or not same_items or not len(s0) == len(s) == len(cnt):
+            return None
+        n = len(cnt)
+        loss, boot = _nll_loss(cnt, s0, s, _resample_idx(n, b, seed))
+    else:
+        raise ValueError(f"unknown measure {measure!r} (accuracy or nll)")
+    return {"loss": loss, "ci": bootstrap_ci(boot), "n": n}
 
 
 def _losses(ptq: float, qat: float, ptq_b: np.ndarray, qat_b: np.ndarray, n: int) -> dict[str, Any]:
@@ -208,7 +244,7 @@ def recommend(rows: Sequence[Mapping], accuracy_margin: float) -> dict[str, Any]
     base = _find(rows, base_run, "hf", "merged") if base_run else None
     out: dict[str, Any] = {"baseline": base, "accuracy_margin": accuracy_margin, "targets": {}}
     for target, fmt in TARGETS:
-        cands = [r for r in rows if r["format"] == fmt]
+        cands = [r for r in rows if r["format"] == fmt and _deployed(r)]
         entry: dict[str, Any] = {"format": fmt, "candidates": len(cands), "choice": None, "reason": ""}
         if base is None:
             entry["reason"] = "no baseline merged model evaluated"
@@ -225,6 +261,26 @@ def recommend(rows: Sequence[Mapping], accuracy_margin: float) -> dict[str, Any]
                                    f">= {floor:.3f} ({n_pass} pass parity)")
         out["targets"][target] = entry
     return out
+
+
+def add_losses(rows: Sequence[dict], *, seed: int = 0) -> None:
+    """Set every row's ``LOSS_COLUMNS``: its ``paired_loss`` against its run's merged model (None if none)."""
+    for r in rows:
+        merged = _find(rows, r["run"], "hf", "merged")
+        for measure, col in (("accuracy", "acc_loss"), ("nll", "nll_loss")):
+            s = paired_loss(merged, r, measure, seed=seed) if merged else None
+            r[col], r[f"{col}_ci_low"], r[f"{col}_ci_high"] = (s["loss"], *s["ci"]) if s else (None, None, None)
+
+
+def base_vs_finetuned(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]]:
+    """The base model against each run's merged model: the fine-tuning gain (the base's
+    ``paired_loss`` against it) in accuracy and NLL. Empty without a base row."""
+    base = next((r for r in rows if (r["format"], r["variant"]) == BASE_ARTIFACT), None)
+    if base is None:
+        return []
+    merged = sorted((r for r in rows if r["format"] == "hf" and r["variant"] == "merged"), key=lambda r: r["run"])
+    return [{"run": m["run"], "base": base, "merged": m, "accuracy": paired_loss(m, base, "accuracy", seed=seed),
+             "nll": paired_loss(m, base, "nll", seed=seed)} for m in merged]
 
 
 def _fmt(v: Any, col: str) -> str:
@@ -258,8 +314,13 @@ def markdown_table(rows: Sequence[Mapping], cols: Sequence[str] = REPORT_COLUMNS
     return "\n".join(lines)
 
 
+def _signed(v: float, scale: float = 1.0, unit: str = "") -> str:
+    """``v * scale`` with its sign, 3 significant digits; rounding noise (|x| < 1e-12) shows as +0."""
+    return f"{round(v * scale, 12) + 0.0:+.3g}{unit}"
+
+
 def _ci(ci: Sequence[float] | None, scale: float = 1.0, unit: str = "") -> str:
-    return "n/a" if ci is None else f"[{ci[0] * scale:+.3g}{unit}, {ci[1] * scale:+.3g}{unit}]"
+    return "n/a" if ci is None else f"[{_signed(ci[0], scale, unit)}, {_signed(ci[1], scale, unit)}]"
 
 
 def _qat_section(items: Sequence[Mapping]) -> list[str]:
@@ -311,6 +372,57 @@ def _qat_section(items: Sequence[Mapping]) -> list[str]:
             md.append(base_txt)
         md.append("")
     return md
+
+
+def _excludes_zero(lo: float | None, hi: float | None) -> bool:
+    return lo is not None and hi is not None and (lo > 0 or hi < 0)
+
+
+def _base_section(items: Sequence[Mapping]) -> list[str]:
+    md = ["## Base vs fine-tuned", ""]
+    if not items:
+        return md + ["No base model row: the config has no baseline run (a run without qat_scheme).", ""]
+    base = items[0]["base"]
+    md += [
+        f"The base model before fine-tuning ({_label(base)}, `{base.get('artifact') or 'results/base'}`, fp32 "
+        "compute) on the same test set, against each run's merged model. *Gain* = merged − base for accuracy "
+        "(points) and base − merged for NLL (nats/token): positive means fine-tuning helped. 95 % intervals: "
+        f"paired bootstrap over prompts (accuracy) and eval conversations (NLL), {BOOTSTRAP} resamples. Parity "
+        f"does not apply: {REFERENCE_ONLY[BASE_ARTIFACT]} (its KLD and top-1 are informative only).", "",
+        "| merged model | accuracy base → merged | accuracy gain [95 % CI] | NLL base → merged | NLL gain [95 % CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for it in items:
+        cells = []
+        for measure, unit, scale in (("accuracy", " pt", 100.0), ("nll", "", 1.0)):
+            s = it[measure]
+            cells.append(f"{_fmt(base[measure], measure)} → {_fmt(it['merged'][measure], measure)}")
+            cells.append("n/a (per-item results missing)" if s is None
+                         else f"{_signed(s['loss'], scale, unit)} {_ci(s['ci'], scale, unit)}")
+        md.append(f"| {_label(it['merged'])} | " + " | ".join(cells) + " |")
+    return md + [""]
+
+
+def _loss_section(rows: Sequence[Mapping]) -> list[str]:
+    md = ["## Loss against the merged model", "",
+          "Every deployment artifact against its run's merged model on the test set (the `acc_loss*` and "
+          "`nll_loss*` columns of report.csv): accuracy loss = merged − artifact (points), NLL loss = artifact − "
+          f"merged (nats/token), paired bootstrap 95 % intervals ({BOOTSTRAP} resamples, fixed seed). *Excludes "
+          "0*: the measures whose interval lies on one side of zero.", "",
+          "| artifact | accuracy loss [95 % CI] | NLL loss [95 % CI] | excludes 0 |", "|---|---|---|---|"]
+    arts = [r for r in rows if _deployed(r) and (r["format"], r["variant"]) != ("hf", "merged")]
+    for r in sorted(arts, key=lambda r: (r["run"], FORMAT_ORDER[r["format"]], r["variant"])):
+        cells, sig = [], []
+        for name, col, unit, scale in (("accuracy", "acc_loss", " pt", 100.0), ("NLL", "nll_loss", "", 1.0)):
+            lo, hi = r.get(f"{col}_ci_low"), r.get(f"{col}_ci_high")
+            if r.get(col) is None:
+                cells.append("n/a")
+                continue
+            cells.append(f"{_signed(r[col], scale, unit)} {_ci((lo, hi), scale, unit)}")
+            if _excludes_zero(lo, hi):
+                sig.append(name)
+        md.append(f"| {_label(r)} | {cells[0]} | {cells[1]} | {', '.join(sig) or 'neither'} |")
+    return md + [""]
 
 
 def _speed_section(rows: Sequence[Mapping]) -> list[str]:
@@ -375,7 +487,8 @@ def _num(v: Any, default: float = 0.0) -> float:
 
 
 def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
-    """quality_vs_size.png (accuracy and NLL vs size, Pareto front) and tokens_per_s.png (medians, spread bars)."""
+    """quality_vs_size.png (accuracy and NLL vs size, Pareto front; the base model as a black star, off
+    the front) and tokens_per_s.png (medians, spread bars; the base in grey)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,6 +497,8 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
 
     colors = {f: PALETTE[i % len(PALETTE)] for i, f in enumerate(FORMATS)}
     good = [r for r in rows if r["size_mb"] is not None and r["accuracy"] is not None]
+    refs = [r for r in good if not _deployed(r)]
+    good = [r for r in good if _deployed(r)]
     names = ["quality_vs_size.png", "tokens_per_s.png"]
     with atomic_dir(plots_dir) as tmp:
         fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -395,13 +510,17 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
                     if pick:
                         ax.scatter([r["size_mb"] for r in pick], [r[col] for r in pick], c=c, marker=marker, s=36,
                                    label=fmt if passed else f"{fmt} (parity fails)")
+            ref_sub = [r for r in refs if r.get(col) is not None]
+            if ref_sub:
+                ax.scatter([r["size_mb"] for r in ref_sub], [r[col] for r in ref_sub], c="black", marker="*", s=90,
+                           label="base model (reference only)")
             # the front only over artifacts that pass parity (the ones a recommendation may pick)
             sub = [r for r in sub if r["parity_pass"]]
             pts = [(r["size_mb"], better * r[col]) for r in sub]
-            for r in good:
+            for r in good + ref_sub:
                 if r.get(col) is None:
                     continue
-                mark = "" if r["parity_pass"] else " ✗"
+                mark = " ✗" if r["parity_pass"] is False else ""
                 ax.annotate(f"{r['run']}/{r['variant']}{mark}", (r["size_mb"], r[col]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
             front = pareto_front(pts)
@@ -428,7 +547,8 @@ def make_plots(rows: Sequence[Mapping], plots_dir: str | Path) -> list[Path]:
             vals = [_num(r[col]) for r in srt]
             err = [[max(v - _num(r.get(f"{col}_p25"), v), 0.0) for v, r in zip(vals, srt)],
                    [max(_num(r.get(f"{col}_p75"), v) - v, 0.0) for v, r in zip(vals, srt)]]
-            ax.barh(range(len(srt)), vals, xerr=err, capsize=2, color=[colors[r["format"]] for r in srt])
+            ax.barh(range(len(srt)), vals, xerr=err, capsize=2,
+                    color=[colors[r["format"]] if _deployed(r) else "tab:gray" for r in srt])
             ax.set_yticks(range(len(srt)))
             ax.set_yticklabels(labels, fontsize=7)
             ax.set_xlabel(title)
@@ -469,9 +589,11 @@ def build_report(
 ) -> dict[str, Any]:
     """Write report.csv, report.md and the plots from the per-artifact JSONs; return a summary."""
     raw = load_evals(eval_jsons)
+    add_losses(raw, seed=seed)
     df = to_frame(raw)
     rows = _row_dicts(df, raw)
-    failing = [r for r in rows if not r["parity_pass"]]
+    judged = [r for r in rows if _deployed(r)]
+    failing = [r for r in judged if r["parity_pass"] is False]
     for r in failing:
         log.error("parity FAILED: %s: %s", _label(r), "; ".join(r.get("failures") or []) or "no reason recorded")
 
@@ -479,12 +601,15 @@ def build_report(
         df.write_csv(tmp)
 
     comparisons = qat_vs_ptq(rows, seed=seed)
+    gains = base_vs_finetuned(rows, seed=seed)
     rec = recommend(rows, accuracy_margin)
     plots = make_plots(rows, plots_dir)
 
     md = ["# qatforge report", ""]
-    md.append(f"{len(rows)} artifacts from {len({r['run'] for r in rows})} runs; "
-              f"{len(rows) - len(failing)} pass parity, {len(failing)} fail. "
+    n_ref = len(rows) - len(judged)
+    md.append(f"{len(judged)} artifacts from {len({r['run'] for r in rows})} runs; "
+              f"{len(judged) - len(failing)} pass parity, {len(failing)} fail"
+              f"{f'; not judged: {n_ref} reference-only (the base model)' if n_ref else ''}. "
               f"Parity gate: {'on — the pipeline fails while any row fails' if fail_on_parity else 'off (report only)'}.")
     md.append("")
     if failing:
@@ -496,8 +621,11 @@ def build_report(
            "Failing rows first. Quality: exact-match accuracy on the eval prompts (greedy, the runtime's own "
            "chat template) and mean NLL / PPL on the eval conversations' assistant tokens. Parity against the "
            "run's reference (its merged model): KL divergence and top-1 agreement on identical token ids, "
-           "share of identical greedy generations, and tokenizer/template parity. Speed: median tokens/s of "
-           "the speed pass (next section).", "", markdown_table(rows), ""]
+           "share of identical greedy generations, and tokenizer/template parity. The hf/base row is the base "
+           "model before fine-tuning: reference only, parity n/a. Speed: median tokens/s of the speed pass "
+           "(its section).", "", markdown_table(rows), ""]
+    md += _base_section(gains)
+    md += _loss_section(rows)
     md += _speed_section(rows)
     md += _qat_section(comparisons)
     md += _recommend_section(rec)
@@ -511,6 +639,7 @@ def build_report(
         "failing": [_label(r) for r in failing],
         "recommendation": {t: (_label(e["choice"]) if e["choice"] else None) for t, e in rec["targets"].items()},
         "rollback": _label(rec["baseline"]) if rec["baseline"] else None,
+        "base_vs_finetuned": [{k: it[k] for k in ("run", "accuracy", "nll")} for it in gains],
         "qat_vs_ptq": [
             {k: it.get(k) for k in ("qat_run", "baseline_run", "format", "variant", "accuracy", "nll", "missing")}
             for it in comparisons
@@ -520,22 +649,28 @@ def build_report(
 
 
 def parity_gate(report_csv: str | Path, out_ok: str | Path) -> None:
-    """Write ``out_ok`` when every row of the report passes parity, else raise listing the failures."""
+    """Write ``out_ok`` when every deployment artifact of the report passes parity, else raise listing
+    the failures. Reference-only rows (the base model, parity_pass empty) are not judged; a
+    deployment artifact without a verdict fails."""
     import polars as pl
 
-    df = pl.read_csv(report_csv)
+    df = pl.read_csv(report_csv, schema_overrides={"parity_pass": pl.Boolean})
     if "parity_pass" not in df.columns:
         raise ValueError(f"{report_csv}: no parity_pass column")
-    if df.height == 0:
-        raise ValueError(f"{report_csv}: the report has no rows")
-    bad = df.filter(~pl.col("parity_pass"))
-    if bad.height:
+    judged = [r for r in df.to_dicts() if is_deployment_artifact(r["format"], r["variant"])]
+    if not judged:
+        raise ValueError(f"{report_csv}: the report has no deployment artifact rows")
+    bad = [r for r in judged if r["parity_pass"] is not True]
+    if bad:
         lines = [
-            f"  {r['run']}/{r['format']}/{r['variant']}: {r.get('failures', '') or 'no reason recorded'} "
+            f"  {r['run']}/{r['format']}/{r['variant']}: "
+            f"{'no parity verdict' if r['parity_pass'] is None else r.get('failures', '') or 'no reason recorded'} "
             f"(kld_mean={r['kld_mean']}, top1_agree={r['top1_agree']}, gen_match={r['gen_match']}, "
             f"token_parity={r['token_parity']})"
-            for r in bad.to_dicts()
+            for r in bad
         ]
-        raise RuntimeError(f"parity failed for {bad.height} of {df.height} artifacts in {report_csv}:\n" + "\n".join(lines))
+        raise RuntimeError(f"parity failed for {len(bad)} of {len(judged)} artifacts in {report_csv}:\n" + "\n".join(lines))
+    n_ref = df.height - len(judged)
     with atomic_file(out_ok) as tmp:
-        tmp.write_text(f"all {df.height} artifacts in {Path(report_csv).name} pass parity\n")
+        tmp.write_text(f"all {len(judged)} artifacts in {Path(report_csv).name} pass parity"
+                       f"{f' (not judged: {n_ref} reference-only, the base model)' if n_ref else ''}\n")

@@ -1,5 +1,5 @@
-"""The builtin ``builtin:tiny-qwen3`` base: a byte-level BPE tokenizer trained on the dataset, a
-small real ``Qwen3ForCausalLM`` and its full-parameter warm-up on the training split."""
+"""The builtin ``builtin:tiny-qwen3`` base: a byte-level BPE tokenizer trained on its own warm-up
+corpus, a small real ``Qwen3ForCausalLM`` and its full-parameter warm-up on that corpus."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def warmup(
 
 
 def build_base(
-    train_parquet: str | Path,
+    conversations: Sequence[Sequence[dict]],
     out_dir: str | Path,
     *,
     steps: int,
@@ -222,7 +222,8 @@ def build_base(
     model_kwargs: dict | None = None,
     eval_every: int = 0,
 ) -> dict:
-    """Train the tokenizer, build and warm up the tiny model, save an HF checkpoint atomically.
+    """Train the tokenizer on ``conversations``, build and warm up the tiny model on them, save an
+    HF checkpoint atomically.
 
     Returns metrics (parameters, final loss, wall time, and exact-match accuracy when
     ``eval_prompts`` rows are given); they are also written to ``out_dir/warmup.json``.
@@ -232,14 +233,13 @@ def build_base(
     import torch
 
     from qatforge.chat import hf_exact_match
-    from qatforge.data import read_conversations
     from qatforge.io import atomic_dir, package_versions, write_json
 
     if threads:
         torch.set_num_threads(threads)
-    convs = read_conversations(train_parquet)
+    convs = [list(c) for c in conversations]
     if not convs:
-        raise ValueError(f"{train_parquet}: no training conversations")
+        raise ValueError("no warm-up conversations")
     t0 = time.perf_counter()
     # Contents plus the role names, so the ChatML headers tokenize compactly.
     tokenizer = build_tokenizer(

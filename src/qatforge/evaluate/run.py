@@ -27,7 +27,7 @@ import numpy as np
 
 from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
 from qatforge.decode import Runtime, greedy
-from qatforge.formats import FORMATS
+from qatforge.formats import FORMATS, REFERENCE_ONLY, is_deployment_artifact
 from qatforge.reference import Reference, check_test_data, load
 
 
@@ -105,7 +105,9 @@ def evaluate_runtime(
 ) -> dict[str, Any]:
     """The parity and quality measurements shared by every runtime (not load time, size, RSS, speed).
 
-    ``test_parquet``, when given, must be the test split the reference was built from.
+    ``test_parquet``, when given, must be the test split the reference was built from. A
+    ``formats.REFERENCE_ONLY`` row (the base model) gets every metric but no parity verdict:
+    ``parity_pass`` None, no failures, the reason in ``parity``.
     """
     from qatforge.chat import is_correct
     from qatforge.parity import compare_answers, gen_match, judge, thresholds_for, token_parity
@@ -136,8 +138,12 @@ def evaluate_runtime(
     out["ref_accuracy"] = ref.meta.get("accuracy")
     out["ref_nll"] = ref.meta.get("nll")
 
-    th = thresholds_for(format, variant, thresholds)
-    ok, failures = judge(out, th)
+    if is_deployment_artifact(format, variant):
+        th = thresholds_for(format, variant, thresholds)
+        ok, failures = judge(out, th)
+    else:
+        th, ok, failures = None, None, []
+        out["parity"] = f"not applicable: {REFERENCE_ONLY[(format, variant)]}"
     out.update(
         parity_pass=ok, failures=failures, thresholds=th, n_prompts=len(ids),
         n_nll=len(ref.nll_ids), n_logit_tokens=int(sum(out["per_seq_tokens"])),
@@ -321,7 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         speed_prompts=a.speed_prompts, speed_repeats=a.speed_repeats,
         thresholds=_load_thresholds(a.thresholds), record_errors=a.record_errors,
     )
-    status = "PASS" if res["parity_pass"] else "FAIL: " + "; ".join(res.get("failures") or [])
+    if res["parity_pass"] is None:
+        status = res.get("parity") or "not judged"
+    else:
+        status = "PASS" if res["parity_pass"] else "FAIL: " + "; ".join(res.get("failures") or [])
     print(f"{a.run}/{a.format}/{a.variant}: accuracy={res['accuracy']} kld_mean={res['kld_mean']} "
           f"top1={res['top1_agree']} gen_match={res['gen_match']} parity {status}", file=sys.stderr)
     return 0
