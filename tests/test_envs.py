@@ -83,11 +83,17 @@ def post_deploy(env_file: Path) -> Path:
     return env_file.with_name(env_file.stem + ".post-deploy.sh")
 
 
+SHARED_POST_DEPLOY = ROOT / "tools" / "conda_post_deploy.sh"
+RUNS_SHARED = r'^exec bash "\$\{QATFORGE_ROOT:-\$PWD\}/tools/conda_post_deploy\.sh"( --with-llama-cpp)?$'
+
+
 def runs_installer(env_file: Path) -> bool:
+    """The env's post-deploy script runs the shared one with --with-llama-cpp, which runs the installer."""
     script = post_deploy(env_file)
-    return script.is_file() and re.search(
-        r'^"\$ROOT/tools/install_llama_cpp\.sh" "\$CONDA_PREFIX" "\$ROOT/constraints\.txt"$',
-        script.read_text(), re.M) is not None
+    m = re.search(RUNS_SHARED, script.read_text(), re.M) if script.is_file() else None
+    return bool(m and m.group(1)) and re.search(
+        r'^  "\$ROOT/tools/install_llama_cpp\.sh" "\$CONDA_PREFIX" "\$ROOT/constraints\.txt"$',
+        SHARED_POST_DEPLOY.read_text(), re.M) is not None
 
 
 def closure(requirements: list[Requirement]) -> set[str]:
@@ -261,9 +267,10 @@ def test_every_rule_has_an_env(rules):
 
 
 def test_every_env_installs_qatforge_without_its_dependencies(rules):
+    assert re.search(r'^"\$CONDA_PREFIX/bin/pip" install -q --no-deps -e "\$ROOT"$',
+                     SHARED_POST_DEPLOY.read_text(), re.M)
     for env in {env for _, env in rules.values() if env is not None}:
-        assert re.search(r'^"\$CONDA_PREFIX/bin/pip" install -q --no-deps -e "\$ROOT"$',
-                         post_deploy(env).read_text(), re.M), post_deploy(env)
+        assert re.search(RUNS_SHARED, post_deploy(env).read_text(), re.M), post_deploy(env)
 
 
 def test_rule_imports_are_provided_by_its_env(rules):

@@ -138,7 +138,7 @@ def paired_nll_losses(
     base: Mapping[str, Sequence[float]], ptq: Mapping[str, Sequence[float]], qat: Mapping[str, Sequence[float]],
     *, b: int = BOOTSTRAP, seed: int = 0,
 ) -> dict[str, Any]:
-    """NLL added by PTQ and by QAT (token-weighted), paired bootstrap over eval conversations."""
+    """NLL added by PTQ and by QAT (token-weighted), paired bootstrap over test conversations."""
     cnt = np.asarray(base["per_seq_tokens"], dtype=float)
     s0, sp, sq = (np.asarray(r["per_seq_nll_sum"], dtype=float) for r in (base, ptq, qat))
     if not (len(s0) == len(sp) == len(sq) == len(cnt)) or len(cnt) == 0:
@@ -333,7 +333,7 @@ def _qat_section(items: Sequence[Mapping]) -> list[str]:
         "Each QAT run's quantized artifact against the baseline run's artifact of the same scheme or quant "
         "(PTQ), both measured against the baseline merged model. *Loss* = baseline − artifact for "
         "accuracy (points) and artifact − baseline for NLL (nats/token); *recovered* = (PTQ loss − QAT loss) "
-        "/ PTQ loss. 95 % intervals: paired bootstrap over prompts (accuracy) and over eval conversations "
+        "/ PTQ loss. 95 % intervals: paired bootstrap over test prompts (accuracy) and over test conversations "
         "(NLL), {} resamples. Exact match on N prompts moves in steps of 1/N.".format(BOOTSTRAP),
         "",
         "| scheme / quant | artifact | accuracy | NLL | PPL | size MiB | KLD mean | top-1 |",
@@ -387,7 +387,7 @@ def _base_section(items: Sequence[Mapping]) -> list[str]:
         f"The base model before fine-tuning ({_label(base)}, `{base.get('artifact') or 'results/base'}`, fp32 "
         "compute) on the same test set, against each run's merged model. *Gain* = merged − base for accuracy "
         "(points) and base − merged for NLL (nats/token): positive means fine-tuning helped. 95 % intervals: "
-        f"paired bootstrap over prompts (accuracy) and eval conversations (NLL), {BOOTSTRAP} resamples. Parity "
+        f"paired bootstrap over test prompts (accuracy) and test conversations (NLL), {BOOTSTRAP} resamples. Parity "
         f"does not apply: {REFERENCE_ONLY[BASE_ARTIFACT]} (its KLD and top-1 are informative only).", "",
         "| merged model | accuracy base → merged | accuracy gain [95 % CI] | NLL base → merged | NLL gain [95 % CI] |",
         "|---|---|---|---|---|",
@@ -618,8 +618,8 @@ def build_report(
             md.append(f"- **{_label(r)}**: {'; '.join(r.get('failures') or []) or 'no reason recorded'}")
         md.append("")
     md += ["## All artifacts", "",
-           "Failing rows first. Quality: exact-match accuracy on the eval prompts (greedy, the runtime's own "
-           "chat template) and mean NLL / PPL on the eval conversations' assistant tokens. Parity against the "
+           "Failing rows first. Quality: exact-match accuracy on the test prompts (greedy, the runtime's own "
+           "chat template) and mean NLL / PPL at the answer positions of the test conversations. Parity against the "
            "run's reference (its merged model): KL divergence and top-1 agreement on identical token ids, "
            "share of identical greedy generations, and tokenizer/template parity. The hf/base row is the base "
            "model before fine-tuning: reference only, parity n/a. Speed: median tokens/s of the speed pass "
