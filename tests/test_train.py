@@ -154,16 +154,24 @@ import json, resource, sys
 from qatforge import train as T
 env, big = sys.argv[1], int(sys.argv[2])
 
+# Rows of ~12 exchanges (near max_len) and more of them than the big batch, so the batch's memory
+# does not depend on how short the shipped conversations happen to be.
+import polars as pl
+from qatforge import data
+convs = data.read_conversations(env + "/train.parquet")
+rows = [[convs[0][0]] + [m for j in range(12) for m in convs[(i * 7 + j) % len(convs)][1:]] for i in range(big + 52)]
+pl.DataFrame({"messages": rows}).write_parquet(env + "/oom_train.parquet")
+
 def run(name, batch):
     s = T.TrainSettings(max_steps=1, save_steps=1, batch_size=batch, lr=1e-3, threads=1, max_len=256,
                         eval_rows=0, backend="hf", lora_r=4, lora_alpha=8)
-    return T.train_run(env + "/base", env + "/train.parquet", env + "/dev.parquet", env + "/" + name, s,
+    return T.train_run(env + "/base", env + "/oom_train.parquet", env + "/dev.parquet", env + "/" + name, s,
                        log=lambda m: None)
 
 run("oom_calib", 2)  # the address space a small batch needs (a second run, as the real one will be) ...
 run("oom_calib2", 2)
 peak = int(dict(l.split(":", 1) for l in open("/proc/self/status"))["VmPeak"].split()[0]) * 1024
-limit = peak + 600 * 2**20  # ... plus 600 MiB: far less than a batch of 512 needs
+limit = peak + 600 * 2**20  # ... plus 600 MiB: far less than a batch of `big` long rows needs
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 print(json.dumps(run("oom", big)))
 """
@@ -176,7 +184,7 @@ def test_out_of_memory_retries_with_half_batch(env):
     any batch is tried; such an attempt proves nothing either way and is repeated (at most 4)."""
     for _attempt in range(4):
         # One malloc arena: per-thread arenas reserve 64 MiB of address space each.
-        proc = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(env), "512"], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(env), "2048"], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "MALLOC_ARENA_MAX": "1"},
                               timeout=300)
         if "unable to mmap" not in proc.stderr:
@@ -185,9 +193,9 @@ def test_out_of_memory_retries_with_half_batch(env):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     retries = summary["oom_retries"]
     assert retries and "allocate memory" in retries[0]["error"]
-    assert (retries[0]["batch_size"], retries[0]["grad_accum"]) == (256, 2)
+    assert (retries[0]["batch_size"], retries[0]["grad_accum"]) == (1024, 2)
     s = summary["settings"]
-    assert s["batch_size"] < 512 and s["batch_size"] * s["grad_accum"] == 512  # same effective batch
+    assert s["batch_size"] < 2048 and s["batch_size"] * s["grad_accum"] == 2048  # same effective batch
     assert summary["checkpoints"] == ["checkpoint-1"]
 
 
