@@ -38,6 +38,17 @@ def qat_scheme(wildcards):
     return qcfg.qat_scheme(config, wildcards.run)
 
 
+def baseline_reference(wildcards):
+    """A QAT run's artifacts are also measured against the baseline merged model (its reference)."""
+    b = qcfg.comparison_baseline(config, wildcards.run)
+    return [f"results/runs/{b}/reference"] if b else []
+
+
+def run_base(wildcards):
+    """results/base, or the teacher's merged model for a distilled QAT run (a DAG edge)."""
+    return qcfg.run_base(config, wildcards.run)
+
+
 # Params that are dicts (or built from config dicts) go through sorted_keys(): Snakemake compares
 # params by repr, so config key order must not show in them. Scalar params need nothing.
 def train_settings(wildcards):
@@ -87,7 +98,7 @@ def eval_jsons():
 
 def all_targets():
     targets = ["results/report.csv", "results/report.md"]
-    targets += [f"results/runs/{r}/gguf/Modelfile" for r in RUNS]
+    targets += [f"results/runs/{r}/gguf/Modelfile" for r in RUNS if qcfg.modelfile_quant(config, r)]
     if config["report"]["fail_on_parity"]:
         targets.append("results/parity.ok")
     return targets
@@ -104,6 +115,13 @@ def thresholds(wildcards):
     else:  # case-insensitive match (sorted, so that key order cannot pick), else the default
         key = next((k for k in sorted(table) if k.lower() == variant.lower()), "default")
     return sorted_keys({fmt: {key: table[key]}}) if key in table else {}
+
+
+def trained_targets(wildcards):
+    """The LoRA targets of a GGUF-targeted QAT run for the quant of its type (checked as trained), else []."""
+    if qcfg.matched_gguf_quant(config, wildcards.run) != wildcards.quant:
+        return []
+    return sorted(qcfg.train_settings(config, wildcards.run)["lora"]["target_modules"])
 
 
 def maybe_temp(path):

@@ -41,12 +41,15 @@ rule evaluate:
         artifact=eval_artifact,
         reference="results/runs/{run}/reference",
         test="results/data/test.parquet",
+        baseline_reference=baseline_reference,
     output:
         "results/eval/{run}/{format}/{variant}.json",
     params:
         format=lambda w: w.format,
         variant=lambda w: w.variant,
         qat_scheme=qat_scheme,
+        qat_mode=lambda w: qcfg.train_settings(config, w.run).get("qat_mode"),
+        baseline_run=lambda w: qcfg.comparison_baseline(config, w.run),
         thresholds=thresholds,
         **EVAL_PARAMS,
     log:

@@ -56,6 +56,7 @@ rule gguf_quantize:
     params:
         quant=quant_settings,
         on_fallback=config["gguf"]["on_fallback"],
+        trained_targets=trained_targets,
     log:
         "logs/gguf_quantize/{run}/{quant}.log",
     benchmark:
@@ -72,7 +73,7 @@ rule gguf_quantize:
 
 rule ollama_modelfile:
     input:
-        gguf=gguf_file("{run}", config["gguf"]["default_quant"]),
+        gguf=lambda w: gguf_file(w.run, qcfg.modelfile_quant(config, w.run) or config["gguf"]["default_quant"]),
         merged="results/runs/{run}/merged",
     output:
         "results/runs/{run}/gguf/Modelfile",

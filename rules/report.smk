@@ -9,6 +9,12 @@ rule report:
             labels={"table": "per-artifact benchmark and parity"},
         ),
         md="results/report.md",
+        qat_csv=report(
+            "results/qat_vs_ptq.csv",
+            caption="../report/qat_vs_ptq.rst",
+            category="Report",
+            labels={"table": "QAT vs PTQ recovery"},
+        ),
         pareto=report(
             "results/plots/quality_vs_size.png",
             caption="../report/pareto.rst",

@@ -1,6 +1,6 @@
 rule train:
     input:
-        base="results/base",
+        base=run_base,
         train="results/data/train.parquet",
         dev="results/data/dev.parquet",
     output:
@@ -25,7 +25,7 @@ rule train:
 
 rule select_best:
     input:
-        base="results/base",
+        base=run_base,
         checkpoints="results/runs/{run}/checkpoints",
         dev="results/data/dev.parquet",
     output:
@@ -34,6 +34,8 @@ rule select_best:
         metric=config["train"]["select_metric"],
         pinned=lambda w: config["runs"][w.run].get("checkpoint"),
         qat_scheme=qat_scheme,
+        qat_mode=lambda w: qcfg.train_settings(config, w.run).get("qat_mode"),
+        step0=lambda w: qcfg.teacher(config, w.run) is not None,
         n_prompts=config["eval"]["n_prompts"],
         max_new_tokens=config["eval"]["max_new_tokens"],
         max_tokens=config["data"]["max_tokens"],
@@ -53,7 +55,7 @@ rule select_best:
 
 rule merge:
     input:
-        base="results/base",
+        base=run_base,
         checkpoints="results/runs/{run}/checkpoints",
         best="results/runs/{run}/best.json",
     output:

@@ -18,5 +18,8 @@ with logged(snakemake) as log:
         speed_prompts=p.speed_prompts,
         speed_repeats=p.speed_repeats,
         thresholds=p.thresholds,
+        baseline_reference=snakemake.input.get("baseline_reference") or None,
+        baseline_run=p.baseline_run,
+        qat_mode=p.qat_mode,
     )
     log.info("evaluation: %s", row)

@@ -1,4 +1,5 @@
-from qatforge.export.gguf import quantize
+from qatforge.export.gguf import check_trained_types, quantize
+from qatforge.io import read_json, write_json
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:
@@ -15,3 +16,10 @@ with logged(snakemake) as log:
         log=log.info,
     )
     log.info("quantized: %s", info)
+    if p.trained_targets:  # the quant a GGUF-targeted QAT run trained for: record and check it
+        check = check_trained_types(info["tensors"], info["settings"]["type"], p.trained_targets)
+        rec = read_json(snakemake.output.record)
+        rec["provenance"]["qat_tensor_types"] = check
+        write_json(snakemake.output.record, rec)
+        log.info("%d tensors trained under the %s fake quantizer are stored as %s; others: %s",
+                 len(check["trained"]), check["type"], check["type"], check["other"])

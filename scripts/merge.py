@@ -11,7 +11,7 @@ with logged(snakemake) as log:
         snakemake.output[0],
         qat_scheme=scheme,
         trust_remote_code=snakemake.params.trust_remote_code,
-        provenance={"run": run, "checkpoint": adapter.name, "qat_scheme": scheme},
+        provenance={"run": run, "checkpoint": adapter.name if adapter else "step-0", "qat_scheme": scheme},
         threads=snakemake.threads,
         log=log.info,
     )

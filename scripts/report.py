@@ -10,6 +10,7 @@ with logged(snakemake) as log:
         out.csv,
         out.md,
         Path(out.pareto).parent,
+        out_qat_csv=out.qat_csv,
         accuracy_margin=snakemake.params.accuracy_margin,
         fail_on_parity=snakemake.params.fail_on_parity,
     )

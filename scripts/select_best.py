@@ -14,6 +14,8 @@ with logged(snakemake) as log:
         max_new_tokens=p.max_new_tokens,
         max_len=p.max_tokens,
         qat_scheme=p.qat_scheme,
+        qat_mode=p.qat_mode,
+        step0=p.step0,
         threads=snakemake.threads,
     )
     log.info("selected %s", best.get("selected"))

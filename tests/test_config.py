@@ -34,8 +34,17 @@ def problems_of(c, workdir=ROOT, cuda=None):
 
 def test_default_config_is_valid(cfg):
     qcfg.check(cfg, ROOT)
-    # per run: hf, BF16, 6 quants, 2 onnx; torchao: 2 PTQ schemes (baseline) + 1 QAT scheme; the base
-    assert len(qcfg.artifacts(cfg)) == 2 * (1 + 1 + 6 + 2) + 2 + 1 + 1
+    # baseline: hf, the base, BF16, 6 quants, 2 onnx, 2 PTQ torchao schemes; each QAT run (formats:
+    # matched): its merged model and the artifact of its quantizer
+    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 2 + 2) + 3 * 2
+    assert {a for a in qcfg.artifacts(cfg) if a[0].startswith("qat-")} == {
+        ("qat-int8-int4", "hf", "merged"), ("qat-int8-int4", "torchao", "int8-int4"),
+        ("qat-gguf-q4_0", "hf", "merged"), ("qat-gguf-q4_0", "gguf", "Q4_0"),
+        ("qat-int8-int4-unsloth", "hf", "merged"), ("qat-int8-int4-unsloth", "torchao", "int8-int4")}
+    assert qcfg.run_base(cfg, "qat-gguf-q4_0") == "results/runs/baseline/merged"
+    assert qcfg.run_base(cfg, "baseline") == "results/base"
+    assert qcfg.modelfile_quant(cfg, "qat-gguf-q4_0") == "Q4_0" and qcfg.modelfile_quant(cfg, "qat-int8-int4") is None
+    assert qcfg.comparison_baseline(cfg, "qat-int8-int4") == "baseline" and qcfg.comparison_baseline(cfg, "baseline") is None
     assert [a for a in qcfg.artifacts(cfg) if a[1:] == ("hf", "base")] == [("baseline", "hf", "base")]
     only_qat = copy.deepcopy(cfg)
     del only_qat["runs"]["baseline"]
@@ -157,6 +166,32 @@ def test_unknown_run_in_targets_is_named(tmp_path):
     assert "results/runs/nosuch/merged" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize(
+    "run, patch, needle",
+    [
+        ("qat-int8-int4", {"qat": {"distill_from": "nosuch"}}, "runs.qat-int8-int4.qat.distill_from: 'nosuch' is not a run"),
+        ("qat-int8-int4", {"qat": {"distill_from": "qat-gguf-q4_0"}}, "must be a baseline run"),
+        ("baseline", {"qat": {"distill_from": "baseline"}}, "only a QAT run"),
+        ("baseline", {"formats": "matched"}, "runs.baseline.formats"),
+        ("qat-gguf-q4_0", {"qat": {"mode": "unsloth"}}, "runs.qat-gguf-q4_0.qat.mode"),
+    ],
+)
+def test_qat_run_settings_are_checked(cfg, run, patch, needle):
+    cfg["runs"][run] = {**cfg["runs"][run], **{k: {**(cfg["runs"][run].get(k) or {}), **v} if isinstance(v, dict) else v
+                                              for k, v in patch.items()}}
+    assert needle in problems_of(cfg)
+
+
+def test_gguf_scheme_needs_its_plain_quant(cfg):
+    cfg["gguf"]["quants"]["Q4_0"] = {"type": "Q4_0", "pure": True}
+    assert "ships as gguf.quants.Q4_0, which must exist as {type: Q4_0}" in problems_of(cfg)
+    del cfg["gguf"]["quants"]["Q4_0"]
+    assert "gguf.quants.Q4_0" in problems_of(cfg)
+    cfg["gguf"]["quants"]["Q4_0"] = {"type": "Q4_0"}
+    cfg["torchao"]["schemes"] = ["gguf-q4_0"]
+    assert "is a GGUF-targeted QAT scheme, not a torchao one" in problems_of(cfg)
+
+
 def test_train_settings_are_per_run(cfg):
     cfg["runs"]["baseline"]["train"] = {"lr": 1e-3, "lora": {"r": 8}}
     s = qcfg.train_settings(cfg, "baseline")
@@ -164,6 +199,12 @@ def test_train_settings_are_per_run(cfg):
     assert s["lr"] == 1e-3 and s["lora"]["r"] == 8 and s["lora"]["alpha"] == 32
     assert other["lora"]["r"] == 16 and other["qat_scheme"] == "int8-int4" and s["qat_scheme"] is None
     assert "select_metric" not in s
+    # runs.<run>.qat reaches TrainSettings; the teacher becomes the base, not a setting
+    assert other["qat_mode"] == "merged" and other["distill"] is True and other["kd_alpha"] == 1.0
+    assert "distill_from" not in other and "qat_mode" not in s
+    from qatforge.train import TrainSettings
+
+    assert TrainSettings.from_config(other).distill
 
 
 def _snakemake_cli(workdir: Path, *args, pythonpath: str | None = None):
@@ -207,3 +248,14 @@ def test_lint_clean(tmp_path):
     proc = _snakemake_cli(work, "--lint")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def test_pre_tokenizer_must_be_one_llama_cpp_knows(cfg):
+    """The names come from the installed llama.cpp's own llama-vocab.cpp (written by the installer)."""
+    from qatforge.llamacpp import known_pre_tokenizers
+
+    names = known_pre_tokenizers()
+    assert names and "qwen2" in names and "gpt-2" in names and "llama3" in names
+    cfg["gguf"]["pre_tokenizer"] = "gpt2"  # llama.cpp spells it gpt-2
+    msg = problems_of(cfg)
+    assert "gguf.pre_tokenizer: 'gpt2' is not a pre-tokenizer llama.cpp knows" in msg and "gpt-2" in msg

@@ -135,7 +135,20 @@ def test_metrics_at_answer_positions_for_two_runtimes():
         assert {k: out[k] for k in want} == pytest.approx(want, rel=1e-6)
         assert out["max_abs_diff"] == pytest.approx(max_diff, rel=1e-6)
         assert out["per_seq_nll_sum"] == pytest.approx([4 * ln(2)], rel=1e-6) and out["per_seq_tokens"] == [3]
+        assert out["per_seq_kld_sum"] == pytest.approx([ln(8 / 3) / 4], rel=1e-6)
         assert out["accuracy"] == 1.0 and out["gen_match"] == 1.0
+    # Against a second (baseline) reference on the same ids: its own KLD, the run's parity unchanged.
+    import dataclasses
+
+    base_ref = dataclasses.replace(ref, nll_logits=[same_elsewhere])  # the runtime's own logits: KLD 0
+    out = evaluate_runtime(_FixedLogits(ids, same_elsewhere), ref, format="hf", variant="merged", max_new_tokens=4,
+                           thresholds=None, baseline_ref=base_ref)
+    assert out["vs_baseline_kld_mean"] == pytest.approx(0.0, abs=1e-9) and out["vs_baseline_top1_agree"] == 1.0
+    assert out["kld_mean"] == pytest.approx(want["kld_mean"], rel=1e-6)
+    other = dataclasses.replace(ref, nll_ids=[ids[::-1].copy()])
+    with pytest.raises(ValueError, match="tokenize differently"):
+        evaluate_runtime(_FixedLogits(ids, same_elsewhere), ref, format="hf", variant="merged", max_new_tokens=4,
+                         thresholds=None, baseline_ref=other)
 
 
 def test_base_model_gets_every_metric_but_no_parity_verdict():

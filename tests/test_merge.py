@@ -189,3 +189,17 @@ def test_load_upcast_equals_a_float32_load(env, tmp_path):
     assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
     assert {n: t.dtype for n, t in a.named_buffers()} == {n: t.dtype for n, t in b.named_buffers()}
     assert a.config.dtype == torch.float32
+
+
+def test_step_0_merge_saves_the_base_itself(env, tmp_path):
+    """A distilled QAT run that selected step 0 (no adapter) ships its base, the teacher, cast once."""
+    import torch
+    from safetensors.torch import load_file
+
+    root, _ = env
+    info = M.merge(root / "base", None, tmp_path / "m", log=lambda m: None)
+    assert info["adapter_dir"] is None and info["lora_tensors"] == 0
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    want = load_file(str(root / "base" / "model.safetensors"))
+    assert set(got) == set(want)
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].to(torch.bfloat16)) for k in want)

@@ -107,17 +107,41 @@ def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):
     assert "## Base vs fine-tuned" in md and "## Loss against the merged model" in md
     gains = md.split("## Base vs fine-tuned")[1].split("## Loss against")[0]
     assert "| baseline/hf/merged |" in gains and "| qat-int8-int4/hf/merged |" in gains
+    assert "results/qat_vs_ptq.csv" not in md and "qat_vs_ptq.csv" in md
     assert "int8-int4" in md
 
 
 def test_every_gguf_has_export_record_without_fallbacks_for_q4_k_m(pipeline_build):
-    for run in ("baseline", "qat-int8-int4"):
-        rec = json.loads(next((pipeline_build / "results/runs" / run / "gguf").glob("*-Q4_K_M.gguf.json")).read_text())
-        prov = rec["provenance"]
-        assert rec["sha256"] and prov["tensor_types"]
-        assert not prov.get("fallbacks"), prov.get("fallbacks")
+    rec = json.loads(next((pipeline_build / "results/runs/baseline/gguf").glob("*-Q4_K_M.gguf.json")).read_text())
+    prov = rec["provenance"]
+    assert rec["sha256"] and prov["tensor_types"]
+    assert not prov.get("fallbacks"), prov.get("fallbacks")
     modelfile = (pipeline_build / "results/runs/baseline/gguf/Modelfile").read_text()
     assert "\nFROM ./TinyQwen3-Q4_K_M.gguf\n" in modelfile and "PARAMETER stop" in modelfile
+
+
+def test_qat_runs_distill_from_the_baseline_and_ship_only_their_quantizer(pipeline_build):
+    res = pipeline_build / "results"
+    for run in ("qat-int8-int4", "qat-gguf-q4_0", "qat-int8-int4-unsloth"):
+        merged = json.loads((res / "runs" / run / "merged" / "export.json").read_text())
+        assert merged["merge"]["base_dir"] == "results/runs/baseline/merged"  # the teacher is the base
+        best = json.loads((res / "runs" / run / "best.json").read_text())
+        assert best["metric"] == "teacher_kld" and best["candidates"][0]["step"] == 0
+        assert best["best"]["teacher_kld"] == min(c["teacher_kld"] for c in best["candidates"])
+    assert not (res / "runs/qat-int8-int4/gguf").exists() and not (res / "runs/qat-gguf-q4_0/torchao").exists()
+    # the GGUF-targeted run's own file: every tensor trained under the Q4_0 fake quantizer is Q4_0
+    rec = json.loads((res / "runs/qat-gguf-q4_0/gguf/TinyQwen3-Q4_0.gguf.json").read_text())
+    qt = rec["provenance"]["qat_tensor_types"]
+    assert qt["type"] == "Q4_0" and "token_embd.weight" in qt["trained"] and len(qt["trained"]) == 1 + 7 * 4
+    assert "\nFROM ./TinyQwen3-Q4_0.gguf\n" in (res / "runs/qat-gguf-q4_0/gguf/Modelfile").read_text()
+    df = pl.read_csv(res / "qat_vs_ptq.csv")
+    assert set(zip(df["qat_run"], df["format"], df["variant"])) == {
+        ("qat-int8-int4", "torchao", "int8-int4"), ("qat-gguf-q4_0", "gguf", "Q4_0"),
+        ("qat-int8-int4-unsloth", "torchao", "int8-int4")}
+    assert set(df["metric"]) == {"accuracy", "nll", "kld"}
+    assert dict(zip(df["qat_run"], df["qat_mode"]))["qat-int8-int4-unsloth"] == "unsloth"
+    ev = json.loads((res / "eval/qat-gguf-q4_0/gguf/Q4_0.json").read_text())
+    assert ev["baseline_run"] == "baseline" and ev["vs_baseline_kld_mean"] > 0
 
 
 def test_hashes_verify_and_tampering_is_reported(built_workdir):

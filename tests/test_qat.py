@@ -27,6 +27,9 @@ def test_scheme_names_are_unsloths():
     assert qat_schemes.canonical({"weight_dtype": "int2", "group_size": 128}) == "int2-w128"
     s = qat_schemes.parse_scheme("int8-int4")
     assert (s.weight_bits, s.group_size, s.activation, s.embedding) == (4, 32, "int8", True)
+    assert qat_schemes.gguf_type("gguf-q4_0") == "Q4_0" and qat_schemes.gguf_type("int8-int4") is None
+    assert qat_schemes.matched_artifact("gguf-q8_0") == ("gguf", "Q8_0")
+    assert qat_schemes.matched_artifact("phone-deployment") == ("torchao", "int8-int4")
 
 
 @pytest.mark.parametrize("bad", ["int9", "int4-w0", "bogus", {"weight_dtype": "float2", "group_size": 8},

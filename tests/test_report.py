@@ -15,14 +15,21 @@ N_PROMPTS = 100
 N_SEQ = 20
 
 
-def _row(run, scheme, fmt, variant, size, n_correct, nll, *, ok=True, kld=1e-4, seed=0, failures=None):
+def _row(run, scheme, fmt, variant, size, n_correct, nll, *, ok=True, kld=1e-4, seed=0, failures=None,
+         vs_baseline_kld=None):
     rng = np.random.default_rng(seed)
     correct = [True] * n_correct + [False] * (N_PROMPTS - n_correct)
     tokens = [10] * N_SEQ
     sums = list(rng.normal(nll * 10, 0.5, N_SEQ))
     # make the token-weighted mean exactly `nll`
     sums = [s - (sum(sums) / (10 * N_SEQ) - nll) * 10 for s in sums]
+    extra = {}
+    if scheme is not None:
+        vk = kld if vs_baseline_kld is None else vs_baseline_kld
+        extra = {"qat_mode": "merged", "baseline_run": "baseline", "vs_baseline_kld_mean": vk,
+                 "vs_baseline_top1_agree": 0.98, "vs_baseline_per_seq_kld_sum": _sums(rng, vk, tokens)}
     return {
+        **extra,
         "run": run, "qat_scheme": scheme, "format": fmt, "variant": variant,
         "source_checkpoint": f"results/runs/{run}/checkpoints/checkpoint-120", "sha256": f"{seed:064x}",
         "size_mb": size, "accuracy": n_correct / N_PROMPTS, "nll": nll, "ppl": math.exp(nll), "load_s": 0.1,
@@ -31,10 +38,17 @@ def _row(run, scheme, fmt, variant, size, n_correct, nll, *, ok=True, kld=1e-4, 
         "token_parity": True, "parity_pass": ok,
         "failures": failures if failures is not None else ([] if ok else ["top1_agree 0.7 < 0.88"]),
         "per_prompt_correct": correct, "per_seq_nll_sum": sums, "per_seq_tokens": tokens,
+        "per_seq_kld_sum": _sums(rng, kld, tokens),
         "threads": 1, "n_prompts": N_PROMPTS,
         "prompt_tps_p25": 990.0 + seed, "prompt_tps_p75": 1010.0 + seed, "gen_tps_p25": 290.0 + seed,
         "gen_tps_p75": 310.0 + seed, "speed_rss_mb": 120.0,
     }
+
+
+def _sums(rng, mean, tokens):
+    """Per-conversation KLD sums (non-negative) whose token-weighted mean is exactly ``mean``."""
+    x = rng.uniform(0.5, 1.5, len(tokens)) * np.asarray(tokens)
+    return list(x / x.sum() * mean * sum(tokens))
 
 
 def _synthetic():
@@ -50,7 +64,8 @@ def _synthetic():
         _row(b, None, "onnx", "fp32", 8.2, 90, 0.50, kld=1e-12, seed=8),
         _row(b, None, "onnx", "int8", 2.2, 70, 0.60, kld=0.01, seed=9),  # passes parity, too inaccurate
         _row(q, "int8-int4", "hf", "merged", 8.0, 89, 0.505, kld=0.0, seed=10),
-        _row(q, "int8-int4", "torchao", "int8-int4", 3.0, 85, 0.55, kld=0.01, seed=11),
+        # QAT: KLD 0.01 to its own merged model, 0.02 to the baseline merged model (PTQ: 0.05)
+        _row(q, "int8-int4", "torchao", "int8-int4", 3.0, 85, 0.55, kld=0.01, seed=11, vs_baseline_kld=0.02),
         _row(q, "int8-int4", "gguf", "BF16", 8.1, 89, 0.505, kld=2e-5, seed=12),
         _row(q, "int8-int4", "gguf", "Q4_0", 2.4, 89, 0.52, kld=0.02, seed=13),
         # the base model: reference only, no parity verdict
@@ -69,7 +84,8 @@ def built(tmp_path_factory):
         paths.append(p)
     out = tmp_path / "results"
     summary = report.build_report(
-        paths, out / "report.csv", out / "report.md", out / "plots", accuracy_margin=0.05, fail_on_parity=True
+        paths, out / "report.csv", out / "report.md", out / "plots", accuracy_margin=0.05, fail_on_parity=True,
+        out_qat_csv=out / "qat_vs_ptq.csv",
     )
     return out, summary, paths
 
@@ -112,7 +128,9 @@ def test_markdown_sections_and_failing_rows_first(built, caplog):
 def test_qat_vs_ptq_recovery_and_noise(built):
     _, summary, _ = built
     comps = {(c["format"], c["variant"]): c for c in summary["qat_vs_ptq"]}
+    # only the matched quantizer is a QAT result; the run's other quantized files are labelled
     assert set(comps) == {("torchao", "int8-int4"), ("gguf", "Q4_0")}
+    assert comps[("gguf", "Q4_0")]["unmatched"] == report.UNMATCHED and comps[("gguf", "Q4_0")]["accuracy"] is None
     tao = comps[("torchao", "int8-int4")]["accuracy"]
     # base 0.90, PTQ 0.60, QAT 0.85: loss 0.30 vs 0.05 -> recovers 25/30
     assert tao["ptq_loss"] == pytest.approx(0.30) and tao["qat_loss"] == pytest.approx(0.05)
@@ -122,12 +140,39 @@ def test_qat_vs_ptq_recovery_and_noise(built):
     nll = comps[("torchao", "int8-int4")]["nll"]
     assert nll["ptq_loss"] == pytest.approx(0.30) and nll["qat_loss"] == pytest.approx(0.05)
     assert nll["meaningful"] and nll["recovered"] == pytest.approx(25 / 30)
-    # GGUF Q4_0: base 90 vs PTQ 89 correct on 100 prompts -> one step of 1/N, within noise
-    q4 = comps[("gguf", "Q4_0")]["accuracy"]
-    assert q4["ptq_loss"] == pytest.approx(0.01) and not q4["meaningful"] and q4["recovered"] is None
+    # KLD to the baseline merged model: PTQ 0.05, QAT 0.02 (not its 0.01 to its own merged model)
+    kld = comps[("torchao", "int8-int4")]["kld"]
+    assert kld["ptq_loss"] == pytest.approx(0.05) and kld["qat_loss"] == pytest.approx(0.02)
+    assert kld["recovered"] == pytest.approx(0.6)
     md = (built[0] / "report.md").read_text()
-    assert "QAT recovers 83 % of the PTQ loss" in md
-    assert "within noise" in md and "not meaningful" in md
+    assert "QAT recovers 83 % of the PTQ loss" in md and "QAT recovers 60 % of the PTQ loss" in md
+    assert f"{report.UNMATCHED} (quantizers the run did not train for; not QAT results): qat-int8-int4/gguf/Q4_0" in md
+
+
+def test_qat_vs_ptq_csv(built):
+    out = built[0]
+    df = pl.read_csv(out / "qat_vs_ptq.csv")
+    assert tuple(df.columns) == report.QAT_VS_PTQ_COLUMNS
+    assert df["metric"].to_list() == ["accuracy", "nll", "kld"]
+    assert set(df["qat_run"]) == {"qat-int8-int4"} and set(df["qat_mode"]) == {"merged"}
+    row = df.filter(pl.col("metric") == "kld").to_dicts()[0]
+    assert row["format"] == "torchao" and row["variant"] == "int8-int4"
+    assert row["recovery"] == pytest.approx(0.6) and row["recovery_ci_low"] < 0.6 < row["recovery_ci_high"]
+
+
+def test_recovery_empty_when_the_ptq_loss_is_noise():
+    """A PTQ loss whose interval reaches zero gives no recovery (NaN in the CSV)."""
+    b, q = "baseline", "qat-int8-int4"
+    rows = [_row(b, None, "hf", "merged", 8.0, 90, 0.50, kld=0.0, seed=1),
+            _row(b, None, "torchao", "int8-int4", 3.0, 89, 0.5001, kld=0.05, seed=2),
+            _row(q, "int8-int4", "hf", "merged", 8.0, 89, 0.505, kld=0.0, seed=10),
+            _row(q, "int8-int4", "torchao", "int8-int4", 3.0, 89, 0.50, kld=0.01, seed=11, vs_baseline_kld=0.02)]
+    for r in rows:
+        r["qat_scheme"] = r["qat_scheme"] or report.NO_SCHEME
+    df = report.qat_vs_ptq_frame(report.qat_vs_ptq(rows))
+    by = {r["metric"]: r for r in df.to_dicts()}
+    assert math.isnan(by["accuracy"]["recovery"]) and math.isnan(by["nll"]["recovery"])
+    assert by["kld"]["recovery"] == pytest.approx(0.6)
 
 
 def test_recommendation_smallest_passing_within_margin(built):

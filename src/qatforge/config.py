@@ -36,6 +36,24 @@ def qat_scheme(config: dict, run: str) -> str | None:
     return config["runs"][run].get("qat_scheme")
 
 
+def teacher(config: dict, run: str) -> str | None:
+    """The run a QAT run distills from (its merged model is the run's base), or None."""
+    return (config["runs"][run].get("qat") or {}).get("distill_from") if qat_scheme(config, run) else None
+
+
+def comparison_baseline(config: dict, run: str) -> str | None:
+    """The baseline run a QAT run's artifacts are compared with: its teacher, else the first baseline run."""
+    if qat_scheme(config, run) is None:
+        return None
+    return teacher(config, run) or next(iter(baseline_runs(config)), None)
+
+
+def run_base(config: dict, run: str) -> str:
+    """The base checkpoint a run's adapter trains on and merges into."""
+    t = teacher(config, run)
+    return f"results/runs/{t}/merged" if t else "results/base"
+
+
 def baseline_runs(config: dict) -> list[str]:
     return [r for r in runs(config) if qat_scheme(config, r) is None]
 
@@ -55,25 +73,57 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
             base[key] = value
     base.pop("select_metric", None)
     base["qat_scheme"] = qat_scheme(config, run)
+    if base["qat_scheme"] is not None:  # runs.<run>.qat → TrainSettings (whose defaults fill the rest)
+        q = config["runs"][run].get("qat") or {}
+        base.update({"qat_mode" if k == "mode" else k: v for k, v in q.items() if k != "distill_from"})
+        base["distill"] = teacher(config, run) is not None
     base["seed"] = config["seed"]
     return base
 
 
-def torchao_variants(config: dict, run: str) -> list[str]:
-    """TorchAO artifacts of a run: PTQ schemes for a baseline run, its own scheme for a QAT run."""
+def matched_gguf_quant(config: dict, run: str) -> str | None:
+    """The GGUF quant a GGUF-targeted QAT run trained for (``gguf.quants.<type>``), else None."""
+    from qatforge.qat_schemes import gguf_type
+
     scheme = qat_scheme(config, run)
-    return list(config["torchao"]["schemes"]) if scheme is None else [scheme]
+    return gguf_type(scheme) if scheme else None
+
+
+def modelfile_quant(config: dict, run: str) -> str | None:
+    """The GGUF quant a run's Ollama Modelfile points at (a GGUF scheme's own type, else
+    gguf.default_quant), or None when the run exports no such GGUF."""
+    from qatforge.qat_schemes import gguf_type
+
+    scheme = qat_scheme(config, run)
+    q = (gguf_type(scheme) if scheme else None) or config["gguf"]["default_quant"]
+    return q if (run, "gguf", q) in artifacts(config) else None
+
+
+def torchao_variants(config: dict, run: str) -> list[str]:
+    """TorchAO artifacts of a run: PTQ schemes for a baseline run, its own scheme for a QAT run
+    (none for a GGUF-targeted scheme, whose artifact is the GGUF quant of its type)."""
+    from qatforge.qat_schemes import gguf_type
+
+    scheme = qat_scheme(config, run)
+    if scheme is None:
+        return list(config["torchao"]["schemes"])
+    return [] if gguf_type(scheme) else [scheme]
 
 
 def artifacts(config: dict) -> list[tuple[str, str, str]]:
     """Every evaluated artifact as (run, format, variant); the base model is a row of the first
     baseline run (``formats.BASE_ARTIFACT``), and there is none without a baseline run."""
+    from qatforge.qat_schemes import matched_artifact
+
     base_run = next(iter(baseline_runs(config)), None)
     out = []
     for run in runs(config):
         out.append((run, "hf", "merged"))
         if run == base_run:
             out.append((run, *BASE_ARTIFACT))
+        if config["runs"][run].get("formats") == "matched" and qat_scheme(config, run):
+            out.append((run, *matched_artifact(qat_scheme(config, run))))
+            continue
         out += [(run, "torchao", s) for s in torchao_variants(config, run)]
         out.append((run, "gguf", outtype_name(config)))
         out += [(run, "gguf", q) for q in config["gguf"]["quants"]]
@@ -133,14 +183,48 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
             problems += [f"runs.{run}.qat_scheme: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
     for scheme in config["torchao"]["schemes"]:
         problems += [f"torchao.schemes: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
+    for scheme in config["torchao"]["schemes"]:
+        if scheme in qat_schemes.GGUF_SCHEMES:
+            problems.append(f"torchao.schemes: {scheme!r} is a GGUF-targeted QAT scheme, not a torchao one")
+    for run in runs(config):
+        scheme = qat_scheme(config, run)
+        t = qat_schemes.gguf_type(scheme) if scheme and not qat_schemes.problems(scheme) else None
+        if t:
+            if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
+                problems.append(f"runs.{run}.qat.mode: the GGUF scheme {scheme!r} trains merge-exact only (mode: merged)")
+            spec = config["gguf"]["quants"].get(t)
+            changes = ("imatrix", "pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "tensor_type")
+            if spec is None or spec.get("type") != t or any(spec.get(k) for k in changes):
+                problems.append(f"runs.{run}.qat_scheme: {scheme!r} ships as gguf.quants.{t}, which must exist as "
+                                f"{{type: {t}}} (no imatrix, no tensor overrides: the type the run trained for)")
+    for run in runs(config):
+        if config["runs"][run].get("formats") == "matched" and qat_scheme(config, run) is None:
+            problems.append(f"runs.{run}.formats: 'matched' needs a QAT run (qat_scheme set); a baseline run exports all")
+    for run in runs(config):
+        t = (config["runs"][run].get("qat") or {}).get("distill_from")
+        if t is None:
+            continue
+        key = f"runs.{run}.qat.distill_from"
+        if qat_scheme(config, run) is None:
+            problems.append(f"{key}: only a QAT run (qat_scheme set) distills; {run!r} is a baseline run")
+        elif t not in config["runs"]:
+            problems.append(f"{key}: {t!r} is not a run (runs: {', '.join(runs(config))})")
+        elif qat_scheme(config, t) is not None:
+            problems.append(f"{key}: the teacher {t!r} must be a baseline run (qat_scheme null)")
     return problems
 
 
 def _check_gguf(config: dict) -> list[str]:
     from qatforge.export.gguf import check_quant
 
+    from qatforge.llamacpp import known_pre_tokenizers
+
     g = config["gguf"]
     problems = []
+    names = known_pre_tokenizers()  # None before `make install`: the converter then reports it
+    if names is not None and g["pre_tokenizer"] not in names:
+        problems.append(f"gguf.pre_tokenizer: {g['pre_tokenizer']!r} is not a pre-tokenizer llama.cpp knows; "
+                        f"valid names: {', '.join(names)}")
     for name, spec in g["quants"].items():
         options = {k: v for k, v in spec.items() if k not in ("type", "imatrix")}
         try:

@@ -21,6 +21,7 @@ to create the layout. Nothing here imports llama_cpp, torch or transformers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from typing import Any
 ENV_DIR = "QATFORGE_LLAMA_CPP_DIR"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 SOURCE_INFO = "source.json"
+PRE_TOKENIZERS = "pre_tokenizers.json"  # the names llama.cpp's loader accepts (src/llama-vocab.cpp)
 _HINT = "run `make install` (it unpacks llama.cpp from the pinned llama-cpp-python sdist)"
 
 
@@ -52,6 +54,22 @@ def find_converter() -> Path:
             f" (or set {ENV_DIR} to a llama.cpp checkout)"
         )
     return script
+
+
+def pre_tokenizer_names(vocab_cpp: str | os.PathLike) -> list[str]:
+    """The ``tokenizer.ggml.pre`` names llama.cpp's loader accepts, read from its ``llama-vocab.cpp``
+    (every ``tokenizer_pre == "<name>"`` comparison)."""
+    text = Path(vocab_cpp).read_text(encoding="utf-8")
+    names = sorted(set(re.findall(r'tokenizer_pre\s*==\s*"([^"]+)"', text)))
+    if not names:
+        raise ValueError(f"{vocab_cpp}: no pre-tokenizer names found")
+    return names
+
+
+def known_pre_tokenizers() -> list[str] | None:
+    """The installed llama.cpp's pre-tokenizer names (written by ``install``), None if not installed."""
+    path = share_dir() / PRE_TOKENIZERS
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def find_gguf_py() -> Path:
@@ -134,7 +152,7 @@ def install(sdist: str | os.PathLike, prefix: str | os.PathLike = sys.prefix,
 
     sdist, prefix = Path(sdist), Path(prefix)
     src = sdist / "vendor" / "llama.cpp"
-    needed = [src / "convert_hf_to_gguf.py", src / "conversion", src / "gguf-py" / "gguf"]
+    needed = [src / "convert_hf_to_gguf.py", src / "conversion", src / "gguf-py" / "gguf", src / "src" / "llama-vocab.cpp"]
     for p in needed:
         if not p.exists():
             raise FileNotFoundError(f"{p} not found: {sdist} is not an unpacked llama-cpp-python sdist")
@@ -152,6 +170,7 @@ def install(sdist: str | os.PathLike, prefix: str | os.PathLike = sys.prefix,
         if (src / "LICENSE").is_file():
             shutil.copy2(src / "LICENSE", tmp / "LICENSE")
         write_json(tmp / SOURCE_INFO, info)
+        write_json(tmp / PRE_TOKENIZERS, pre_tokenizer_names(src / "src" / "llama-vocab.cpp"))
     if build is not None:
         _install_build(Path(build), prefix)
     return info

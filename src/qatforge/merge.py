@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 DTYPES = ("bfloat16", "float16", "float32")
+STORAGE_DTYPE = "bfloat16"  # what the merged checkpoint stores (merge-exact QAT rounds to it)
 CHECK_PROMPTS = (
     "Reverse: a b c",
     "Sort the digits: 3 1 2",
@@ -78,17 +79,20 @@ def token_checks(base_tok: Any, merged_tok: Any, merged_config: Any, merged_gen:
 
 def merge(
     base_dir: str | os.PathLike,
-    adapter_dir: str | os.PathLike,
+    adapter_dir: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     *,
     qat_scheme: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = STORAGE_DTYPE,
     trust_remote_code: bool = False,
     provenance: Mapping[str, Any] | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Merge ``adapter_dir`` into ``base_dir`` and save a ``dtype`` safetensors checkpoint atomically.
+
+    ``adapter_dir`` None (a distilled QAT run that selected step 0) saves the base itself, cast to
+    ``dtype``, through the same checks.
 
     Each merged weight is ``W + delta`` computed in float32 and rounded to ``dtype`` once (bf16 by
     default: the range of fp32, what GGUF ``bf16`` and most deployments use). A base stored in
@@ -113,9 +117,10 @@ def merge(
 
     if dtype not in DTYPES:
         raise MergeError(f"merge dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    adapter_file = adapter_dir / "adapter_model.safetensors"
-    if not adapter_file.is_file():
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    adapter_file = adapter_dir / "adapter_model.safetensors" if adapter_dir else None
+    if adapter_file is not None and not adapter_file.is_file():
         raise MergeError(f"{adapter_dir}: no adapter_model.safetensors (not a LoRA checkpoint)")
     if threads:
         torch.set_num_threads(threads)
@@ -128,16 +133,17 @@ def merge(
         model = load_causal_lm(base_dir, dtype=target, trust_remote_code=trust_remote_code)
     else:
         model = load_upcast(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    # Every adapter tensor must have landed in the model (no silently ignored keys).
-    saved = load_file(str(adapter_file))
-    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    n_lora = sum(1 for n in loaded)
-    if n_lora != len(saved):
-        raise MergeError(f"{adapter_file}: {len(saved)} adapter tensors, but {n_lora} LoRA parameters in the model")
-    fake_before = count_fake_quantized(model)
-    stripped = strip_fake_quant(model) if fake_before else 0
-    merged = model.merge_and_unload()
+    if adapter_dir is None:
+        merged, n_lora, stripped = model, 0, 0
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        # Every adapter tensor must have landed in the model (no silently ignored keys).
+        saved = load_file(str(adapter_file))
+        n_lora = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+        if n_lora != len(saved):
+            raise MergeError(f"{adapter_file}: {len(saved)} adapter tensors, but {n_lora} LoRA parameters in the model")
+        stripped = strip_fake_quant(model) if count_fake_quantized(model) else 0
+        merged = model.merge_and_unload()
     merged.eval()
     if count_fake_quantized(merged) or any("lora_" in n for n, _ in merged.named_parameters()):
         raise MergeError("merged model still has LoRA or fake-quantized modules")
@@ -189,7 +195,7 @@ def merge(
 
     info = {
         "base_dir": str(base_dir),
-        "adapter_dir": str(adapter_dir),
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
         "qat_scheme": qat_scheme,
         "dtype": dtype,
         "merged_in": dtype if in_place else "float32",

@@ -110,7 +110,8 @@ def compare_answers(
 
     Pooled over the positions of all sequences: ``kld_mean``/``kld_max`` of KL(ref || test),
     ``top1_agree`` (share with the same argmax), ``max_abs_diff`` and the test's ``nll`` (mean
-    -log p of the next token); ``per_seq_nll_sum``/``per_seq_tokens`` per sequence.
+    -log p of the next token); ``per_seq_nll_sum``/``per_seq_kld_sum``/``per_seq_tokens`` per
+    sequence (for bootstrap intervals over conversations).
     """
     if not len(refs) == len(tests) == len(ids) == len(masks):
         raise ValueError(f"{len(refs)} reference, {len(tests)} test, {len(ids)} id and {len(masks)} mask sequences")
@@ -135,6 +136,7 @@ def compare_answers(
         "max_abs_diff": float(np.concatenate(diffs).max()),
         "nll": sum(sums) / sum(counts),
         "per_seq_nll_sum": sums,
+        "per_seq_kld_sum": [float(x.sum()) for x in klds],
         "per_seq_tokens": counts,
     }
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from qatforge.qat_schemes import (  # noqa: F401  (re-exported)
     ALIASES,
+    GGUF_SCHEMES,
     SCHEMES,
     UNSLOTH_SCHEMES,
     Scheme,
@@ -63,6 +64,9 @@ def scheme_config(scheme: str | Mapping[str, Any]) -> tuple[Any, Any | None, Cal
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     s = parse_scheme(scheme)
+    if s.name in GGUF_SCHEMES:
+        raise QATError(f"scheme {s.name!r} is GGUF-targeted: it trains with qat.mode merged only "
+                       "(qatforge.qat_lora) and ships as the run's GGUF, not through torchao")
     emb_cfg = None
     if s.name == "int4":
         cfg = Int4WeightOnlyConfig(group_size=128)
@@ -128,25 +132,34 @@ def count_fake_quantized(model: Any) -> int:
     return sum(1 for m in model.modules() if "FakeQuantized" in type(m).__name__)
 
 
-def prepare_qat(model: Any, scheme: str | Mapping[str, Any], *, log: Callable[[str], None] | None = None) -> int:
+def prepare_qat(
+    model: Any,
+    scheme: str | Mapping[str, Any],
+    *,
+    log: Callable[[str], None] | None = None,
+    skip: Callable[[str], bool] | None = None,
+    require: bool = True,
+) -> int:
     """Fake-quantize the frozen base of a (PEFT-wrapped) model with ``scheme``; LoRA modules untouched.
 
     Unsloth's order: untie embedding/LM head for schemes that quantize the embedding, then
     ``quantize_(model, QATConfig(cfg, step="prepare"), filter)`` for the embedding and the linears.
-    Returns the number of fake-quantized modules; zero raises :class:`QATError`.
+    Modules whose fqn ``skip`` accepts are left alone. Returns the number of fake-quantized
+    modules; zero raises :class:`QATError` unless ``require`` is false.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
     s = parse_scheme(scheme)
     cfg, emb_cfg, linear_filter = scheme_config(s.name)
+    chosen = linear_filter if skip is None else (lambda m, fqn: linear_filter(m, fqn) and not skip(fqn))
     before = count_fake_quantized(model)
     if emb_cfg is not None:
         untie_embeddings(model)
         quantize_(model, QATConfig(emb_cfg, step="prepare"), filter_fn=_embedding_filter)
-    quantize_(model, QATConfig(cfg, step="prepare"), filter_fn=linear_filter)
+    quantize_(model, QATConfig(cfg, step="prepare"), filter_fn=chosen)
     n = count_fake_quantized(model) - before
-    if n <= 0:
+    if n <= 0 and require:
         raise QATError(
             f"qat scheme {s.name!r} fake-quantized 0 modules: no nn.Linear with in_features divisible by "
             f"{s.group_size or 1} outside the LoRA adapters"

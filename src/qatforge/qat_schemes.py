@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 UNSLOTH_SCHEMES = ("int4", "int8-int4", "fp8-int4", "fp8-fp8", "int8")
+# GGUF-targeted schemes: weights fake-quantized bit-identically to llama.cpp's reference quantizer of
+# the type (qatforge.gguf_fake_quant), activations as llama.cpp's CPU dot product quantizes them
+# for that weight type (Q8_0 blocks of 32 for both); trained merge-exact only, exported as GGUF.
+GGUF_SCHEMES = {"gguf-q4_0": "Q4_0", "gguf-q8_0": "Q8_0"}
 ALIASES = {"phone-deployment": "int8-int4"}
-SCHEMES = UNSLOTH_SCHEMES + tuple(ALIASES)
+SCHEMES = UNSLOTH_SCHEMES + tuple(GGUF_SCHEMES) + tuple(ALIASES)
 SPEC_FORMS = "int<bits>-w<group> (e.g. int2-w128), w<bits>g<group>, or {weight_dtype: int<bits>, group_size: <group>}"
 CPU_SCHEMES_HINT = "int8-int4, int8 or a weight-only spec such as int4-w32 / int2-w128"
 FP8_MIN_CAPABILITY = (8, 9)
@@ -54,6 +58,8 @@ _TABLE = {
     "fp8-int4": Scheme("fp8-int4", 4, 128, "fp8", False, True, FP8_MIN_CAPABILITY, "mslk"),
     "fp8-fp8": Scheme("fp8-fp8", "fp8", None, "fp8", False, True, FP8_MIN_CAPABILITY, None),
     "int8": Scheme("int8", 8, None, None, False, True, None, None),
+    "gguf-q4_0": Scheme("gguf-q4_0", 4, 32, "q8_0", True, False, None, None),
+    "gguf-q8_0": Scheme("gguf-q8_0", 8, 32, "q8_0", True, False, None, None),
 }
 
 
@@ -85,6 +91,18 @@ def parse_scheme(scheme: str | Mapping[str, Any]) -> Scheme:
     raise ValueError(
         f"unknown qat scheme {scheme!r}; valid: {', '.join(SCHEMES)}, or a weight-only spec {SPEC_FORMS}"
     )
+
+
+def gguf_type(scheme: str | Mapping[str, Any]) -> str | None:
+    """The llama.cpp type a GGUF-targeted scheme trains for (``Q4_0``), None for torchao schemes."""
+    return GGUF_SCHEMES.get(canonical(scheme))
+
+
+def matched_artifact(scheme: str | Mapping[str, Any]) -> tuple[str, str]:
+    """The (format, variant) a QAT run of ``scheme`` trains for: its TorchAO checkpoint, or for a
+    GGUF scheme the GGUF quant named after its type (``gguf.quants.Q4_0``)."""
+    t = gguf_type(scheme)
+    return ("gguf", t) if t else ("torchao", canonical(scheme))
 
 
 def canonical(scheme: str | Mapping[str, Any]) -> str:

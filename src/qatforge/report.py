@@ -204,38 +204,84 @@ def baseline_run(rows: Sequence[Mapping]) -> str | None:
     return "baseline" if "baseline" in runs else runs[0]
 
 
+QAT_VS_PTQ_COLUMNS = ("qat_run", "qat_mode", "format", "variant", "metric", "ptq_loss", "qat_loss", "recovery",
+                      "recovery_ci_low", "recovery_ci_high")
+UNMATCHED = "PTQ of a QAT-trained model"
+
+
+def paired_kld_losses(ptq: Mapping, qat: Mapping, *, b: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any] | None:
+    """KLD to the baseline merged model of a PTQ artifact (its own ``per_seq_kld_sum``: its run is
+    the baseline) and of a QAT artifact (``vs_baseline_per_seq_kld_sum``), paired over conversations."""
+    cnt = np.asarray(ptq.get("per_seq_tokens") or [], dtype=float)
+    sp = np.asarray(ptq.get("per_seq_kld_sum") or [], dtype=float)
+    sq = np.asarray(qat.get("vs_baseline_per_seq_kld_sum") or [], dtype=float)
+    if not cnt.sum() or not len(sp) == len(sq) == len(cnt) or list(qat.get("per_seq_tokens") or []) != list(cnt):
+        return None
+    zero = np.zeros_like(cnt)
+    idx = _resample_idx(len(cnt), b, seed)
+    (ptq_l, ptq_b), (qat_l, qat_b) = _nll_loss(cnt, zero, sp, idx), _nll_loss(cnt, zero, sq, idx)
+    return _losses(ptq_l, qat_l, ptq_b, qat_b, len(cnt))
+
+
 def qat_vs_ptq(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]]:
-    """Each QAT run's quantized artifacts vs the baseline run's artifact of the same scheme/quant."""
-    base_run = baseline_run(rows)
-    if base_run is None:
-        return []
-    base = _find(rows, base_run, "hf", "merged")
+    """Each QAT run's matched artifact (the quantizer it trained for, ``qat_schemes.matched_artifact``)
+    against the baseline run's artifact of the same quantizer (PTQ), both measured against the
+    baseline merged model: accuracy, NLL and KLD losses with recovery. Unmatched quantized
+    artifacts of QAT runs come back as ``{"unmatched": ...}`` items."""
+    from qatforge.qat_schemes import matched_artifact
+
     out = []
     for qrun in sorted({r["run"] for r in rows if r["qat_scheme"] != NO_SCHEME}):
-        scheme = next(r["qat_scheme"] for r in rows if r["run"] == qrun)
-        pairs = [("torchao", scheme)]
-        pairs += sorted(
-            {(r["format"], r["variant"]) for r in rows if r["run"] == qrun and r["format"] in ("gguf", "onnx")
-             and r["variant"].upper() not in FULL_PRECISION_GGUF and r["variant"] != "fp32"},
-            key=lambda fv: (FORMAT_ORDER[fv[0]], fv[1]),
-        )
-        for fmt, variant in pairs:
-            q, p = _find(rows, qrun, fmt, variant), _find(rows, base_run, fmt, variant)
-            item: dict[str, Any] = {"qat_run": qrun, "baseline_run": base_run, "scheme": scheme,
-                                    "format": fmt, "variant": variant, "qat": q, "ptq": p, "base": base,
-                                    "qat_merged": _find(rows, qrun, "hf", "merged")}
-            if q is None or p is None:
-                item["missing"] = [n for n, r in (("QAT artifact", q), ("PTQ artifact", p)) if r is None]
-                out.append(item)
-                continue
+        qrows = [r for r in rows if r["run"] == qrun]
+        scheme = qrows[0]["qat_scheme"]
+        base_run = next((r.get("baseline_run") for r in qrows if r.get("baseline_run")), None) or baseline_run(rows)
+        fmt, variant = matched_artifact(scheme)
+        base = _find(rows, base_run, "hf", "merged") if base_run else None
+        q, p = _find(rows, qrun, fmt, variant), (_find(rows, base_run, fmt, variant) if base_run else None)
+        item: dict[str, Any] = {"qat_run": qrun, "qat_mode": qrows[0].get("qat_mode"), "baseline_run": base_run,
+                                "scheme": scheme, "format": fmt, "variant": variant, "qat": q, "ptq": p, "base": base,
+                                "qat_merged": _find(rows, qrun, "hf", "merged")}
+        missing = [n for n, r in (("QAT artifact", q), ("PTQ artifact", p), ("baseline merged model", base)) if r is None]
+        if missing:
+            item["missing"] = missing
+        else:
             if all(r.get("per_prompt_correct") for r in (base, p, q)):
                 item["accuracy"] = paired_accuracy_losses(
-                    base["per_prompt_correct"], p["per_prompt_correct"], q["per_prompt_correct"], seed=seed
-                )
+                    base["per_prompt_correct"], p["per_prompt_correct"], q["per_prompt_correct"], seed=seed)
             if all(r.get("per_seq_nll_sum") for r in (base, p, q)):
                 item["nll"] = paired_nll_losses(base, p, q, seed=seed)
-            out.append(item)
+            item["kld"] = paired_kld_losses(p, q, seed=seed)
+        out.append(item)
+        for r in qrows:
+            if _deployed(r) and (r["format"], r["variant"]) not in ((fmt, variant), ("hf", "merged")) \
+                    and r["variant"].upper() not in FULL_PRECISION_GGUF and r["variant"] != "fp32":
+                out.append({"qat_run": qrun, "format": r["format"], "variant": r["variant"], "unmatched": UNMATCHED})
     return out
+
+
+def qat_vs_ptq_frame(items: Sequence[Mapping]) -> Any:
+    """``results/qat_vs_ptq.csv``: one row per matched pair and metric (accuracy, nll, kld); recovery
+    NaN when the PTQ loss is within noise (its interval reaches zero)."""
+    import polars as pl
+
+    data: dict[str, list] = {c: [] for c in QAT_VS_PTQ_COLUMNS}
+    for it in items:
+        if it.get("unmatched") or it.get("missing"):
+            continue
+        for metric in ("accuracy", "nll", "kld"):
+            s = it.get(metric)
+            if s is None:
+                continue
+            rec = s["recovered"] if s["meaningful"] else None
+            ci = s["recovered_ci"] if s["meaningful"] else (None, None)
+            vals = {"qat_run": it["qat_run"], "qat_mode": it.get("qat_mode") or "", "format": it["format"],
+                    "variant": it["variant"], "metric": metric, "ptq_loss": s["ptq_loss"], "qat_loss": s["qat_loss"],
+                    "recovery": rec, "recovery_ci_low": ci[0], "recovery_ci_high": ci[1]}
+            for c in QAT_VS_PTQ_COLUMNS:
+                data[c].append(float("nan") if vals[c] is None else vals[c])
+    schema = {c: (pl.String if c in ("qat_run", "qat_mode", "format", "variant", "metric") else pl.Float64)
+              for c in QAT_VS_PTQ_COLUMNS}
+    return pl.DataFrame(data, schema=schema)
 
 
 def recommend(rows: Sequence[Mapping], accuracy_margin: float) -> dict[str, Any]:
@@ -325,35 +371,41 @@ def _ci(ci: Sequence[float] | None, scale: float = 1.0, unit: str = "") -> str:
 
 def _qat_section(items: Sequence[Mapping]) -> list[str]:
     md = ["## QAT vs PTQ", ""]
-    if not items:
+    pairs = [it for it in items if not it.get("unmatched")]
+    if not pairs:
         md += ["No QAT run paired with a baseline run (a run with qat_scheme and a baseline merged model) "
                "was evaluated.", ""]
         return md
     md += [
-        "Each QAT run's quantized artifact against the baseline run's artifact of the same scheme or quant "
-        "(PTQ), both measured against the baseline merged model. *Loss* = baseline − artifact for "
-        "accuracy (points) and artifact − baseline for NLL (nats/token); *recovered* = (PTQ loss − QAT loss) "
-        "/ PTQ loss. 95 % intervals: paired bootstrap over test prompts (accuracy) and over test conversations "
-        "(NLL), {} resamples. Exact match on N prompts moves in steps of 1/N.".format(BOOTSTRAP),
+        "Each QAT run's artifact of the quantizer it trained for against the baseline run's artifact of the "
+        "same quantizer (PTQ), both measured against the baseline merged model on the same test set (also in "
+        "`qat_vs_ptq.csv`). *Loss* = baseline − artifact for accuracy (points), artifact − baseline for NLL "
+        "(nats/token), and KLD to the baseline merged model at the answer positions; *recovered* = (PTQ loss − "
+        "QAT loss) / PTQ loss, given only when the PTQ loss's interval excludes zero. 95 % intervals: paired "
+        "bootstrap over test prompts (accuracy) and over test conversations (NLL, KLD), {} resamples. Exact match "
+        "on N prompts moves in steps of 1/N.".format(BOOTSTRAP),
         "",
-        "| scheme / quant | artifact | accuracy | NLL | PPL | size MiB | KLD mean | top-1 |",
+        "| pair | artifact | accuracy | NLL | PPL | size MiB | KLD to baseline merged | top-1 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for it in items:
+    for it in pairs:
         for name, r in (("baseline merged", it["base"]), ("QAT run merged", it["qat_merged"]),
                         ("PTQ (baseline run)", it["ptq"]), ("QAT", it["qat"])):
             if r is None:
                 continue
-            md.append(f"| {it['format']} {it['variant']} | {name}: {_label(r)} | {_fmt(r['accuracy'], 'accuracy')} | "
-                      f"{_fmt(r['nll'], 'nll')} | {_fmt(r['ppl'], 'ppl')} | {_fmt(r['size_mb'], 'size_mb')} | "
-                      f"{_fmt(r['kld_mean'], 'kld_mean')} | {_fmt(r['top1_agree'], 'top1_agree')} |")
+            own = r["run"] == it["baseline_run"]
+            kld = r["kld_mean"] if own else r.get("vs_baseline_kld_mean")
+            top1 = r["top1_agree"] if own else r.get("vs_baseline_top1_agree")
+            md.append(f"| {it['qat_run']} ({it.get('qat_mode') or 'n/a'}) {it['format']} {it['variant']} | {name}: "
+                      f"{_label(r)} | {_fmt(r['accuracy'], 'accuracy')} | {_fmt(r['nll'], 'nll')} | {_fmt(r['ppl'], 'ppl')} | "
+                      f"{_fmt(r['size_mb'], 'size_mb')} | {_fmt(kld, 'kld_mean')} | {_fmt(top1, 'top1_agree')} |")
     md.append("")
-    for it in items:
-        head = f"**{it['format']} {it['variant']}** ({it['qat_run']} vs {it['baseline_run']})"
+    for it in pairs:
+        head = f"**{it['format']} {it['variant']}** ({it['qat_run']}, qat.mode {it.get('qat_mode') or 'n/a'}, vs {it['baseline_run']})"
         if it.get("missing"):
             md += [f"- {head}: not comparable, missing {', '.join(it['missing'])}.", ""]
             continue
-        for measure, unit, scale in (("accuracy", " pt", 100.0), ("nll", "", 1.0)):
+        for measure, unit, scale in (("accuracy", " pt", 100.0), ("nll", "", 1.0), ("kld", "", 1.0)):
             s = it.get(measure)
             if s is None:
                 md.append(f"- {head}, {measure}: per-item results missing, no interval.")
@@ -366,11 +418,17 @@ def _qat_section(items: Sequence[Mapping]) -> list[str]:
                              f"(95 % CI {s['recovered_ci'][0] * 100:.0f} % to {s['recovered_ci'][1] * 100:.0f} %).")
                 if s["gain_ci"][0] <= 0 <= s["gain_ci"][1]:
                     base_txt += " The QAT − PTQ difference itself is within noise."
+                elif s["gain"] < 0:
+                    base_txt += " **QAT is worse than PTQ here.**"
             else:
                 base_txt += ("The PTQ loss is within noise (its interval reaches zero or it is no loss), "
                              "so a recovery share is not meaningful.")
             md.append(base_txt)
         md.append("")
+    unmatched = [it for it in items if it.get("unmatched")]
+    if unmatched:
+        md += [f"{UNMATCHED} (quantizers the run did not train for; not QAT results): "
+               + ", ".join(f"{it['qat_run']}/{it['format']}/{it['variant']}" for it in unmatched) + ".", ""]
     return md
 
 
@@ -583,11 +641,13 @@ def build_report(
     out_md: str | Path,
     plots_dir: str | Path,
     *,
+    out_qat_csv: str | Path | None = None,
     accuracy_margin: float,
     fail_on_parity: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Write report.csv, report.md and the plots from the per-artifact JSONs; return a summary."""
+    """Write report.csv, report.md, qat_vs_ptq.csv (``out_qat_csv``) and the plots from the
+    per-artifact JSONs; return a summary."""
     raw = load_evals(eval_jsons)
     add_losses(raw, seed=seed)
     df = to_frame(raw)
@@ -601,6 +661,9 @@ def build_report(
         df.write_csv(tmp)
 
     comparisons = qat_vs_ptq(rows, seed=seed)
+    if out_qat_csv is not None:
+        with atomic_file(out_qat_csv) as tmp:
+            qat_vs_ptq_frame(comparisons).write_csv(tmp)
     gains = base_vs_finetuned(rows, seed=seed)
     rec = recommend(rows, accuracy_margin)
     plots = make_plots(rows, plots_dir)
@@ -641,7 +704,8 @@ def build_report(
         "rollback": _label(rec["baseline"]) if rec["baseline"] else None,
         "base_vs_finetuned": [{k: it[k] for k in ("run", "accuracy", "nll")} for it in gains],
         "qat_vs_ptq": [
-            {k: it.get(k) for k in ("qat_run", "baseline_run", "format", "variant", "accuracy", "nll", "missing")}
+            {k: it.get(k) for k in ("qat_run", "qat_mode", "baseline_run", "format", "variant", "accuracy", "nll",
+                                    "kld", "missing", "unmatched")}
             for it in comparisons
         ],
         "plots": [str(p) for p in plots],

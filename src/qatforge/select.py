@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 METRICS = ("accuracy", "eval_loss")
+TEACHER_METRIC = "teacher_kld"  # distilled QAT runs: dev KLD to the teacher at the answer positions
 
 
 class SelectError(ValueError):
@@ -49,6 +50,8 @@ def rank_key(metric: str) -> Callable[[dict], tuple]:
         return lambda c: (-c["accuracy"], c["eval_loss"], -c["step"])
     if metric == "eval_loss":
         return lambda c: (c["eval_loss"], -c["accuracy"], -c["step"])
+    if metric == TEACHER_METRIC:
+        return lambda c: (c[TEACHER_METRIC], c["eval_loss"], -c["step"])
     raise SelectError(f"unknown select metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
@@ -70,10 +73,40 @@ def choose(candidates: list[dict], metric: str, pinned: int | None = None) -> di
     return sorted(usable, key=rank_key(metric))[0]
 
 
-def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int, max_new_tokens: int) -> dict:
+def answer_logits(model: Any, tok: Any, convs: list, max_len: int) -> list[Any]:
+    """fp32 logits ``[positions, vocab]`` of each conversation at its ``parity.answer_positions``."""
+    import torch
+
+    from qatforge.chat import IGNORE_INDEX, encode_for_training
+    from qatforge.parity import answer_positions
+
+    out = []
+    with torch.no_grad():
+        for c in convs:
+            e = encode_for_training(tok, c, max_len)
+            pos = torch.as_tensor(answer_positions([lab != IGNORE_INDEX for lab in e["labels"]]))
+            out.append(model(input_ids=torch.tensor([e["input_ids"]])).logits[0].float()[pos])
+    return out
+
+
+def _teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: list[Any]) -> float:
+    """Mean KL(teacher ‖ model) over the answer positions of ``convs``."""
+    import torch
+
+    total, n = 0.0, 0
+    for t, s in zip(teacher, answer_logits(model, tok, convs, max_len)):
+        lt, ls = t.double().log_softmax(-1), s.double().log_softmax(-1)
+        total += float((lt.exp() * (lt - ls)).sum())
+        n += len(t)
+    return total / max(n, 1)
+
+
+def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int, max_new_tokens: int,
+           teacher: list[Any] | None = None) -> dict:
     from qatforge.chat import hf_exact_match, hf_nll
 
     t0 = time.perf_counter()
+    extra = {TEACHER_METRIC: _teacher_kld(model, tok, convs, max_len, teacher)} if teacher is not None else {}
     loss = hf_nll(model, tok, convs, max_len)
     acc, correct, _ = hf_exact_match(model, tok, prompts, max_new_tokens)
     tasks: dict[str, list[bool]] = {}
@@ -83,6 +116,7 @@ def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int,
         "eval_loss": loss,
         "accuracy": acc,
         "per_task": {t: sum(v) / len(v) for t, v in sorted(tasks.items())},
+        **extra,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -98,6 +132,8 @@ def select_best(
     n_prompts: int = 100,
     max_new_tokens: int = 24,
     qat_scheme: str | None = None,
+    qat_mode: str | None = None,
+    step0: bool = False,
     n_eval: int | None = None,
     max_len: int = 256,
     threads: int | None = None,
@@ -110,8 +146,12 @@ def select_best(
     exact match on the prompts of the first ``n_prompts`` of them; a dev split smaller than
     ``n_prompts`` gives all its conversations (the number used is recorded as ``n_prompts``).
     The test split is never read here. QAT runs are scored as they trained: with the scheme's
-    fake quantization on the base weights. The base model (adapters disabled) is scored too, for
-    reference. Returns the record written.
+    fake quantization in ``qat_mode`` (None: ``TrainSettings``' default). The base model (adapters
+    disabled) is scored too, for reference; with ``step0`` (a distilled QAT run, whose base is the
+    teacher) it is a candidate, ``checkpoint: null``: fake-quantized, it is PTQ of the teacher.
+    Such a run is selected by ``teacher_kld`` (dev KLD to the teacher at the answer positions,
+    whatever ``metric`` says): the checkpoint that gets furthest below PTQ.
+    Returns the record written.
     """
     import torch
     from peft import PeftModel
@@ -119,7 +159,7 @@ def select_best(
     from qatforge.data import prompts_from_parquet, read_conversations
     from qatforge.io import write_json
     from qatforge.model import load_causal_lm, load_tokenizer
-    from qatforge.qat import prepare_qat
+    from qatforge.train import TrainSettings, apply_qat
 
     if metric not in METRICS:
         raise SelectError(f"unknown select metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -141,6 +181,9 @@ def select_best(
             f"{n_prompts}: selecting on all {len(prompts)}")
 
     base = load_causal_lm(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    teacher = answer_logits(base.eval(), tok, convs, max_len) if step0 else None
+    if step0:
+        metric = TEACHER_METRIC
     model = None
     candidates = []
     for i, (step, path) in enumerate(ckpts):
@@ -148,21 +191,24 @@ def select_best(
         if model is None:
             model = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=False)
             if qat_scheme:
-                prepare_qat(model, qat_scheme, log=log)
+                apply_qat(model, TrainSettings(qat_scheme=qat_scheme, qat_mode=qat_mode or TrainSettings.qat_mode), log)
         else:
             model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.set_adapter(name)
         model.eval()
-        scores = _score(model, tok, convs, prompts, max_len, max_new_tokens)
+        scores = _score(model, tok, convs, prompts, max_len, max_new_tokens, teacher)
         candidates.append({"step": step, "checkpoint": path.name, **scores})
-        log(f"{path.name}: eval_loss {scores['eval_loss']:.4f} accuracy {scores['accuracy']:.3f}")
+        log(f"{path.name}: eval_loss {scores['eval_loss']:.4f} accuracy {scores['accuracy']:.3f}"
+            + (f" teacher_kld {scores[TEACHER_METRIC]:.3g}" if teacher is not None else ""))
         if i:
             model.delete_adapter(f"step{ckpts[i - 1][0]}")
     with model.disable_adapter():
-        base_scores = _score(model, tok, convs, prompts, max_len, max_new_tokens)
+        base_scores = _score(model, tok, convs, prompts, max_len, max_new_tokens, teacher)
     log(f"base (adapters off{', fake-quantized' if qat_scheme else ''}): eval_loss "
         f"{base_scores['eval_loss']:.4f} accuracy {base_scores['accuracy']:.3f}")
 
+    if step0:
+        candidates.insert(0, {"step": 0, "checkpoint": None, **base_scores})
     best = choose(candidates, metric, pin)
     record = {
         "metric": metric,
@@ -176,6 +222,7 @@ def select_best(
         "candidates": candidates,
         "base": base_scores,
         "qat_scheme": qat_scheme,
+        "qat_mode": qat_mode if qat_scheme else None,
         "scored_with_fake_quant": bool(qat_scheme),
         "n_prompts": len(prompts),
         "n_prompts_asked": n_prompts,
@@ -186,16 +233,18 @@ def select_best(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     write_json(out_json, record)
-    log(f"selected {best['checkpoint']} by {metric}" + (" (pinned)" if pin is not None else "")
+    log(f"selected {best['checkpoint'] or 'step 0 (the teacher, zero adapter)'} by {metric}" + (" (pinned)" if pin is not None else "")
         + f": accuracy {best['accuracy']:.3f}, eval_loss {best['eval_loss']:.4f}")
     return record
 
 
-def best_checkpoint_dir(best_json: str | os.PathLike, checkpoints_dir: str | os.PathLike) -> Path:
-    """The adapter directory a ``best.json`` chose."""
+def best_checkpoint_dir(best_json: str | os.PathLike, checkpoints_dir: str | os.PathLike) -> Path | None:
+    """The adapter directory a ``best.json`` chose; None when it chose step 0 (no adapter)."""
     from qatforge.io import read_json
 
     rec = read_json(best_json)
+    if rec["selected"] is None:
+        return None
     path = Path(checkpoints_dir) / rec["selected"]
     if not (path / "adapter_config.json").is_file():
         raise SelectError(f"{best_json} chose {rec['selected']}, but {path} holds no adapter")

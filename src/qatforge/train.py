@@ -54,6 +54,11 @@ class TrainSettings:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     qat_scheme: str | None = None
+    qat_mode: str = "merged"  # merged: fq(W + s·B·A) (qatforge.qat_lora); unsloth: fq(W) + s·B·A
+    distill: bool = False  # the base is the teacher's merged model; loss as qatforge.distill
+    kd_alpha: float = 0.9
+    kd_temperature: float = 1.0
+    kd_positions: str = "all"
     seed: int = 1234
     threads: int = 2
     max_len: int = 256
@@ -81,6 +86,16 @@ class TrainSettings:
             from qatforge.qat_schemes import canonical
 
             self.qat_scheme = canonical(self.qat_scheme)
+        from qatforge.distill import POSITIONS
+        from qatforge.qat_lora import MODES
+
+        if self.qat_mode not in MODES:
+            raise ValueError(f"qat.mode {self.qat_mode!r} is not one of {', '.join(MODES)}")
+        if self.kd_positions not in POSITIONS:
+            raise ValueError(f"qat.kd_positions {self.kd_positions!r} is not one of {', '.join(POSITIONS)}")
+        if not (0.0 <= self.kd_alpha <= 1.0) or not self.kd_temperature > 0:
+            raise ValueError(f"qat.kd_alpha must be in [0, 1] and qat.kd_temperature > 0, got "
+                             f"{self.kd_alpha!r}, {self.kd_temperature!r}")
 
     @classmethod
     def from_config(cls, train: Mapping[str, Any], **extra: Any) -> "TrainSettings":
@@ -327,7 +342,6 @@ def _setup_hf(base_dir: Path, settings: TrainSettings, log: Callable[[str], None
     from transformers import set_seed
 
     from qatforge.model import load_causal_lm, load_tokenizer
-    from qatforge.qat import prepare_qat
 
     dtype, _ = _dtype_for_device()
     tok = load_tokenizer(base_dir)
@@ -335,15 +349,28 @@ def _setup_hf(base_dir: Path, settings: TrainSettings, log: Callable[[str], None
     model.config.use_cache = False
     set_seed(settings.seed)
     model = get_peft_model(model, _lora_config(settings))
-    n_fq = prepare_qat(model, settings.qat_scheme, log=log) if settings.qat_scheme else 0
-    return model, tok, n_fq
+    return model, tok, apply_qat(model, settings, log)
+
+
+def apply_qat(model: Any, settings: TrainSettings, log: Callable[[str], None]) -> int:
+    """Prepare a PEFT model for the run's QAT (``settings.qat_mode``); the number of fake-quantized modules."""
+    from qatforge.merge import STORAGE_DTYPE
+    from qatforge.qat import prepare_qat
+    from qatforge.qat_lora import prepare_merged_qat
+
+    if not settings.qat_scheme:
+        return 0
+    if settings.qat_mode == "merged":
+        info = prepare_merged_qat(model, settings.qat_scheme, storage_dtype=STORAGE_DTYPE, log=log)
+        return len(info["merged_linears"]) + info["fake_quantized_other"]
+    return prepare_qat(model, settings.qat_scheme, log=log)
 
 
 def _setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], None]) -> tuple[Any, Any, int]:
     """Unsloth's FastLanguageModel path (not run in CI here: needs unsloth, normally a CUDA GPU)."""
     from unsloth import FastLanguageModel  # must come before transformers/trl patch points are used
 
-    from qatforge.qat import count_fake_quantized, prepare_qat
+    from qatforge.qat import count_fake_quantized
     from qatforge.qat_schemes import UNSLOTH_SCHEMES
 
     dtype, _ = _dtype_for_device()
@@ -355,7 +382,9 @@ def _setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str],
         full_finetuning=False,
         trust_remote_code=False,
     )
-    unsloth_scheme = settings.qat_scheme if settings.qat_scheme in UNSLOTH_SCHEMES else None
+    # merged mode: Unsloth's PEFT model gets the same merged-forward modules as the hf backend
+    unsloth_scheme = (settings.qat_scheme if settings.qat_scheme in UNSLOTH_SCHEMES and settings.qat_mode == "unsloth"
+                      else None)
     model = FastLanguageModel.get_peft_model(
         model,
         r=settings.lora_r,
@@ -371,9 +400,10 @@ def _setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str],
     )
     n_fq = count_fake_quantized(model)
     if settings.qat_scheme and n_fq == 0:
-        log(f"unsloth applied no fake quantization for qat_scheme={settings.qat_scheme!r} "
-            "(it drops qat_scheme on CPU and knows no explicit specs): applying the torchao preparation")
-        n_fq = prepare_qat(model, settings.qat_scheme, log=log)
+        if settings.qat_mode == "unsloth":
+            log(f"unsloth applied no fake quantization for qat_scheme={settings.qat_scheme!r} "
+                "(it drops qat_scheme on CPU and knows no explicit specs): applying the torchao preparation")
+        n_fq = apply_qat(model, settings, log)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok, n_fq
@@ -459,7 +489,20 @@ def build_trainer(
         remove_unused_columns=True,
         save_safetensors=True,
     )
-    trainer = SFTTrainer(
+    trainer_cls, extra = SFTTrainer, {}
+    if settings.distill:
+        from qatforge.distill import kd_trainer_class
+        from qatforge.model import load_causal_lm
+
+        teacher = load_causal_lm(base_dir, dtype=_dtype_for_device()[0]).eval()
+        teacher.requires_grad_(False)
+        trainer_cls = kd_trainer_class(SFTTrainer)
+        extra = {"teacher": teacher, "alpha": settings.kd_alpha, "temperature": settings.kd_temperature,
+                 "positions": settings.kd_positions}
+        log(f"distilling from the teacher {base_dir} (alpha {settings.kd_alpha}, T {settings.kd_temperature}, "
+            f"{settings.kd_positions} positions); the student starts from it with a zero adapter")
+    trainer = trainer_cls(
+        **extra,
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),

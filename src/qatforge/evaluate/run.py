@@ -102,8 +102,12 @@ def evaluate_runtime(
     max_new_tokens: int,
     thresholds: Mapping[str, Any] | None,
     test_parquet: str | Path | None = None,
+    baseline_ref: Reference | None = None,
 ) -> dict[str, Any]:
     """The parity and quality measurements shared by every runtime (not load time, size, RSS, speed).
+
+    ``baseline_ref`` (a QAT run's artifacts: the baseline run's reference, on the same test ids)
+    adds ``vs_baseline_*``: KLD / top-1 against the baseline merged model, per conversation too.
 
     ``test_parquet``, when given, must be the test split the reference was built from. A
     ``formats.REFERENCE_ONLY`` row (the base model) gets every metric but no parity verdict:
@@ -135,6 +139,14 @@ def evaluate_runtime(
     # NLL sums and counts are for bootstrap CIs over conversations
     out.update(compare_answers(ref.nll_logits, test_logits, ref.nll_ids, ref.nll_mask))
     out["ppl"] = math.exp(out["nll"])
+    if baseline_ref is not None:
+        same = len(baseline_ref.nll_ids) == len(ref.nll_ids) and all(
+            np.array_equal(a, b) for a, b in zip(baseline_ref.nll_ids, ref.nll_ids))
+        if not same:
+            raise ValueError("the baseline reference's test conversations tokenize differently from this run's: "
+                             "QAT and baseline runs must share the tokenizer and the test split")
+        vs = compare_answers(baseline_ref.nll_logits, test_logits, ref.nll_ids, ref.nll_mask)
+        out.update({f"vs_baseline_{k}": vs[k] for k in ("kld_mean", "top1_agree", "per_seq_kld_sum")})
     out["ref_accuracy"] = ref.meta.get("accuracy")
     out["ref_nll"] = ref.meta.get("nll")
 
@@ -209,9 +221,13 @@ def run_eval(
     speed_repeats: int = 3,
     thresholds: Mapping[str, Any] | None = None,
     record_errors: bool = False,
+    baseline_reference: str | Path | None = None,
+    baseline_run: str | None = None,
+    qat_mode: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one artifact with its own runtime and write ``out_json`` (atomically).
 
+    ``baseline_reference`` (QAT runs): the reference of ``baseline_run``, for ``vs_baseline_*``.
     With ``record_errors`` a failing evaluation still writes a row (metrics NaN, parity_pass
     false, the error in ``failures``) so that the report lists it instead of stopping the run.
     """
@@ -240,6 +256,7 @@ def run_eval(
         result = evaluate_runtime(
             rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
             thresholds=dict(thresholds) if thresholds else None, test_parquet=test_parquet,
+            baseline_ref=load(baseline_reference) if baseline_reference else None,
         )
         result.update(load_s=load_s, **about)
 
@@ -260,7 +277,8 @@ def run_eval(
     # the whole process's peak: the mark restarted with the speed pass (and the kernel's count is approximate)
     peak = float(np.nanmax([parity_peak, peak_rss_mb(), result.get("speed_rss_mb", math.nan)]))
     result.update(
-        run=run, qat_scheme=qat_scheme, format=format, variant=variant, threads=threads,
+        run=run, qat_scheme=qat_scheme, qat_mode=qat_mode, baseline_run=baseline_run,
+        format=format, variant=variant, threads=threads,
         artifact=str(artifact), size_mb=size_mb(artifact), peak_rss_mb=peak,
         **provenance(artifact),
     )

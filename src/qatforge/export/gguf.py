@@ -118,6 +118,36 @@ def tensor_type_histogram(gguf_file: str | os.PathLike) -> dict[str, int]:
     return dict(sorted(hist.items()))
 
 
+def tensor_types(gguf_file: str | os.PathLike) -> dict[str, str]:
+    """``{tensor name: ggml type}`` of every tensor in ``gguf_file``."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(gguf_file)).tensors}
+
+
+# HF projection names → llama.cpp tensor names (blk.<i>.<name>.weight), for GGUF-targeted QAT runs.
+GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def check_trained_types(tensors: Mapping[str, str], qtype: str, target_modules: Iterable[str]) -> dict[str, Any]:
+    """That every tensor a GGUF-targeted QAT run trained under ``qtype``'s fake quantizer (the LoRA
+    projections and ``token_embd``) is stored as ``qtype``; returns ``{trained, other, unmapped}``.
+    Raises ``ValueError`` naming the tensors written in another type."""
+    names = {GGUF_PROJECTIONS[t] for t in target_modules if t in GGUF_PROJECTIONS}
+    unmapped = sorted(t for t in target_modules if t not in GGUF_PROJECTIONS)
+    trained = sorted(n for n in tensors if n == "token_embd.weight"
+                     or (n.startswith("blk.") and n.endswith(".weight") and n.split(".")[2] in names))
+    wrong = {n: tensors[n] for n in trained if tensors[n] != qtype}
+    if wrong:
+        raise ValueError(f"tensors trained under the {qtype} fake quantizer were written as another type: "
+                         + ", ".join(f"{n}={t}" for n, t in sorted(wrong.items())[:8]))
+    if not trained:
+        raise ValueError(f"no tensor of the file matches the run's LoRA targets {sorted(target_modules)}")
+    other = {n: t for n, t in tensors.items() if n not in trained and t not in ("F32",)}
+    return {"type": qtype, "trained": trained, "other": other, "unmapped_targets": unmapped}
+
+
 def find_fallbacks(gguf_file: str | os.PathLike, qtype: str) -> list[dict[str, Any]]:
     """Tensors of a ``qtype`` file that llama.cpp demoted because their rows do not fit the block size.
 
@@ -385,6 +415,7 @@ def quantize(
         out = _run_tool(cmd, log, cwd=imatrix.parent if imatrix is not None else None,
                         what=f"llama-quantize {src_gguf.name} -> {qtype}")
         hist = tensor_type_histogram(tmp)
+        by_name = tensor_types(tmp)
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
         fallbacks = _logged_fallbacks(out)
         seen = {f["tensor"] for f in fallbacks}
@@ -402,9 +433,10 @@ def quantize(
     src_source = dict(source) if source else _record_source(src_gguf)
     src_source.setdefault("gguf", src_gguf.name)
     record = write_export_record(out_file, source=src_source, tool=tool_info() | {"executable": cmd[0]},
-                                 settings=settings, started=started, tensor_types=hist, fallbacks=fallbacks)
+                                 settings=settings, started=started, tensor_types=hist, fallbacks=fallbacks,
+                                 tensors=by_name)
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.2f} MiB) tensor types {hist}")
-    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"], "tensors": by_name}
 
 
 # --------------------------------------------------------------------------- importance matrix

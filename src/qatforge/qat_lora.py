@@ -1,0 +1,192 @@
+"""Merge-exact LoRA QAT (``qat.mode: merged``): train against the weight that ships.
+
+Unsloth-style QAT (``qat.mode: unsloth``, :func:`qatforge.qat.prepare_qat`) fake-quantizes only
+the frozen base weight and runs the LoRA branch in full precision, ``fq(x)·fq(W)ᵀ + s·B·A·x``;
+the exporter then quantizes ``W + s·B·A`` on a grid the adapter never saw. Here every
+LoRA-targeted linear computes
+
+    y = fq_act(x) · fq_w(round(W + s·B·A))ᵀ + bias
+
+where ``s·B·A`` is peft's own ``get_delta_weight`` (what ``merge_and_unload`` adds), ``round`` is
+the cast to the dtype the merged checkpoint stores (``merge.STORAGE_DTYPE``), and ``fq_w`` /
+``fq_act`` are torchao's fake quantizers built from the same torchao config the export quantizes
+with (``torchao.quantization.qat.fake_quantize_config._infer_fake_quantize_configs``, which
+``QATConfig(step="prepare")`` uses). Gradients reach A and B through straight-through estimators
+(torchao's rounding and an identity-gradient dtype cast). Frozen weights that the scheme
+quantizes outside the adapters (LM head, embedding) are rounded to the storage dtype in place, so
+their torchao fake quantizers see the merged checkpoint's values too.
+
+The forward is patched on peft's ``lora.Linear`` instances (parameter names, and so saved
+adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable
+
+MODES = ("merged", "unsloth")
+
+
+def _round_ste(dtype: Any) -> Callable[[Any], Any]:
+    """Cast to ``dtype`` and back in the forward, identity gradient in the backward."""
+    import torch
+
+    class RoundToStorage(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.to(dtype).to(w.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    return RoundToStorage.apply
+
+
+def _gguf_fake_quant(qtype: str) -> Any:
+    """A module applying ``gguf_fake_quant.fake_quantize(x, qtype)`` along the last dimension."""
+    import torch
+
+    from qatforge.gguf_fake_quant import fake_quantize
+
+    class GGUFFakeQuantizer(torch.nn.Module):
+        def forward(self, x):
+            return fake_quantize(x, qtype)
+
+        def extra_repr(self) -> str:
+            return qtype
+
+    return GGUFFakeQuantizer()
+
+
+def fake_quantizers(scheme: str) -> tuple[Any | None, Any]:
+    """``(activation_fq | None, weight_fq)`` modules of ``scheme``'s linears: torchao's own, as its QAT
+    builds them from the scheme's config, or for a GGUF scheme llama.cpp's weight type with Q8_0
+    activations (what ggml's CPU ``vec_dot`` quantizes the activations to for Q4_0 and Q8_0 weights)."""
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    from qatforge.qat import scheme_config
+    from qatforge.qat_schemes import gguf_type
+
+    t = gguf_type(scheme)
+    if t:
+        return _gguf_fake_quant("Q8_0"), _gguf_fake_quant(t)
+
+    cfg, _, _ = scheme_config(scheme)
+    act_cfg, w_cfg = _infer_fake_quantize_configs(cfg)
+    act = FakeQuantizerBase.from_config(act_cfg) if act_cfg is not None else None
+    return act, FakeQuantizerBase.from_config(w_cfg)
+
+
+def merged_weight(layer: Any, round_fn: Callable[[Any], Any]) -> Any:
+    """``round(W + Σ s·B·A)`` of a peft ``lora.Linear`` over its active adapters (differentiable in A, B)."""
+    w = layer.get_base_layer().weight
+    if not layer.disable_adapters:
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                w = w + layer.get_delta_weight(name)
+    return round_fn(w)
+
+
+def _weight_key(layer: Any) -> tuple:
+    """Identity and in-place version of everything the fake-quantized merged weight depends on."""
+    parts = [layer.disable_adapters, tuple(layer.active_adapters)]
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                parts += [id(p), p._version]
+    w = layer.get_base_layer().weight
+    return (*parts, id(w), w._version)
+
+
+def _forward(self, x, *args, **kwargs):
+    import torch
+    import torch.nn.functional as F
+
+    base = self.get_base_layer()
+    if torch.is_grad_enabled():
+        self._qat_cache = None
+        w = self._qat_weight_fq(merged_weight(self, self._qat_round))
+    else:  # inference (selection, generation): quantize the merged weight once per adapter state
+        key = _weight_key(self)
+        cached = getattr(self, "_qat_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._qat_weight_fq(merged_weight(self, self._qat_round)))
+            self._qat_cache = cached
+        w = cached[1]
+    if self._qat_act_fq is not None:
+        x = self._qat_act_fq(x)
+    return F.linear(x.to(w.dtype), w, base.bias)
+
+
+def lora_linears(model: Any) -> dict[str, Any]:
+    """``{fqn: peft lora.Linear}`` of a PEFT model."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def prepare_merged_qat(
+    model: Any, scheme: str, *, storage_dtype: str, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Make ``model`` (PEFT-wrapped) train merge-exact under ``scheme``; returns what was prepared.
+
+    LoRA-targeted linears get the merged forward (their ``in_features`` must be a multiple of the
+    scheme's group size); the scheme's other modules (LM head, embedding) get torchao's usual
+    fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme the input
+    embedding (frozen) is replaced by its llama.cpp round trip in the scheme's type, which is what
+    ``llama-quantize`` writes for ``token_embd`` (and what a tied output uses); an untied LM head is
+    left as it is (llama-quantize stores it as Q6_K, not simulated). LoRA dropout must be 0 (there
+    is no dropout inside a merged weight).
+    """
+    import torch
+
+    from qatforge.qat import QATError, _hf_model, count_fake_quantized, parse_scheme, prepare_qat
+
+    s = parse_scheme(scheme)
+    dtype = getattr(torch, storage_dtype)
+    round_fn = _round_ste(dtype)
+    layers = lora_linears(model)
+    if not layers:
+        raise QATError("qat.mode merged: the model has no LoRA linear layers")
+    group = s.group_size or 1
+    bad = [n for n, m in layers.items() if m.get_base_layer().in_features % group]
+    if bad:
+        raise QATError(f"qat.mode merged: in_features of {bad[:5]} is not a multiple of the {s.name} group size {group}")
+    for name, m in layers.items():
+        drop = [d for d in m.lora_dropout.values() if not isinstance(d, torch.nn.Identity)]
+        if drop:
+            raise QATError(f"qat.mode merged needs train.lora.dropout 0 ({name} has LoRA dropout)")
+        act, wfq = fake_quantizers(s.name)
+        m._qat_act_fq, m._qat_weight_fq, m._qat_round = act, wfq, round_fn
+        m.forward = types.MethodType(_forward, m)
+    lora_bases = {f"{n}.base_layer" for n in layers}
+    lora_weights = {id(m.get_base_layer().weight) for m in layers.values()}
+    # Every other frozen parameter is rounded now to what merge stores (it never changes); the
+    # LoRA base weights stay as they are, since merge rounds W + s·B·A once.
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and id(p) not in lora_weights and p.is_floating_point():
+                p.data = p.data.to(dtype).to(p.dtype)
+    from qatforge.qat_schemes import gguf_type
+
+    t = gguf_type(s.name)
+    if t:
+        from qatforge.gguf_fake_quant import dequantized
+
+        emb = _hf_model(model).get_input_embeddings()
+        with torch.no_grad():
+            emb.weight.data = dequantized(emb.weight.data, t).to(emb.weight.dtype)
+        others = 1
+    else:
+        before = count_fake_quantized(model)
+        prepare_qat(model, s.name, log=None, skip=lambda fqn: fqn in lora_bases, require=False)
+        others = count_fake_quantized(model) - before
+    info = {"mode": "merged", "scheme": s.name, "storage_dtype": storage_dtype,
+            "merged_linears": sorted(layers), "fake_quantized_other": others}
+    if log:
+        log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
+            f"{others} other modules fake-quantized by torchao")
+    return info
