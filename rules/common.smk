@@ -10,7 +10,7 @@ from qatforge.qat_schemes import detect_cuda_capability
 
 qcfg.check(config, workflow.basedir, cuda_capability=detect_cuda_capability())
 
-MODEL = config["model"]["name"]
+MODEL = qcfg.model_name(config, workflow.basedir)
 OUTTYPE = qcfg.outtype_name(config)
 RUNS = qcfg.runs(config)
 QUANTS = list(config["gguf"]["quants"])
@@ -121,7 +121,8 @@ def trained_targets(wildcards):
     """The LoRA targets of a GGUF-targeted QAT run for the quant of its type (checked as trained), else []."""
     if qcfg.matched_gguf_quant(config, wildcards.run) != wildcards.quant:
         return []
-    return sorted(qcfg.train_settings(config, wildcards.run)["lora"]["target_modules"])
+    targets = qcfg.train_settings(config, wildcards.run)["lora"]["target_modules"]
+    return targets if isinstance(targets, str) else sorted(targets)
 
 
 def maybe_temp(path):

@@ -259,3 +259,18 @@ def test_pre_tokenizer_must_be_one_llama_cpp_knows(cfg):
     cfg["gguf"]["pre_tokenizer"] = "gpt2"  # llama.cpp spells it gpt-2
     msg = problems_of(cfg)
     assert "gguf.pre_tokenizer: 'gpt2' is not a pre-tokenizer llama.cpp knows" in msg and "gpt-2" in msg
+
+
+def test_model_name_falls_back_to_the_base(cfg, tmp_path):
+    assert qcfg.model_name(cfg) == "TinyQwen3"  # set in the default config
+    cfg["model"]["name"] = None
+    assert qcfg.model_name(cfg) == qcfg.BUILTIN_NAME
+    d = tmp_path / "models" / "Llama 3.2 1B"
+    d.mkdir(parents=True)
+    cfg["model"]["base"] = str(d)
+    assert qcfg.model_name(cfg) == "Llama-3.2-1B"  # the directory name, made file-name safe
+    (d / "config.json").write_text(json.dumps({"_name_or_path": "Qwen/Qwen3-0.6B"}))
+    assert qcfg.model_name(cfg) == "Qwen3-0.6B"
+    cfg["model"]["base"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id
+    assert qcfg.model_name(cfg) == "SmolLM2-135M-Instruct"
+    validate({**cfg, "model": {**cfg["model"], "name": None}}, SCHEMA)

@@ -259,3 +259,29 @@ def test_qat_convert_saves_reloads_and_generates(tiny, tmp_path, scheme):
         gen = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                          pad_token_id=tok.pad_token_id)
     assert gen.shape[1] > ids.shape[1]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-int4"])
+def test_tied_embeddings_are_untied_explicitly_and_reload(tiny, tmp_path, scheme):
+    """Tied input/output embeddings (Qwen3-0.6B, Llama-3.2, Gemma, SmolLM2): the quantized LM head
+    gets its own weight, the saved config says so, and the reload has the same quantized modules."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qatforge import qat
+    from qatforge.io import read_json
+
+    d, tok = tiny
+    m = AutoModelForCausalLM.from_pretrained(d, tie_word_embeddings=True)
+    m.tie_weights()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    src = tmp_path / "tied"
+    m.save_pretrained(src)
+    tok.save_pretrained(src)
+    info = qat.qat_convert(src, tmp_path / "out", scheme, log=None)
+    assert info["untied_embeddings"] is True
+    assert read_json(tmp_path / "out" / "config.json")["tie_word_embeddings"] is False
+    re = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert "lm_head" in qat.quantized_modules(re)
+    with torch.no_grad():
+        assert torch.isfinite(re(input_ids=_ids(tok)).logits).all()

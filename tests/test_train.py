@@ -83,10 +83,30 @@ def test_train_writes_checkpoints_state_and_loss_csv(env, baseline):
 
 def test_qat_training_fake_quantizes(env):
     summary, msgs = _run(env, "qat", max_steps=2, save_steps=2, qat_scheme="phone-deployment")
-    assert summary["fake_quantized_modules"] == 9
+    # merge-exact (the default): the 7 LoRA linears, plus torchao's lm_head and embedding
+    assert summary["fake_quantized_modules"] == 9 and summary["settings"]["qat_mode"] == "merged"
     assert summary["settings"]["qat_scheme"] == "int8-int4"
-    assert any("9 modules fake-quantized" in m for m in msgs)
+    assert any("7 LoRA linears fake-quantize round(W + s·B·A)" in m for m in msgs)
     assert (env / "qat" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    summary, msgs = _run(env, "qat_unsloth", max_steps=2, save_steps=2, qat_scheme="int8-int4", qat_mode="unsloth")
+    assert summary["fake_quantized_modules"] == 9 and any("9 modules fake-quantized" in m for m in msgs)
+
+
+def test_distilled_qat_starts_at_the_teacher(env, baseline):
+    """Distillation with kd_alpha 1: the student is the teacher plus a zero adapter, so the first
+    loss is only the quantization's KL, far below the cross-entropy a fine-tune starts from."""
+    summary, msgs = _run(env, "qat_kd", max_steps=2, save_steps=2, qat_scheme="int8-int4", distill=True, kd_alpha=1.0)
+    assert any("distilling from the teacher" in m for m in msgs)
+    first = [float(r["loss"]) for r in csv.DictReader(open(env / "qat_kd" / "loss.csv"))][0]
+    ce = [float(r["loss"]) for r in csv.DictReader(open(env / "baseline" / "loss.csv"))][0]
+    assert 0 < first < 0.05 * ce
+    assert summary["adapted_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_lora_target_that_matches_nothing_fails_before_training(env):
+    with pytest.raises(T.TrainingError, match=r"\['qkv_proj'\] match no module.*'q_proj'"):
+        _run(env, "bad_targets", target_modules=("q_proj", "qkv_proj"))
+    assert not (env / "bad_targets").exists()
 
 
 def test_trainer_keeps_assistant_only_labels(env):
@@ -263,7 +283,11 @@ def test_settings_from_config_and_backend():
     s = T.TrainSettings.from_config(qcfg.train_settings(cfg, "qat-int8-int4"), threads=2, max_len=256)
     assert (s.lora_r, s.lora_alpha, s.lora_dropout) == (16, 32, 0.0)
     assert s.target_modules == T.DEFAULT_TARGETS and s.qat_scheme == "int8-int4" and s.seed == cfg["seed"]
-    assert s.max_steps == cfg["train"]["max_steps"] and s.lr == cfg["train"]["lr"]
+    # the QAT run's own overrides: 120 steps at lr 1e-4, distilled, merge-exact
+    assert s.max_steps == cfg["runs"]["qat-int8-int4"]["train"]["max_steps"] and s.lr == 1e-4
+    assert s.distill and s.qat_mode == "merged"
+    b = T.TrainSettings.from_config(qcfg.train_settings(cfg, "baseline"))
+    assert b.max_steps == cfg["train"]["max_steps"] and b.lr == cfg["train"]["lr"] and not b.distill
     with pytest.raises(ValueError, match="train.batch_size"):
         T.TrainSettings(batch_size=0)
     assert T.resolve_backend("hf") == "hf"

@@ -23,6 +23,26 @@ class ConfigError(ValueError):
     """A config problem, with the offending key in the message."""
 
 
+BUILTIN_NAME = "TinyQwen3"
+
+
+def model_name(config: dict, workdir: str | Path = ".") -> str:
+    """``model.name``, or when unset a file-name-safe name from the base: ``TinyQwen3`` for the
+    builtin, else its ``config.json`` ``_name_or_path`` (last component) or its directory / hub name."""
+    if config["model"].get("name"):
+        return config["model"]["name"]
+    base = config["model"]["base"]
+    if base.startswith(BUILTIN_PREFIX):
+        return BUILTIN_NAME
+    path = Path(base) if Path(base).is_absolute() else Path(workdir) / base
+    raw = ""
+    if (path / "config.json").is_file():
+        raw = str(json.loads((path / "config.json").read_text()).get("_name_or_path") or "")
+    raw = (raw or base).rstrip("/").replace("\\", "/").split("/")[-1]
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", raw).strip(".-")[:64] or "model"
+    return name if SAFE_NAME.match(name) else "model"
+
+
 def outtype_name(config: dict) -> str:
     """The GGUF variant name of the unquantized conversion, e.g. ``BF16``."""
     return config["gguf"]["outtype"].upper()
@@ -217,7 +237,7 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
 def _check_gguf(config: dict) -> list[str]:
     from qatforge.export.gguf import check_quant
 
-    from qatforge.llamacpp import known_pre_tokenizers
+    from qatforge.llamacpp_paths import known_pre_tokenizers
 
     g = config["gguf"]
     problems = []

@@ -29,17 +29,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-ENV_DIR = "QATFORGE_LLAMA_CPP_DIR"
+from qatforge.llamacpp_paths import (  # noqa: F401  (re-exported)
+    ENV_DIR,
+    PRE_TOKENIZERS,
+    known_pre_tokenizers,
+    pre_tokenizer_names,
+    share_dir,
+)
+
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
 SOURCE_INFO = "source.json"
-PRE_TOKENIZERS = "pre_tokenizers.json"  # the names llama.cpp's loader accepts (src/llama-vocab.cpp)
 _HINT = "run `make install` (it unpacks llama.cpp from the pinned llama-cpp-python sdist)"
-
-
-def share_dir() -> Path:
-    """Directory holding the vendored converter: ``$QATFORGE_LLAMA_CPP_DIR`` or ``<sys.prefix>/share/llama.cpp``."""
-    env = os.environ.get(ENV_DIR)
-    return Path(env) if env else Path(sys.prefix) / "share" / "llama.cpp"
 
 
 def find_converter() -> Path:
@@ -54,22 +54,6 @@ def find_converter() -> Path:
             f" (or set {ENV_DIR} to a llama.cpp checkout)"
         )
     return script
-
-
-def pre_tokenizer_names(vocab_cpp: str | os.PathLike) -> list[str]:
-    """The ``tokenizer.ggml.pre`` names llama.cpp's loader accepts, read from its ``llama-vocab.cpp``
-    (every ``tokenizer_pre == "<name>"`` comparison)."""
-    text = Path(vocab_cpp).read_text(encoding="utf-8")
-    names = sorted(set(re.findall(r'tokenizer_pre\s*==\s*"([^"]+)"', text)))
-    if not names:
-        raise ValueError(f"{vocab_cpp}: no pre-tokenizer names found")
-    return names
-
-
-def known_pre_tokenizers() -> list[str] | None:
-    """The installed llama.cpp's pre-tokenizer names (written by ``install``), None if not installed."""
-    path = share_dir() / PRE_TOKENIZERS
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def find_gguf_py() -> Path:

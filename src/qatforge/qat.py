@@ -209,7 +209,7 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
 
     Applies ``quantize_(model, cfg, filter)`` (see the module docstring for why not
     ``QATConfig(cfg, step="convert")``), untying the embedding first when the scheme quantizes
-    it. Returns ``{"scheme", "untied", "modules": {fqn: tensor class}}``; zero modules raises.
+    it or a tied LM head. Returns ``{"scheme", "untied", "modules": {fqn: tensor class}}``; zero modules raises.
     """
     from torchao.quantization import quantize_
 
@@ -222,9 +222,16 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     if count_fake_quantized(model):
         strip_fake_quant(model)
     cfg, emb_cfg, linear_filter = scheme_config(s.name)
+    hf = _hf_model(model)
+    head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight
     untied = False
-    if emb_cfg is not None:
+    # A tied LM head the scheme quantizes gets its own weight first, recorded in the config
+    # (tie_word_embeddings false): transformers would otherwise re-tie it to the float embedding
+    # when the checkpoint is loaded.
+    if emb_cfg is not None or (tied and linear_filter(head, "lm_head")):
         untied = untie_embeddings(model)
+    if emb_cfg is not None:
         quantize_(model, emb_cfg, filter_fn=_embedding_filter)
     quantize_(model, cfg, filter_fn=linear_filter)
     mods = quantized_modules(model)

@@ -101,13 +101,22 @@ def _teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: list[
     return total / max(n, 1)
 
 
+def _summary(scores: dict) -> str:
+    if TEACHER_METRIC in scores:
+        return f"eval_loss {scores['eval_loss']:.4f} {TEACHER_METRIC} {scores[TEACHER_METRIC]:.3g}"
+    return f"eval_loss {scores['eval_loss']:.4f} accuracy {scores['accuracy']:.3f}"
+
+
 def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int, max_new_tokens: int,
            teacher: list[Any] | None = None) -> dict:
     from qatforge.chat import hf_exact_match, hf_nll
 
     t0 = time.perf_counter()
-    extra = {TEACHER_METRIC: _teacher_kld(model, tok, convs, max_len, teacher)} if teacher is not None else {}
     loss = hf_nll(model, tok, convs, max_len)
+    if teacher is not None:  # selected on teacher_kld: no generation (the report has test accuracy)
+        return {"eval_loss": loss, "accuracy": None, "per_task": {},
+                TEACHER_METRIC: _teacher_kld(model, tok, convs, max_len, teacher),
+                "seconds": round(time.perf_counter() - t0, 2)}
     acc, correct, _ = hf_exact_match(model, tok, prompts, max_new_tokens)
     tasks: dict[str, list[bool]] = {}
     for row, ok in zip(prompts, correct):
@@ -116,7 +125,6 @@ def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int,
         "eval_loss": loss,
         "accuracy": acc,
         "per_task": {t: sum(v) / len(v) for t, v in sorted(tasks.items())},
-        **extra,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -198,14 +206,12 @@ def select_best(
         model.eval()
         scores = _score(model, tok, convs, prompts, max_len, max_new_tokens, teacher)
         candidates.append({"step": step, "checkpoint": path.name, **scores})
-        log(f"{path.name}: eval_loss {scores['eval_loss']:.4f} accuracy {scores['accuracy']:.3f}"
-            + (f" teacher_kld {scores[TEACHER_METRIC]:.3g}" if teacher is not None else ""))
+        log(f"{path.name}: {_summary(scores)}")
         if i:
             model.delete_adapter(f"step{ckpts[i - 1][0]}")
     with model.disable_adapter():
         base_scores = _score(model, tok, convs, prompts, max_len, max_new_tokens, teacher)
-    log(f"base (adapters off{', fake-quantized' if qat_scheme else ''}): eval_loss "
-        f"{base_scores['eval_loss']:.4f} accuracy {base_scores['accuracy']:.3f}")
+    log(f"base (adapters off{', fake-quantized' if qat_scheme else ''}): {_summary(base_scores)}")
 
     if step0:
         candidates.insert(0, {"step": 0, "checkpoint": None, **base_scores})
@@ -221,6 +227,7 @@ def select_best(
         "eval_loss": best["eval_loss"],
         "candidates": candidates,
         "base": base_scores,
+        "adapted_modules": _adapted(checkpoints_dir),
         "qat_scheme": qat_scheme,
         "qat_mode": qat_mode if qat_scheme else None,
         "scored_with_fake_quant": bool(qat_scheme),
@@ -234,8 +241,16 @@ def select_best(
     }
     write_json(out_json, record)
     log(f"selected {best['checkpoint'] or 'step 0 (the teacher, zero adapter)'} by {metric}" + (" (pinned)" if pin is not None else "")
-        + f": accuracy {best['accuracy']:.3f}, eval_loss {best['eval_loss']:.4f}")
+        + f": {_summary(best)}")
     return record
+
+
+def _adapted(checkpoints_dir: str | os.PathLike) -> list[str] | None:
+    """The modules the run's adapter wraps, as ``train.json`` recorded them."""
+    from qatforge.io import read_json
+
+    p = Path(checkpoints_dir) / "train.json"
+    return read_json(p).get("adapted_modules") if p.is_file() else None
 
 
 def best_checkpoint_dir(best_json: str | os.PathLike, checkpoints_dir: str | os.PathLike) -> Path | None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # peft's own option: every linear layer except the output head
+DEFAULT_TARGETS = ALL_LINEAR
 BACKENDS = ("auto", "hf", "unsloth")
 LOSS_CSV = "loss.csv"
 LOSS_FIELDS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "elapsed_s")
@@ -52,7 +53,7 @@ class TrainSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: str | tuple[str, ...] = DEFAULT_TARGETS
     qat_scheme: str | None = None
     qat_mode: str = "merged"  # merged: fq(W + s·B·A) (qatforge.qat_lora); unsloth: fq(W) + s·B·A
     distill: bool = False  # the base is the teacher's merged model; loss as qatforge.distill
@@ -74,7 +75,11 @@ class TrainSettings:
     eval_rows: int = 64  # eval-split rows scored at each checkpoint (0: none)
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules != ALL_LINEAR:
+            if isinstance(self.target_modules, str):
+                raise ValueError(f"train.lora.target_modules must be {ALL_LINEAR!r} or a list of names, "
+                                 f"got {self.target_modules!r}")
+            self.target_modules = tuple(self.target_modules)
         for name in ("max_steps", "save_steps", "batch_size", "grad_accum", "lora_r", "threads", "max_len"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -111,7 +116,7 @@ class TrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
+        d["target_modules"] = self.target_modules if self.target_modules == ALL_LINEAR else list(self.target_modules)
         return d
 
 
@@ -322,10 +327,29 @@ def _lora_config(settings: TrainSettings) -> Any:
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=settings.target_modules if settings.target_modules == ALL_LINEAR else list(settings.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def adapted_modules(model: Any, targets: str | tuple[str, ...]) -> list[str]:
+    """The module names (last path component) the adapter wraps; a listed target that matched no
+    module raises ``TrainingError`` naming it and the model's linear layers."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)})
+    if targets != ALL_LINEAR:
+        missing = sorted(set(targets) - set(wrapped))
+        if missing:
+            linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and "lora_" not in n})
+            raise TrainingError(f"train.lora.target_modules {missing} match no module of the model; its linear "
+                                f"layers are {linear} (or use {ALL_LINEAR!r})")
+    if not wrapped:
+        raise TrainingError(f"train.lora.target_modules {targets!r} adapted no module")
+    return wrapped
 
 
 def _dtype_for_device() -> tuple[Any, bool]:
@@ -349,6 +373,7 @@ def _setup_hf(base_dir: Path, settings: TrainSettings, log: Callable[[str], None
     model.config.use_cache = False
     set_seed(settings.seed)
     model = get_peft_model(model, _lora_config(settings))
+    log(f"LoRA adapts {adapted_modules(model, settings.target_modules)}")
     return model, tok, apply_qat(model, settings, log)
 
 
@@ -388,7 +413,7 @@ def _setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str],
     model = FastLanguageModel.get_peft_model(
         model,
         r=settings.lora_r,
-        target_modules=list(settings.target_modules),
+        target_modules=settings.target_modules if settings.target_modules == ALL_LINEAR else list(settings.target_modules),
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         bias="none",
@@ -398,6 +423,7 @@ def _setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str],
         loftq_config=None,
         qat_scheme=unsloth_scheme,
     )
+    log(f"LoRA adapts {adapted_modules(model, settings.target_modules)}")
     n_fq = count_fake_quantized(model)
     if settings.qat_scheme and n_fq == 0:
         if settings.qat_mode == "unsloth":
@@ -542,6 +568,7 @@ def _train_once(
         "seconds_per_step": round(seconds / steps_run, 4) if steps_run else None,
         "final_loss": result.training_loss if steps_run else None,
         "fake_quantized_modules": n_fq,
+        "adapted_modules": adapted_modules(trainer.model, settings.target_modules),
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
 

@@ -134,8 +134,9 @@ def check_trained_types(tensors: Mapping[str, str], qtype: str, target_modules: 
     """That every tensor a GGUF-targeted QAT run trained under ``qtype``'s fake quantizer (the LoRA
     projections and ``token_embd``) is stored as ``qtype``; returns ``{trained, other, unmapped}``.
     Raises ``ValueError`` naming the tensors written in another type."""
-    names = {GGUF_PROJECTIONS[t] for t in target_modules if t in GGUF_PROJECTIONS}
-    unmapped = sorted(t for t in target_modules if t not in GGUF_PROJECTIONS)
+    targets = list(GGUF_PROJECTIONS) if target_modules == "all-linear" else list(target_modules)
+    names = {GGUF_PROJECTIONS[t] for t in targets if t in GGUF_PROJECTIONS}
+    unmapped = sorted(t for t in targets if t not in GGUF_PROJECTIONS)
     trained = sorted(n for n in tensors if n == "token_embd.weight"
                      or (n.startswith("blk.") and n.endswith(".weight") and n.split(".")[2] in names))
     wrong = {n: tensors[n] for n in trained if tensors[n] != qtype}
@@ -143,7 +144,7 @@ def check_trained_types(tensors: Mapping[str, str], qtype: str, target_modules: 
         raise ValueError(f"tensors trained under the {qtype} fake quantizer were written as another type: "
                          + ", ".join(f"{n}={t}" for n, t in sorted(wrong.items())[:8]))
     if not trained:
-        raise ValueError(f"no tensor of the file matches the run's LoRA targets {sorted(target_modules)}")
+        raise ValueError(f"no tensor of the file matches the run's LoRA targets {targets}")
     other = {n: t for n, t in tensors.items() if n not in trained and t not in ("F32",)}
     return {"type": qtype, "trained": trained, "other": other, "unmapped_targets": unmapped}
 
