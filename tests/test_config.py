@@ -131,6 +131,22 @@ def test_model_base_missing_or_not_causal_lm(cfg, tmp_path):
     assert "is not a causal LM" in problems_of(cfg)
 
 
+def test_architecture_the_gguf_converter_lacks_is_refused_up_front(cfg, tmp_path):
+    """The names come from the installed convert_hf_to_gguf.py's ModelBase.register(...) calls."""
+    from qatforge.llamacpp_paths import known_architectures
+
+    known = known_architectures()
+    assert {"Qwen3ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"} <= set(known)
+    m = tmp_path / "lm"
+    m.mkdir()
+    (m / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"]}))
+    (m / "tokenizer_config.json").write_text(json.dumps({"chat_template": "x", "eos_token": "</s>"}))
+    cfg["model"]["base"] = str(m)
+    assert "llama.cpp's converter has no model class for ['MadeUpForCausalLM']" in problems_of(cfg)
+    (m / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    qcfg.check(cfg, ROOT)
+
+
 def test_tokenizer_without_chat_template_or_eos(cfg, tmp_path):
     m = tmp_path / "lm"
     m.mkdir()

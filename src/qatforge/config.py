@@ -184,6 +184,12 @@ def _check_base(config: dict, workdir: Path) -> list[str]:
     if not any(a.endswith("ForCausalLM") for a in archs):
         return [f"model.base: {base!r} is not a causal LM (architectures: {archs or 'none'})"]
     problems = []
+    from qatforge.llamacpp_paths import known_architectures
+
+    known = known_architectures()  # None before `make install`
+    if known is not None and not set(archs) & set(known):
+        problems.append(f"model.base: llama.cpp's converter has no model class for {archs} ({base!r}): its GGUF "
+                        "export would fail after training")
     tok_cfg = path / "tokenizer_config.json"
     tok = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
     if not (tok.get("chat_template") or (path / "chat_template.jinja").is_file()):

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from qatforge.llamacpp_paths import (  # noqa: F401  (re-exported)
+    ARCHITECTURES,
     ENV_DIR,
     PRE_TOKENIZERS,
+    converter_architectures,
     known_pre_tokenizers,
     pre_tokenizer_names,
     share_dir,
@@ -155,6 +157,7 @@ def install(sdist: str | os.PathLike, prefix: str | os.PathLike = sys.prefix,
             shutil.copy2(src / "LICENSE", tmp / "LICENSE")
         write_json(tmp / SOURCE_INFO, info)
         write_json(tmp / PRE_TOKENIZERS, pre_tokenizer_names(src / "src" / "llama-vocab.cpp"))
+        write_json(tmp / ARCHITECTURES, converter_architectures(tmp))
     if build is not None:
         _install_build(Path(build), prefix)
     return info
