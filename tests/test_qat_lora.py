@@ -221,3 +221,51 @@ def test_inference_cache_follows_adapter_updates(tiny):
     with model.disable_adapter():
         off = _logits(model, e)[0]
     assert not torch.equal(off, after)
+
+
+def _PureSTE(fq):
+    import torch
+
+    class PureSTE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fq = fq
+
+        def forward(self, w):
+            return w + (self.fq(w) - w).detach()
+
+    return PureSTE()
+
+
+@pytest.mark.parametrize("scheme", ["int8-int4", "gguf-q4_0"])
+def test_fast_gradients_equal_autograd_through_the_merged_weight(tiny, scheme, monkeypatch):
+    """The training path's hand-written A/B gradients equal autograd's through round(W + s·B·A)
+    with an identity straight-through estimator (the generic path, which multi-adapter layers take;
+    torchao's weight quantizer is wrapped as ``w + (fq(w) - w).detach()`` there, since its own
+    autograd also differentiates the absmax scale)."""
+    import torch
+
+    from qatforge import qat_lora
+    from qatforge.qat_lora import prepare_merged_qat
+
+    d, tok, rows = tiny
+    e = _batch(tok, rows, 2)
+    grads = []
+    for fast in (True, False):
+        torch.manual_seed(0)  # peft's init of A
+        model = _peft(d, seed=3)
+        prepare_merged_qat(model, scheme, storage_dtype="bfloat16")
+        if not fast:
+            monkeypatch.setattr(qat_lora, "_single_adapter", lambda layer: None)
+            for m in qat_lora.lora_linears(model).values():
+                m._qat_weight_fq = _PureSTE(m._qat_weight_fq)
+        loss = 0
+        for x in e:
+            loss = loss + model(input_ids=torch.tensor([x["input_ids"]]), labels=torch.tensor([x["labels"]])).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        monkeypatch.undo()
+    fast, slow = grads
+    assert fast.keys() == slow.keys() and len(fast) == 14
+    for n in fast:
+        assert float((fast[n] - slow[n]).norm() / slow[n].norm()) < 1e-5, n

@@ -283,8 +283,8 @@ def test_settings_from_config_and_backend():
     s = T.TrainSettings.from_config(qcfg.train_settings(cfg, "qat-int8-int4"), threads=2, max_len=256)
     assert (s.lora_r, s.lora_alpha, s.lora_dropout) == (16, 32, 0.0)
     assert s.target_modules == T.DEFAULT_TARGETS and s.qat_scheme == "int8-int4" and s.seed == cfg["seed"]
-    # the QAT run's own overrides: 120 steps at lr 1e-4, distilled, merge-exact
-    assert s.max_steps == cfg["runs"]["qat-int8-int4"]["train"]["max_steps"] and s.lr == 1e-4
+    # the QAT run's own overrides: 120 steps at lr 1e-3, distilled, merge-exact
+    assert s.max_steps == cfg["runs"]["qat-int8-int4"]["train"]["max_steps"] and s.lr == 1e-3
     assert s.distill and s.qat_mode == "merged"
     b = T.TrainSettings.from_config(qcfg.train_settings(cfg, "baseline"))
     assert b.max_steps == cfg["train"]["max_steps"] and b.lr == cfg["train"]["lr"] and not b.distill

@@ -11,8 +11,10 @@ where ``s·B·A`` is peft's own ``get_delta_weight`` (what ``merge_and_unload`` 
 the cast to the dtype the merged checkpoint stores (``merge.STORAGE_DTYPE``), and ``fq_w`` /
 ``fq_act`` are torchao's fake quantizers built from the same torchao config the export quantizes
 with (``torchao.quantization.qat.fake_quantize_config._infer_fake_quantize_configs``, which
-``QATConfig(step="prepare")`` uses). Gradients reach A and B through straight-through estimators
-(torchao's rounding and an identity-gradient dtype cast). Frozen weights that the scheme
+``QATConfig(step="prepare")`` uses). Gradients reach A and B through the identity straight-through
+estimator (the classic STE: through the rounding, the scale and the dtype cast alike; torchao's own
+autograd would also differentiate the absmax scale), computed without forming the ``[out, in]``
+weight gradient (``_merged_fn``); layers with several active adapters take plain autograd. Frozen weights that the scheme
 quantizes outside the adapters (LM head, embedding) are rounded to the storage dtype in place, so
 their torchao fake quantizers see the merged checkpoint's values too.
 
@@ -101,11 +103,67 @@ def _weight_key(layer: Any) -> tuple:
     return (*parts, id(w), w._version)
 
 
+_FN = None
+
+
+def _merged_fn():
+    """``y = x̂·Ŵᵀ`` with the straight-through gradients of ``Ŵ = fq(round(W + s·B·A))`` sent to A
+    and B directly (built lazily: torch is not imported at module level).
+
+    Autograd through the merged weight would form ``dL/dŴ = gyᵀ·x̂``, a full ``[out, in]`` matmul
+    per layer (the weight gradient of full fine-tuning). With the identity STE the same gradients
+    are ``dB = s·gyᵀ·(x̂·Aᵀ)`` and ``dA = s·(gy·B)ᵀ·x̂``, which never build it.
+    """
+    global _FN
+    if _FN is None:
+        import torch
+
+        class MergedQATLinear(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, xq, lora_a, lora_b, wq, scale):
+                ctx.save_for_backward(xq, lora_a, lora_b, wq)
+                ctx.scale = scale
+                return torch.nn.functional.linear(xq, wq)
+
+            @staticmethod
+            def backward(ctx, gy):
+                xq, lora_a, lora_b, wq = ctx.saved_tensors
+                s = ctx.scale
+                gx = gy @ wq
+                g2, x2 = gy.reshape(-1, gy.shape[-1]), xq.reshape(-1, xq.shape[-1])
+                grad_b = (g2.t() @ (x2 @ lora_a.t())) * s
+                grad_a = ((g2 @ lora_b).t() @ x2) * s
+                return gx, grad_a, grad_b, None, None
+
+        _FN = MergedQATLinear
+    return _FN
+
+
+def _single_adapter(layer: Any) -> str | None:
+    """The one active adapter the fast training path handles, else None (the generic path runs)."""
+    names = [n for n in layer.active_adapters if n in layer.lora_A]
+    if layer.disable_adapters or len(names) != 1 or getattr(layer, "fan_in_fan_out", False):
+        return None
+    a, b = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
+    frozen = not layer.get_base_layer().weight.requires_grad
+    return names[0] if frozen and a.requires_grad and b.requires_grad else None
+
+
 def _forward(self, x, *args, **kwargs):
     import torch
     import torch.nn.functional as F
 
     base = self.get_base_layer()
+    name = _single_adapter(self) if torch.is_grad_enabled() else None
+    if name is not None:
+        self._qat_cache = None
+        with torch.no_grad():
+            wq = self._qat_weight_fq(merged_weight(self, self._qat_round))
+        if self._qat_act_fq is not None:
+            x = self._qat_act_fq(x)
+        y = _merged_fn().apply(x.to(wq.dtype), self.lora_A[name].weight, self.lora_B[name].weight, wq,
+                               float(self.scaling[name]))
+        return y if base.bias is None else y + base.bias
     if torch.is_grad_enabled():
         self._qat_cache = None
         w = self._qat_weight_fq(merged_weight(self, self._qat_round))
