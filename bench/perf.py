@@ -44,9 +44,9 @@ PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "rep
 REPORT = "results/report.csv"
 # The rules reading results/runs/{run}/merged: forcing them reruns everything downstream of it.
 EXPORT_RULES = ("gguf_convert", "onnx_export", "torchao_ptq", "qat_convert", "reference")
-SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat")  # in run order
+SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat", "qat_modes")  # in run order
 QUICK_SECTIONS = ("dag", "growth")
-NEEDS_BUILD = ("parallel", "incremental", "noop", "qat")
+NEEDS_BUILD = ("parallel", "incremental", "noop", "qat", "qat_modes")
 # Random-init Qwen3 dimensions (rows multiples of 256, vocab 1024 from build_tokenizer).
 SIZES: dict[str, dict[str, int]] = {
     "4M": dict(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2, head_dim=64),
@@ -299,6 +299,13 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
                      f"NLL {pct(q['recovered_nll'])}, KLD {pct(q['recovered_kld'])} "
                      f"(KLD to own float model: PTQ {pq['kld']:.4f}, QAT {qq['kld']:.4f})", "> 0",
                      _ok(q["recovered_nll"], 0.0, above=True)))
+    m = figs.get("qat_modes", {})
+    for r in m.get("qat_vs_ptq", []):
+        rec = r.get("recovery")
+        got = ("n/a (PTQ loss within noise)" if rec is None or (isinstance(rec, float) and math.isnan(rec))
+               else f"{100 * rec:.0f} % [{100 * r['recovery_ci_low']:.0f}, {100 * r['recovery_ci_high']:.0f}]")
+        rows.append((f"QAT vs PTQ, {r['qat_run']} ({r['qat_mode']}) {r['format']} {r['variant']}, {r['metric']}",
+                     f"PTQ loss {r['ptq_loss']:.3g}, QAT loss {r['qat_loss']:.3g}, recovery {got}", "≥ 70 %", ""))
     return rows
 
 
@@ -780,8 +787,10 @@ def run(args: argparse.Namespace) -> int:
             elif section == "growth":
                 res = bench_growth(work, sizes, project / "data" / "chat.jsonl", args.threads, args.keep_work,
                                    partial=out / "growth.json")
-            else:
+            elif section == "qat":
                 res = bench_qat(proj, work, args)
+            else:
+                res = bench_qat_modes(proj, work, args.cores)
         except Exception as e:  # noqa: BLE001 - one failed section must not lose the others
             failed.append(section)
             res = {"error": str(e) if isinstance(e, PerfError) else f"{type(e).__name__}: {e}"}
@@ -793,6 +802,51 @@ def run(args: argparse.Namespace) -> int:
     if not args.keep_work and not failed:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def unsloth_twin(config: Mapping[str, Any], run: str) -> tuple[str, dict[str, Any]]:
+    """The run ``<run>-unsloth``: ``run``'s settings with ``qat.mode: unsloth`` (fq(W) + s·B·A)."""
+    spec = copy.deepcopy(dict(config["runs"][run]))
+    spec["qat"] = {**(spec.get("qat") or {}), "mode": "unsloth"}
+    return f"{run}-unsloth", spec
+
+
+def bench_qat_modes(proj: Path, work: Path, cores: str) -> dict[str, Any]:
+    """The built default plus an Unsloth-mode twin of each merge-exact torchao QAT run (identical
+    settings otherwise), built into the same report: ``qat_vs_ptq.csv`` then pairs both designs
+    with the same PTQ artifact on the same test set."""
+    import yaml
+
+    from qatforge import config as qcfg
+    from qatforge.qat_schemes import gguf_type
+
+    cfg_path = proj / "config" / "config.yaml"
+    original = cfg_path.read_text()
+    cfg = yaml.safe_load(original)
+    twins = {}
+    for run in qcfg.qat_runs(cfg):
+        q = cfg["runs"][run].get("qat") or {}
+        if q.get("mode", "merged") == "merged" and not gguf_type(cfg["runs"][run]["qat_scheme"]):
+            name, spec = unsloth_twin(cfg, run)
+            twins[name] = run
+            cfg["runs"][name] = spec
+    if not twins:
+        raise PerfError("the config has no merge-exact torchao QAT run to pair with an Unsloth-mode twin")
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        r = _smk_run(proj, work / "logs" / "qat_modes.log", REPORT, "--cores", cores)
+    finally:
+        cfg_path.write_text(original)
+    import polars as pl
+
+    df = pl.read_csv(proj / "results" / "qat_vs_ptq.csv")
+    rows = df.filter(pl.col("qat_run").is_in(list(twins) + list(twins.values()))).to_dicts()
+    steps = {}
+    for run in [*twins, *twins.values()]:
+        t = proj / "results" / "runs" / run / "checkpoints" / "train.json"
+        steps[run] = read_json(t).get("seconds_per_step") if t.is_file() else None
+    return {"what": "Unsloth-mode twins of the merge-exact QAT runs, same settings, same report",
+            "twins": twins, **r, "qat_vs_ptq": rows, "seconds_per_step": steps}
 
 
 def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:

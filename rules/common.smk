@@ -41,7 +41,7 @@ def qat_scheme(wildcards):
 def baseline_reference(wildcards):
     """A QAT run's artifacts are also measured against the baseline merged model (its reference)."""
     b = qcfg.comparison_baseline(config, wildcards.run)
-    return [f"results/runs/{b}/reference"] if b else []
+    return f"results/runs/{b}/reference" if b else []
 
 
 def run_base(wildcards):

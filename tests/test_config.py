@@ -36,11 +36,10 @@ def test_default_config_is_valid(cfg):
     qcfg.check(cfg, ROOT)
     # baseline: hf, the base, BF16, 6 quants, 2 onnx, 2 PTQ torchao schemes; each QAT run (formats:
     # matched): its merged model and the artifact of its quantizer
-    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 2 + 2) + 3 * 2
+    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 2 + 2) + 2 * 2
     assert {a for a in qcfg.artifacts(cfg) if a[0].startswith("qat-")} == {
         ("qat-int8-int4", "hf", "merged"), ("qat-int8-int4", "torchao", "int8-int4"),
-        ("qat-gguf-q4_0", "hf", "merged"), ("qat-gguf-q4_0", "gguf", "Q4_0"),
-        ("qat-int8-int4-unsloth", "hf", "merged"), ("qat-int8-int4-unsloth", "torchao", "int8-int4")}
+        ("qat-gguf-q4_0", "hf", "merged"), ("qat-gguf-q4_0", "gguf", "Q4_0")}
     assert qcfg.run_base(cfg, "qat-gguf-q4_0") == "results/runs/baseline/merged"
     assert qcfg.run_base(cfg, "baseline") == "results/base"
     assert qcfg.modelfile_quant(cfg, "qat-gguf-q4_0") == "Q4_0" and qcfg.modelfile_quant(cfg, "qat-int8-int4") is None

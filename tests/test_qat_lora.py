@@ -269,3 +269,21 @@ def test_fast_gradients_equal_autograd_through_the_merged_weight(tiny, scheme, m
     assert fast.keys() == slow.keys() and len(fast) == 14
     for n in fast:
         assert float((fast[n] - slow[n]).norm() / slow[n].norm()) < 1e-5, n
+
+
+def test_dev_answer_logits_batched_equal_one_by_one(tiny):
+    """select_best's teacher KLD scores the answer positions of right-padded batches."""
+    import torch
+
+    from qatforge.model import load_causal_lm
+    from qatforge.parity import answer_positions
+    from qatforge.select import answer_logits
+
+    d, tok, rows = tiny
+    model = load_causal_lm(d).eval()
+    convs = rows[:5]
+    one, batched = answer_logits(model, tok, convs, 256, batch_size=1), answer_logits(model, tok, convs, 256, batch_size=4)
+    enc = _batch(tok, rows, 5)
+    for a, b, e in zip(one, batched, enc):
+        assert a.shape[0] == len(answer_positions([lab != -100 for lab in e["labels"]])) > 0
+        assert torch.allclose(a, b, atol=1e-4)

@@ -87,7 +87,8 @@ def test_edit_one_quant_rebuilds_only_that_quant(built_workdir):
     write_config(built_workdir, cfg)
     jobs = planned_jobs(built_workdir)
     rules = Counter(rule for rule, _ in jobs)
-    assert rules == Counter({"gguf_quantize": 2, "evaluate": 2, "report": 1, "parity_gate": 1}), jobs
+    # only the baseline exports Q8_0 (the QAT runs build their matched artifact only)
+    assert rules == Counter({"gguf_quantize": 1, "evaluate": 1, "report": 1, "parity_gate": 1}), jobs
     assert all("Q8_0" in out for rule, out in jobs if rule in ("gguf_quantize", "evaluate")), jobs
 
 
@@ -97,12 +98,12 @@ def test_add_quant_builds_only_its_jobs_and_remove_reruns_only_report(built_work
     write_config(built_workdir, cfg)
     jobs = planned_jobs(built_workdir)
     assert Counter(r for r, _ in jobs) == Counter(
-        {"gguf_quantize": 2, "evaluate": 2, "report": 1, "parity_gate": 1}
+        {"gguf_quantize": 1, "evaluate": 1, "report": 1, "parity_gate": 1}
     ), jobs
     assert all("Q5_K_M" in out for r, out in jobs if r in ("gguf_quantize", "evaluate")), jobs
 
     del cfg["gguf"]["quants"]["Q5_K_M"]
-    del cfg["gguf"]["quants"]["Q4_0"]
+    del cfg["gguf"]["quants"]["Q8_0"]  # (Q4_0 stays: the gguf-q4_0 QAT run ships as it)
     write_config(built_workdir, cfg)
     jobs = planned_jobs(built_workdir)
     assert Counter(r for r, _ in jobs) == Counter({"report": 1, "parity_gate": 1}), jobs
@@ -110,16 +111,24 @@ def test_add_quant_builds_only_its_jobs_and_remove_reruns_only_report(built_work
 
 def test_lora_change_of_one_run_rebuilds_only_that_run(built_workdir):
     cfg = read_config(built_workdir)
-    cfg["runs"]["baseline"]["train"] = {"lora": {"r": 8}}
+    cfg["runs"][RUN_OTHER]["train"] = {**cfg["runs"][RUN_OTHER]["train"], "lora": {"r": 8}}
     write_config(built_workdir, cfg)
     jobs = planned_jobs(built_workdir)
     rules = {r for r, _ in jobs}
-    assert {"train", "select_best", "merge", "gguf_convert", "onnx_export", "reference", "report"} <= rules
+    assert {"train", "select_best", "merge", "qat_convert", "reference", "evaluate", "report"} <= rules
     for rule, out in jobs:
         if rule in ("report", "parity_gate"):
             continue
-        assert "/baseline/" in out, f"{rule} -> {out} is not part of the edited run"
-        assert RUN_OTHER not in out
+        assert f"/{RUN_OTHER}/" in out, f"{rule} -> {out} is not part of the edited run"
+
+
+def test_baseline_change_reruns_the_runs_distilled_from_it(built_workdir):
+    """The QAT runs' base is the baseline's merged model: a new baseline retrains them too."""
+    cfg = read_config(built_workdir)
+    cfg["runs"]["baseline"]["train"] = {"lora": {"r": 8}}
+    write_config(built_workdir, cfg)
+    trained = {out for rule, out in planned_jobs(built_workdir) if rule == "train"}
+    assert trained == {f"results/runs/{r}/checkpoints" for r in cfg["runs"]}, trained
 
 
 def test_disposable_bf16_gguf_is_removed_once_its_quants_are_built(built_workdir):

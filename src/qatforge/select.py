@@ -73,26 +73,27 @@ def choose(candidates: list[dict], metric: str, pinned: int | None = None) -> di
     return sorted(usable, key=rank_key(metric))[0]
 
 
-def answer_logits(model: Any, tok: Any, convs: list, max_len: int) -> list[Any]:
-    """fp32 logits ``[positions, vocab]`` of each conversation at its ``parity.answer_positions``."""
+def answer_logits(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> list[Any]:
+    """fp32 logits ``[positions, vocab]`` of each conversation at its ``parity.answer_positions``
+    (right-padded batches: a position's logits do not depend on the padding after it)."""
     import torch
 
-    from qatforge.chat import IGNORE_INDEX, encode_for_training
-    from qatforge.parity import answer_positions
+    from qatforge.chat import IGNORE_INDEX, collate, encode_for_training
 
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [encode_for_training(tok, c, max_len) for c in convs]
     out = []
     with torch.no_grad():
-        for c in convs:
-            e = encode_for_training(tok, c, max_len)
-            pos = torch.as_tensor(answer_positions([lab != IGNORE_INDEX for lab in e["labels"]]))
-            out.append(model(input_ids=torch.tensor([e["input_ids"]])).logits[0].float()[pos])
+        for i in range(0, len(rows), batch_size):
+            b = collate(rows[i:i + batch_size], pad)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            scored = b["labels"][:, 1:] != IGNORE_INDEX  # position t scores token t+1
+            out += [lg[:-1][m] for lg, m in zip(logits, scored)]
     return out
 
 
 def _teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: list[Any]) -> float:
     """Mean KL(teacher ‖ model) over the answer positions of ``convs``."""
-    import torch
-
     total, n = 0.0, 0
     for t, s in zip(teacher, answer_logits(model, tok, convs, max_len)):
         lt, ls = t.double().log_softmax(-1), s.double().log_softmax(-1)
