@@ -135,14 +135,15 @@ def test_disposable_bf16_gguf_is_removed_once_its_quants_are_built(built_workdir
     """gguf.keep_intermediate: false marks the unquantized GGUF temp(): deleted when no job needs it."""
     cfg = read_config(built_workdir)
     cfg["gguf"]["keep_intermediate"] = False
-    cfg["gguf"]["quants"]["Q4_0"]["pure"] = True  # an edit that rebuilds Q4_0 from the BF16 file
+    # an edit that rebuilds Q8_0 from the BF16 file (not Q4_0: the gguf-q4_0 QAT run ships it plain)
+    cfg["gguf"]["quants"]["Q8_0"]["pure"] = True
     write_config(built_workdir, cfg)
     gguf_dir = built_workdir / "results/runs/baseline/gguf"
     bf16 = next(gguf_dir.glob("*-BF16.gguf"))
-    q4 = next(gguf_dir.glob("*-Q4_0.gguf"))
-    before = q4.stat().st_mtime_ns
+    q8 = next(gguf_dir.glob("*-Q8_0.gguf"))
+    before = q8.stat().st_mtime_ns
     proc = snakemake(built_workdir, "--cores", "2")
-    assert "rule gguf_quantize" in proc.stdout + proc.stderr and q4.stat().st_mtime_ns > before
+    assert "rule gguf_quantize" in proc.stdout + proc.stderr and q8.stat().st_mtime_ns > before
     assert not bf16.exists(), "the disposable BF16 GGUF outlived its last consumer"
     assert Path(f"{bf16}.json").is_file(), "the conversion record (hash, provenance) is kept"
     # a missing temp() intermediate does not make its finished consumers stale
