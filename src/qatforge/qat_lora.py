@@ -14,9 +14,9 @@ with (``torchao.quantization.qat.fake_quantize_config._infer_fake_quantize_confi
 ``QATConfig(step="prepare")`` uses). Gradients reach A and B through the identity straight-through
 estimator (the classic STE: through the rounding, the scale and the dtype cast alike; torchao's own
 autograd would also differentiate the absmax scale), computed without forming the ``[out, in]``
-weight gradient (``_merged_fn``); layers with several active adapters take plain autograd. Frozen weights that the scheme
-quantizes outside the adapters (LM head, embedding) are rounded to the storage dtype in place, so
-their torchao fake quantizers see the merged checkpoint's values too.
+weight gradient (``_merged_fn``); layers with several active adapters take plain autograd.
+Frozen weights that the scheme quantizes outside the adapters (LM head, embedding) are rounded to
+the storage dtype in place, so their torchao fake quantizers see the merged checkpoint's values too.
 
 The forward is patched on peft's ``lora.Linear`` instances (parameter names, and so saved
 adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper.
@@ -245,6 +245,8 @@ def prepare_merged_qat(
     info = {"mode": "merged", "scheme": s.name, "storage_dtype": storage_dtype,
             "merged_linears": sorted(layers), "fake_quantized_other": others}
     if log:
+        other = ("the input embedding replaced by its llama.cpp round trip" if t
+                 else f"{others} other modules fake-quantized by torchao")
         log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
-            f"{others} other modules fake-quantized by torchao")
+            + other)
     return info
