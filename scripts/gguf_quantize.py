@@ -1,5 +1,4 @@
-from qatforge.export.gguf import check_trained_types, quantize
-from qatforge.io import read_json, write_json
+from qatforge.export.gguf import quantize
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:
@@ -12,14 +11,12 @@ with logged(snakemake) as log:
         imatrix=snakemake.input.get("imatrix"),
         options={k: v for k, v in spec.items() if k != "imatrix"},
         on_fallback=p.on_fallback,
+        trained_targets=p.trained_targets or None,
         threads=snakemake.threads,
         log=log.info,
     )
     log.info("quantized: %s", info)
-    if p.trained_targets:  # the quant a GGUF-targeted QAT run trained for: record and check it
-        check = check_trained_types(info["tensors"], info["settings"]["type"], p.trained_targets)
-        rec = read_json(snakemake.output.record)
-        rec["provenance"]["qat_tensor_types"] = check
-        write_json(snakemake.output.record, rec)
+    if info.get("qat_tensor_types"):
+        check = info["qat_tensor_types"]
         log.info("%d tensors trained under the %s fake quantizer are stored as %s; others: %s",
                  len(check["trained"]), check["type"], check["type"], check["other"])

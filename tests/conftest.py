@@ -79,3 +79,22 @@ def clone_workdir(src: Path, dest: Path) -> Path:
 def built_workdir(pipeline_build, tmp_path) -> Path:
     """A private copy of the built pipeline, safe to edit and rebuild."""
     return clone_workdir(pipeline_build, tmp_path / "project")
+
+
+def tiny_qwen3_base(tmp_path_factory) -> tuple[Path, object, list]:
+    """A random 1-layer Qwen3 (hidden 256) with a BPE tokenizer trained on the first 300 shipped
+    conversations, saved under a fresh temp dir: ``(dir, tokenizer, conversations)``."""
+    import json
+
+    import torch
+
+    from qatforge import tiny as tiny_mod
+
+    torch.set_num_threads(1)
+    rows = [json.loads(line)["messages"] for line in (ROOT / "data/chat.jsonl").read_text().splitlines()[:300]]
+    tok = tiny_mod.build_tokenizer((m["role"] + "\n" + m["content"] for c in rows for m in c), vocab_size=300)
+    model = tiny_mod.build_model(tok, layers=1, intermediate=256, seed=3)
+    d = tmp_path_factory.mktemp("tinybase") / "base"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, tok, rows

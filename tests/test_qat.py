@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_qwen3_base
 from qatforge import qat_schemes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,17 +89,7 @@ def test_capability_override(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 1-layer Qwen3 (hidden 256) with a BPE tokenizer trained on the shipped data."""
-    import torch
-
-    from qatforge import tiny as tiny_mod
-
-    torch.set_num_threads(1)
-    rows = [json.loads(line)["messages"] for line in (ROOT / "data/chat.jsonl").read_text().splitlines()[:300]]
-    tok = tiny_mod.build_tokenizer((m["role"] + "\n" + m["content"] for c in rows for m in c), vocab_size=300)
-    model = tiny_mod.build_model(tok, layers=1, intermediate=256, seed=3)
-    d = tmp_path_factory.mktemp("tinybase") / "base"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
+    d, tok, _ = tiny_qwen3_base(tmp_path_factory)
     return d, tok
 
 

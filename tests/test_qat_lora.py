@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import tiny_qwen3_base
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 1-layer Qwen3 (hidden 256) with a BPE tokenizer trained on the shipped data."""
-    import torch
-
-    from qatforge import tiny as tiny_mod
-
-    torch.set_num_threads(1)
-    rows = [json.loads(line)["messages"] for line in (ROOT / "data/chat.jsonl").read_text().splitlines()[:300]]
-    tok = tiny_mod.build_tokenizer((m["role"] + "\n" + m["content"] for c in rows for m in c), vocab_size=300)
-    model = tiny_mod.build_model(tok, layers=1, intermediate=256, seed=3)
-    d = tmp_path_factory.mktemp("tinybase") / "base"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d, tok, rows
+    return tiny_qwen3_base(tmp_path_factory)
 
 
 def _peft(d, seed=0):
@@ -185,8 +172,13 @@ def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_pat
     bf16 = tmp_path / "m-BF16.gguf"
     gguf.convert(tmp_path / "merged", bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})
     q4 = tmp_path / "m-Q4_0.gguf"
-    rec = gguf.quantize(bf16, q4, qtype="Q4_0")
+    rec = gguf.quantize(bf16, q4, qtype="Q4_0", trained_targets="all-linear")
     assert rec["tensors"]["token_embd.weight"] == "Q4_0" and rec["tensors"]["blk.0.attn_q.weight"] == "Q4_0"
+    assert len(rec["qat_tensor_types"]["trained"]) == 1 + 7 and rec["qat_tensor_types"]["other"] == {"output.weight": "Q6_K"}
+    with pytest.raises(ValueError, match="written as another type"):  # the check runs before the file is kept
+        gguf.quantize(bf16, tmp_path / "m-Q8_0.gguf", qtype="Q8_0", options={"tensor_type": {"attn_q": "Q4_0"}},
+                      trained_targets=["q_proj"])
+    assert not (tmp_path / "m-Q8_0.gguf").exists()
     rt = LlamaCppRuntime(q4, n_ctx=512, threads=1)
     cpp = [rt.logits(e["input_ids"]) for e in enc]
     qat_gap = np.mean([_kl(c, t) for c, t in zip(cpp, train_fwd)])

@@ -386,9 +386,13 @@ def quantize(
     threads: int | None = None,
     on_fallback: str = "warn",
     source: Mapping[str, Any] | None = None,
+    trained_targets: str | Sequence[str] | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """Quantize a GGUF file to ``qtype`` with ``llama-quantize``; write ``<out_file>.json``.
+
+    ``trained_targets`` (the quant a GGUF-targeted QAT run trained for: its LoRA targets) adds
+    ``check_trained_types`` to the checks, recorded as ``qat_tensor_types``.
 
     ``options`` map to llama-quantize's own flags: ``pure``, ``leave_output_tensor``,
     ``allow_requantize``, ``output_tensor_type`` and ``token_embedding_type`` (ggml type names),
@@ -417,6 +421,7 @@ def quantize(
                         what=f"llama-quantize {src_gguf.name} -> {qtype}")
         hist = tensor_type_histogram(tmp)
         by_name = tensor_types(tmp)
+        trained = check_trained_types(by_name, qtype, trained_targets) if trained_targets else None
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
         fallbacks = _logged_fallbacks(out)
         seen = {f["tensor"] for f in fallbacks}
@@ -435,7 +440,7 @@ def quantize(
     src_source.setdefault("gguf", src_gguf.name)
     record = write_export_record(out_file, source=src_source, tool=tool_info() | {"executable": cmd[0]},
                                  settings=settings, started=started, tensor_types=hist, fallbacks=fallbacks,
-                                 tensors=by_name)
+                                 tensors=by_name, **({"qat_tensor_types": trained} if trained else {}))
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.2f} MiB) tensor types {hist}")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"], "tensors": by_name}
 
