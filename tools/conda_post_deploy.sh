@@ -12,4 +12,6 @@ ROOT=$(cd "${QATFORGE_ROOT:-$PWD}" && pwd)
 if [ "${1:-}" = "--with-llama-cpp" ]; then
   # llama.cpp from the pinned llama-cpp-python sdist (one build per machine, cached)
   "$ROOT/tools/install_llama_cpp.sh" "$CONDA_PREFIX" "$ROOT/constraints.txt"
+  # Go's text/template renderer that checks the Ollama Modelfile's TEMPLATE
+  "$ROOT/tools/install_go_template.sh" "$CONDA_PREFIX"
 fi

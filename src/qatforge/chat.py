@@ -20,6 +20,55 @@ def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool
     )
 
 
+def strip_bos_text(text: str, bos_token: str | None) -> str:
+    """``text`` without one leading BOS token text (what a template's ``{{ bos_token }}`` writes)."""
+    return text[len(bos_token):] if bos_token and text.startswith(bos_token) else text
+
+
+def bos_policy(tokenizer: Any) -> dict[str, Any]:
+    """How the model gets its one BOS: ``add_bos`` when its chat template writes a BOS or its
+    tokenizer adds one (cached on the tokenizer).
+
+    Every runtime applies the same rule, which is llama.cpp's (``common/chat.cpp`` drops a rendered
+    prompt's leading BOS text when the vocabulary adds BOS): the rendered text loses its leading
+    BOS text and the tokenizer prepends the BOS id. Ollama does the same with a template that has
+    no BOS, so no runtime sees two.
+    """
+    cached = getattr(tokenizer, "_qatforge_bos_policy", None)
+    if cached is not None:
+        return cached
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    probe = render(tokenizer, [{"role": "user", "content": "x"}], add_generation_prompt=True)
+    in_template = bool(bos) and probe.startswith(bos)
+    added = bos_id is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id]
+    policy = {"bos_token": bos, "bos_token_id": bos_id, "template_bos": in_template, "tokenizer_bos": added,
+              "add_bos": bos_id is not None and (in_template or added)}
+    try:
+        tokenizer._qatforge_bos_policy = policy
+    except AttributeError:  # pragma: no cover - a tokenizer type that refuses new attributes
+        pass
+    return policy
+
+
+def with_bos(tokenizer: Any, ids: list[int]) -> list[int]:
+    """``ids`` (a rendered text tokenized without special tokens) starting with exactly one BOS
+    when the model uses one (:func:`bos_policy`); empty stays empty."""
+    policy = bos_policy(tokenizer)
+    if ids and policy["add_bos"] and ids[0] != policy["bos_token_id"]:
+        return [policy["bos_token_id"], *ids]
+    return ids
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered chat text as every runtime tokenizes it (see :func:`bos_policy`)."""
+    return with_bos(tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered with the generation prompt."""
+    return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
+
+
 def _assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str) -> list[tuple[int, int]]:
     """Character spans of every assistant turn's content plus its end-of-turn token in ``text``."""
     eos = tokenizer.eos_token or ""
@@ -60,6 +109,8 @@ def encode_for_training(tokenizer: Any, messages: Sequence[dict], max_len: int) 
     for tok, (a, b) in zip(ids, enc["offset_mapping"]):
         inside = any(a < e and b > s for s, e in spans) if b > a else False
         labels.append(tok if inside else IGNORE_INDEX)
+    if len(with_bos(tokenizer, ids)) > len(ids):  # a BOS the tokenizer adds, not the template
+        ids, labels = with_bos(tokenizer, ids), [IGNORE_INDEX, *labels]
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
@@ -78,6 +129,20 @@ def collate(batch: Sequence[dict], pad_id: int) -> dict:
         if "labels" in r:
             labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> dict:
+    """Left-pad token id lists into ``input_ids`` / ``attention_mask`` tensors (for generation)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def normalize_answer(text: str) -> str:
@@ -101,16 +166,13 @@ def hf_generate(
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     outputs: list[str] = []
     was_training = model.training
     model.eval()
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [render(tokenizer, p, add_generation_prompt=True) for p in prompts[i : i + batch_size]]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            enc = pad_left([prompt_ids(tokenizer, p) for p in prompts[i : i + batch_size]], pad_id)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
                 out = model.generate(
                     **enc,
@@ -122,7 +184,6 @@ def hf_generate(
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = old_side
         model.train(was_training)
     return outputs
 

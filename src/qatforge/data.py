@@ -101,9 +101,9 @@ def _row_problem(row: Any, max_chars: int | None, tokenizer: Any, max_tokens: in
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         return "no non-empty assistant turn"
     if tokenizer is not None and max_tokens is not None:
-        from qatforge.chat import render
+        from qatforge.chat import encode, render
 
-        n = len(tokenizer(render(tokenizer, msgs, False), add_special_tokens=False)["input_ids"])
+        n = len(encode(tokenizer, render(tokenizer, msgs, False)))
         if n > max_tokens:
             return f"over-length: {n} tokens > data.max_tokens={max_tokens}"
     elif max_chars is not None:

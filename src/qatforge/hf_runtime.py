@@ -31,19 +31,20 @@ class HFRuntime:
 
     # --- tokenizer side -------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
-        from qatforge.chat import render
+        from qatforge.chat import prompt_ids
 
-        text = render(self.tokenizer, messages, add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompt_ids(self.tokenizer, messages)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def special_ids(self) -> dict[str, Any]:
+        from qatforge.chat import bos_policy
+
         return {
             "bos_token_id": self.tokenizer.bos_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
-            "add_bos": bool(getattr(self.tokenizer, "add_bos_token", False)),
+            "add_bos": bos_policy(self.tokenizer)["add_bos"],
             "chat_template": self.tokenizer.chat_template,
         }
 

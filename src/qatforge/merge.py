@@ -31,15 +31,22 @@ class MergeError(RuntimeError):
 
 def _check_inputs(tok: Any, prompts: tuple[str, ...]) -> Any:
     """Right-padded ids + mask of a few rendered one-turn chat prompts (for logits parity)."""
-    from qatforge.chat import render
+    from qatforge.chat import collate, prompt_ids
 
-    texts = [render(tok, [{"role": "user", "content": p}], add_generation_prompt=True) for p in prompts]
-    old = tok.padding_side
-    tok.padding_side = "right"
-    try:
-        return tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-    finally:
-        tok.padding_side = old
+    rows = [{"input_ids": prompt_ids(tok, [{"role": "user", "content": p}])} for p in prompts]
+    b = collate(rows, tok.pad_token_id)
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def record_add_bos(tokenizer_dir: Path, add_bos: bool) -> None:
+    """Write the BOS rule (:func:`qatforge.chat.bos_policy`) as ``add_bos_token`` into
+    ``tokenizer_config.json``, where llama.cpp's converter and the ONNX runtime read it."""
+    from qatforge.io import read_json, write_json
+
+    path = tokenizer_dir / "tokenizer_config.json"
+    cfg = read_json(path)
+    if cfg.get("add_bos_token") is not add_bos:
+        write_json(path, {**cfg, "add_bos_token": add_bos})
 
 
 def _masked_max_diff(a: Any, b: Any, mask: Any) -> float:
@@ -49,12 +56,12 @@ def _masked_max_diff(a: Any, b: Any, mask: Any) -> float:
 
 def token_checks(base_tok: Any, merged_tok: Any, merged_config: Any, merged_gen: Any) -> dict[str, Any]:
     """Chat template identity, special-token ids, and the double-BOS check of a rendered prompt."""
-    from qatforge.chat import render
+    from qatforge.chat import bos_policy, prompt_ids
 
     msgs = [{"role": "user", "content": CHECK_PROMPTS[0]}]
-    text = render(merged_tok, msgs, add_generation_prompt=True)
-    ids = merged_tok(text, add_special_tokens=True)["input_ids"]
+    ids = prompt_ids(merged_tok, msgs)
     bos = merged_tok.bos_token_id
+    policy, base_policy = bos_policy(merged_tok), bos_policy(base_tok)
     leading_bos = 0
     while bos is not None and leading_bos < len(ids) and ids[leading_bos] == bos:
         leading_bos += 1
@@ -73,6 +80,8 @@ def token_checks(base_tok: Any, merged_tok: Any, merged_config: Any, merged_gen:
         "eos_in_generation_config": merged_tok.eos_token_id in gen_eos,
         "leading_bos_tokens": leading_bos,
         "no_double_bos": leading_bos <= 1,
+        "bos_policy": {k: v for k, v in policy.items() if k != "bos_token"},
+        "bos_policy_matches_base": policy["add_bos"] == base_policy["add_bos"] and leading_bos == int(policy["add_bos"]),
     }
     return checks
 
@@ -109,6 +118,7 @@ def merge(
     from peft import PeftModel
     from safetensors.torch import load_file
 
+    from qatforge.chat import bos_policy
     from qatforge.io import atomic_dir, check_free_space, package_versions, size_bytes, write_manifest
     from qatforge.model import (
         cast_parameters, load_causal_lm, load_tokenizer, load_upcast, release_freed_memory, stored_dtype,
@@ -166,6 +176,7 @@ def merge(
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
         base_tok.save_pretrained(tmp)
+        record_add_bos(Path(tmp), bos_policy(base_tok)["add_bos"])
         del merged, model
         release_freed_memory()
         re_model = load_causal_lm(tmp, dtype=target, trust_remote_code=False)
@@ -183,8 +194,9 @@ def merge(
         if not checks["special_ids_match_base"]:
             problems.append(f"eos/bos/pad ids {checks['eos_token_id'], checks['bos_token_id'], checks['pad_token_id']} "
                             f"differ from the base's {checks['base_eos_bos_pad']}")
-        if not checks["no_double_bos"]:
-            problems.append(f"rendered prompt starts with {checks['leading_bos_tokens']} BOS tokens")
+        if not checks["no_double_bos"] or not checks["bos_policy_matches_base"]:
+            problems.append(f"rendered prompt starts with {checks['leading_bos_tokens']} BOS tokens "
+                            f"(BOS rule {checks['bos_policy']}, the base's add_bos {bos_policy(base_tok)['add_bos']})")
         if not checks["eos_in_generation_config"]:
             problems.append("generation_config eos_token_id does not include the tokenizer's eos")
         if reload_diff > 0.0:

@@ -337,10 +337,11 @@ def save_torchao(
 
 def _check_ids(tokenizer: Any, prompt: str) -> Any:
     """Token ids of a one-turn chat prompt (generation prompt appended) for reload checks."""
-    from qatforge.chat import render
+    import torch
 
-    text = render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    from qatforge.chat import prompt_ids
+
+    return torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": prompt}])], dtype=torch.long)
 
 
 def qat_convert(

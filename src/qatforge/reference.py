@@ -42,7 +42,7 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-FORMAT_VERSION = 2  # 2: prompts and NLL conversations from the test split, test_sha256
+FORMAT_VERSION = 3  # 2: prompts and NLL conversations from the test split, test_sha256; 3: add_bos
 
 
 @dataclass
@@ -134,7 +134,7 @@ def build(
     """Compute and store the reference of ``merged_dir`` (fp32 compute); return reference.json."""
     import torch
 
-    from qatforge.chat import IGNORE_INDEX, encode_for_training, is_correct
+    from qatforge.chat import IGNORE_INDEX, bos_policy, encode_for_training, is_correct
     from qatforge.data import prompts_from_parquet, read_conversations
     from qatforge.decode import greedy
     from qatforge.hf_runtime import HFRuntime
@@ -185,6 +185,7 @@ def build(
         "merged_sha256": recorded_sha256(merged_dir),
         "tokenizer_sha256": tokenizer_files_hash(merged_dir),
         "bos_token_id": tok.bos_token_id,
+        "add_bos": bos_policy(tok)["add_bos"],
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
         "stop_token_ids": stops,

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qatforge.chat import strip_bos_text
 from qatforge.formats import check_gguf
 
 GGML_TYPE_F32 = 0
@@ -77,6 +78,8 @@ class LlamaCppRuntime:
         if self._formatter is None:
             raise ValueError(f"{self.path}: no tokenizer.chat_template in the GGUF metadata")
         text = self._formatter(messages=list(messages)).prompt
+        if self.add_bos:  # llama.cpp's chat rule: the vocabulary's BOS replaces the template's
+            text = strip_bos_text(text, self._piece(self.bos_id))
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True))
 
     def decode(self, ids: Sequence[int]) -> str:

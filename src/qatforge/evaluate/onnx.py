@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qatforge.chat import strip_bos_text
+
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -120,7 +122,11 @@ class OnnxRuntime:
         text = render_chat(
             self.template, messages, True, **{k: v for k, v in self.special_tokens.items() if v is not None}
         )
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        bos = self.special_tokens["bos_token"]
+        add_bos = bool(self.tok_cfg.get("add_bos_token", False)) and self._token_id(bos) is not None
+        ids = list(self.tokenizer.encode(strip_bos_text(text, bos) if add_bos else text,
+                                         add_special_tokens=False).ids)
+        return [self._token_id(bos), *ids] if add_bos and ids else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -129,7 +135,7 @@ class OnnxRuntime:
         return {
             "bos_token_id": self._token_id(self.special_tokens["bos_token"]),
             "eos_token_id": self._token_id(self.special_tokens["eos_token"]),
-            "add_bos": bool(self.tok_cfg.get("add_bos_token", False)),
+            "add_bos": bool(self.tok_cfg.get("add_bos_token", False)) and self._token_id(self.special_tokens["bos_token"]) is not None,
             "chat_template": self.template,
         }
 

@@ -39,7 +39,8 @@ def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], id
         bos = None
     add_bos = bool(special.get("add_bos"))
     # Without a reference BOS the model must not get one prepended; its id is then irrelevant.
-    bos_ok = (not add_bos) if ref_bos is None else bos == ref_bos
+    # and it gets one BOS exactly when the reference does (qatforge.chat.bos_policy).
+    bos_ok = (not add_bos) if ref_bos is None else bos == ref_bos and add_bos == ref_meta["add_bos"]
     eos_ok = eos is not None and (eos == ref_eos or eos in ref_meta.get("stop_token_ids", []))
     doubles = [i for i, s in enumerate(ids) if bos is not None and len(s) >= 2 and s[0] == s[1] == bos]
     tmpl = special.get("chat_template")
@@ -49,6 +50,7 @@ def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], id
         "ref_bos_token_id": ref_bos,
         "ref_eos_token_id": ref_eos,
         "add_bos": add_bos,
+        "ref_add_bos": ref_meta.get("add_bos"),
         "bos_ok": bool(bos_ok),
         "eos_ok": bool(eos_ok),
         "no_double_bos": not doubles,

@@ -209,26 +209,32 @@ def tokenizer_parity(
 ) -> dict[str, Any]:
     """Tokenize ``texts`` with llama.cpp (``Llama(vocab_only=True)``) and with the HF tokenizer.
 
-    Both add their default special tokens and parse special-token text. Returns
-    ``{"n": N, "identical": k, "mismatches": [{"index", "text", "hf", "llama"}...]}``.
+    Both parse special-token text and follow the one BOS rule (:func:`qatforge.chat.bos_policy`):
+    HF through :func:`qatforge.chat.encode`, llama.cpp with the GGUF's ``add_bos`` after dropping a
+    leading BOS text, as its chat code does. Returns
+    ``{"n": N, "identical": k, "add_bos": bool, "mismatches": [{"index", "text", "hf", "llama"}...]}``.
     """
     import llama_cpp
     from transformers import AutoTokenizer
 
+    from qatforge.chat import encode, strip_bos_text
+
     hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
     try:
         mismatches, same = [], 0
         for i, text in enumerate(texts):
-            ids_hf = list(hf(text, add_special_tokens=True)["input_ids"])
-            ids_ll = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)) if text else []
+            ids_hf = encode(hf, text)
+            ll_text = strip_bos_text(text, hf.bos_token) if add_bos else text
+            ids_ll = list(llm.tokenize(ll_text.encode("utf-8"), add_bos=add_bos, special=True)) if text else []
             if ids_hf == ids_ll:
                 same += 1
             elif len(mismatches) < max_report:
                 mismatches.append({"index": i, "text": text[:200], "hf": ids_hf[:64], "llama": ids_ll[:64]})
     finally:
         llm.close()
-    return {"n": len(texts), "identical": same, "mismatches": mismatches}
+    return {"n": len(texts), "identical": same, "add_bos": add_bos, "mismatches": mismatches}
 
 
 def default_parity_texts(tokenizer_dir: str | os.PathLike) -> list[str]:

@@ -88,6 +88,7 @@ def compare_with_torch(
     from transformers import AutoTokenizer
 
     import onnxruntime as ort
+    from qatforge.chat import encode
     from qatforge.model import load_upcast, release_freed_memory
 
     onnx_dir, torch_dir = Path(onnx_dir), Path(torch_dir)
@@ -95,10 +96,10 @@ def compare_with_torch(
     texts = _check_texts(onnx_dir, texts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    # Only the inputs the decoder takes: a tokenizer may also return token_type_ids, which
-    # generate() refuses ("model_kwargs are not used by the model").
-    encs = [{k: v for k, v in tok(text, return_tensors="pt", add_special_tokens=True).items()
-             if k in ("input_ids", "attention_mask")} for text in texts]
+    # Only the inputs the decoder takes (a tokenizer may also return token_type_ids, which
+    # generate() refuses), with the one BOS every runtime uses (qatforge.chat.bos_policy).
+    encs = [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            for ids in (encode(tok, text) for text in texts) if ids]
     # PyTorch first, freed before onnxruntime loads: never both copies of the weights at once.
     pt_model = load_upcast(torch_dir, dtype=torch.float32)
     with torch.no_grad():

@@ -1,0 +1,3 @@
+module qatforge/ollama_template
+
+go 1.16
