@@ -13,12 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 # Idempotent: reinstalls only when the pins, the package metadata or the installer change.
-$(STAMP): pyproject.toml constraints.txt tools/install_llama_cpp.sh tools/install_go_template.sh tools/ollama_template/main.go
+$(STAMP): pyproject.toml constraints.txt src/qatforge/capabilities/install.py tools/install_llama_cpp.sh tools/install_go_template.sh tools/ollama_template/main.go
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	tools/install_llama_cpp.sh $(VENV) constraints.txt
 	tools/install_go_template.sh $(VENV)
+	$(BIN)/python -m qatforge.capabilities write
 	touch $@
 
 run: install

@@ -3,6 +3,8 @@ BASE = config["model"]["base"]
 
 # The builtin base trains on its own corpus (not the dataset) and comes from the machine cache when
 # its recipe was built before; a local model.base directory is an input, a hub id is not.
+# The job also counts the modules each configured torchao scheme quantizes (zero fails before any
+# training); the schemes are read from the config, not params, so editing them rebuilds no base.
 rule build_base:
     input:
         lambda w: [BASE] if os.path.isdir(BASE) else [],

@@ -15,7 +15,11 @@ OUTTYPE = qcfg.outtype_name(config)
 RUNS = qcfg.runs(config)
 QUANTS = list(config["gguf"]["quants"])
 # Every evaluated artifact as (run, format, variant): the only combinations `evaluate` accepts.
-ARTIFACTS = frozenset(qcfg.artifacts(config))
+# Formats the base cannot be exported to are absent under formats.on_unsupported: skip (SKIPPED,
+# {format: reason}, which the report lists).
+ARTIFACT_LIST = qcfg.artifacts(config, workflow.basedir)
+ARTIFACTS = frozenset(ARTIFACT_LIST)
+SKIPPED = qcfg.skipped_formats(config, workflow.basedir)
 
 
 def _alt(names):
@@ -93,12 +97,13 @@ def eval_json(run, fmt, variant):
 
 
 def eval_jsons():
-    return [eval_json(*a) for a in qcfg.artifacts(config)]
+    return [eval_json(*a) for a in ARTIFACT_LIST]
 
 
 def all_targets():
     targets = ["results/report.csv", "results/report.md"]
-    targets += [f"results/runs/{r}/gguf/Modelfile" for r in RUNS if qcfg.modelfile_quant(config, r)]
+    targets += [f"results/runs/{r}/gguf/Modelfile" for r in RUNS
+                if qcfg.modelfile_quant(config, r, workflow.basedir)]
     if config["report"]["fail_on_parity"]:
         targets.append("results/parity.ok")
     return targets

@@ -30,6 +30,8 @@ rule report:
     params:
         accuracy_margin=config["report"]["accuracy_margin"],
         fail_on_parity=config["report"]["fail_on_parity"],
+        # [(format, reason)] left out under formats.on_unsupported: skip (report.md lists them)
+        skipped=sorted(SKIPPED.items()),
     log:
         "logs/report.log",
     threads: 1

@@ -1,4 +1,5 @@
 from qatforge.base import build
+from qatforge.config import torchao_scheme_uses
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:
@@ -11,6 +12,7 @@ with logged(snakemake) as log:
         max_tokens=p.max_tokens,
         trust_remote_code=p.trust_remote_code,
         threads=snakemake.threads,
+        torchao_schemes=torchao_scheme_uses(snakemake.config),  # not a param: see rules/base.smk
         log=log.info,
     )
     log.info("base model: %s", info)

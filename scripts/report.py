@@ -13,5 +13,6 @@ with logged(snakemake) as log:
         out_qat_csv=out.qat_csv,
         accuracy_margin=snakemake.params.accuracy_margin,
         fail_on_parity=snakemake.params.fail_on_parity,
+        skipped=dict(snakemake.params.skipped),
     )
     log.info("report: %s", summary)

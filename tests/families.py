@@ -5,8 +5,9 @@ transformers config class, with a tokenizer trained here on the shipped dataset'
 BPE for the tiktoken-style families, a SentencePiece ``tokenizer.model`` for the Llama-2/TinyLlama,
 Gemma and Phi-3 styles. Each carries its family's special tokens and a chat template written in its
 style (BOS in the template for Llama-3 and Gemma, added by the tokenizer for the SentencePiece Llama,
-system folded into the first user turn for Gemma). End-of-turn is the tokenizer's EOS, as in the
-families' instruct checkpoints. Nothing is downloaded; the same seed gives the same files.
+system folded into the first user turn for Gemma). As in the instruct checkpoints, Gemma's EOS is
+``<eos>`` and Phi-3's ``<|endoftext|>``, with the turn end (``<end_of_turn>``, ``<|end|>``) listed
+in generation_config. Nothing is downloaded; the same seed gives the same files.
 
     python tests/families.py OUT_DIR [FAMILY ...]
 """
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "chat.jsonl"
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 512, 2, 4, 2, 64
 VOCAB = 1024
+WARMUP_STEPS, WARMUP_ROWS = 60, 1000
 
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -107,12 +109,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            note="BOS in the template, tied (Llama-3.2-1B)"),
     Family("llama-spm", "LlamaConfig", "LlamaForCausalLM", "spm", ZEPHYR, "</s>", "</s>", "<s>", True, (),
            tied=False, note="SentencePiece tokenizer.model, BOS added by the tokenizer (TinyLlama-Chat)"),
-    Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "spm", GEMMA3, "<end_of_turn>", "<pad>", "<bos>", True,
-           ("<start_of_turn>", "<eos>"), tied=True,
+    Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "spm", GEMMA3, "<eos>", "<pad>", "<bos>", True,
+           ("<start_of_turn>", "<end_of_turn>"), tied=True,
            config={"head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM, "sliding_window": 128},
            note="BOS in the template, SentencePiece, scaled embeddings, system folded into the user turn"),
-    Family("phi3", "Phi3Config", "Phi3ForCausalLM", "spm", PHI3, "<|end|>", "<|endoftext|>", "<s>", False,
-           ("<|system|>", "<|user|>", "<|assistant|>"), tied=False,
+    Family("phi3", "Phi3Config", "Phi3ForCausalLM", "spm", PHI3, "<|endoftext|>", "<|endoftext|>", "<s>", False,
+           ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), tied=False,
            note="fused qkv_proj / gate_up_proj"),
 )}
 
@@ -172,7 +174,7 @@ def _spm_tokenizer(fam: Family, convs: list[list[dict]], work: Path) -> Any:
            else {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1})
     pieces = {"pad_piece": "<pad>", "eos_piece": "<eos>", "bos_piece": "<bos>", "unk_piece": "<unk>"} if gemma else {}
     # Gemma's turn tokens live in its tokenizer.model; Phi-3's are added tokens on top of it.
-    user_defined = [t for t in (*fam.specials, fam.eos) if t != "<eos>"] if gemma else []
+    user_defined = list(fam.specials) if gemma else []
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(work / "spm"), vocab_size=VOCAB, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
@@ -209,6 +211,9 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     import transformers
     from transformers import GenerationConfig
 
+    from qatforge.chat import stop_ids
+    from qatforge.tiny import warmup
+
     fam = FAMILIES[name]
     out_dir = Path(out_dir)
     convs = conversations()
@@ -223,8 +228,14 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
             eos_token_id=eos, pad_token_id=pad, torch_dtype="bfloat16", **fam.config,
         )
         torch.manual_seed(seed)
-        model = getattr(transformers, fam.model_class)(cfg).to(torch.bfloat16)
-        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        model = getattr(transformers, fam.model_class)(cfg)
+        # A short full-parameter warm-up, so that the replica predicts with some confidence as a
+        # pretrained checkpoint does (a random init's flat logits turn quantization noise into
+        # top-1 flips that say nothing about the export).
+        warmup(model, tok, convs[:WARMUP_ROWS], steps=WARMUP_STEPS, batch_size=8, lr=3e-3, seed=seed, max_len=256)
+        model = model.to(torch.bfloat16)
+        # generation_config lists the template's turn end beside the EOS (Gemma-3-it and Phi-3 do)
+        model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=stop_ids(tok), pad_token_id=pad,
                                                    do_sample=False)
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)

@@ -66,3 +66,56 @@ def test_generate_and_nll_on_a_real_model(tok):
     nll = chat.hf_nll(model, tok, [MSGS, MSGS[:3]], max_len=256)
     assert 0 < nll < 20
     assert tok.padding_side == "right"
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(tmp_path_factory):
+    """Tokenizers of three replicas (tests/families.py): template BOS, tokenizer BOS, no BOS."""
+    from transformers import AutoTokenizer
+
+    from families import build
+
+    root = tmp_path_factory.mktemp("chat-families")
+    return {n: AutoTokenizer.from_pretrained(build(n, root / n)) for n in ("llama3", "llama-spm", "gemma3", "phi3")}
+
+
+@pytest.mark.parametrize("name, template_bos, tokenizer_bos, add_bos", [
+    ("llama3", True, True, True),  # {{ bos_token }} and a BOS-adding post-processor
+    ("llama-spm", False, True, True),  # TinyLlama: the tokenizer adds BOS, the template does not
+    ("gemma3", True, True, True),
+    ("phi3", False, False, False),  # a BOS token that the model never gets
+])
+def test_one_bos_rule_across_template_and_tokenizer(family_tokenizers, name, template_bos, tokenizer_bos, add_bos):
+    t = family_tokenizers[name]
+    policy = chat.bos_policy(t)
+    assert (policy["template_bos"], policy["tokenizer_bos"], policy["add_bos"]) == (template_bos, tokenizer_bos, add_bos)
+    ids = chat.prompt_ids(t, MSGS[:2])
+    assert ids.count(t.bos_token_id) == int(add_bos) and (ids[0] == t.bos_token_id) == add_bos
+    text = chat.render(t, MSGS[:2], add_generation_prompt=True)
+    # the HF default (add_special_tokens=True) doubles a template's BOS; the rule never does
+    assert chat.encode(t, text) == ids
+    rest = chat.strip_bos_text(text, t.bos_token)
+    assert rest == (text[len(t.bos_token):] if template_bos else text)
+    enc = chat.encode_for_training(t, MSGS, max_len=256)
+    assert enc["input_ids"][: len(ids) - 1] == ids[:-1] or enc["input_ids"][0] == ids[0]
+    assert enc["input_ids"].count(t.bos_token_id) == int(add_bos) and enc["labels"][0] == chat.IGNORE_INDEX
+
+
+@pytest.mark.parametrize("name, end", [("llama3", "<|eot_id|>"), ("llama-spm", "</s>"), ("gemma3", "<end_of_turn>"),
+                                       ("phi3", "<|end|>")])
+def test_turn_end_is_the_templates_not_always_the_eos(family_tokenizers, name, end):
+    t = family_tokenizers[name]
+    assert chat.turn_end_token(t) == end
+    assert chat.stop_ids(t) == sorted({t.eos_token_id, t.convert_tokens_to_ids(end)})
+    enc = chat.encode_for_training(t, MSGS, max_len=256)
+    kept = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != chat.IGNORE_INDEX]
+    assert kept.count(t.convert_tokens_to_ids(end)) == 2  # each assistant turn learns to stop
+
+
+def test_bos_policy_follows_a_changed_template(family_tokenizers):
+    import copy
+
+    t = copy.deepcopy(family_tokenizers["llama3"])
+    assert chat.bos_policy(t)["template_bos"]
+    t.chat_template = t.chat_template.replace("{{- bos_token }}", "")
+    assert not chat.bos_policy(t)["template_bos"] and chat.bos_policy(t)["add_bos"]  # the tokenizer still adds it

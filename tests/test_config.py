@@ -61,6 +61,7 @@ def test_default_config_is_valid(cfg):
         ({"data": {"on_bad_rows": "ignore"}}, "on_bad_rows"),
         ({"data": {"test_fraction": 1.0}}, "test_fraction"),
         ({"data": {"eval_prompts": "data/eval_prompts.jsonl"}}, "eval_prompts"),
+        ({"formats": {"on_unsupported": "ignore"}}, "on_unsupported"),
     ],
 )
 def test_schema_rejects_with_the_key_named(cfg, patch, needle):
@@ -138,12 +139,17 @@ def test_architecture_the_gguf_converter_lacks_is_refused_up_front(cfg, tmp_path
     assert {"Qwen3ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"} <= set(known)
     m = tmp_path / "lm"
     m.mkdir()
-    (m / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"]}))
+    (m / "config.json").write_text(json.dumps({"architectures": ["MadeUpForCausalLM"], "model_type": "qwen3"}))
     (m / "tokenizer_config.json").write_text(json.dumps({"chat_template": "x", "eos_token": "</s>"}))
+    (m / "tokenizer.json").write_text("{}")
     cfg["model"]["base"] = str(m)
-    assert "llama.cpp's converter has no model class for ['MadeUpForCausalLM']" in problems_of(cfg)
-    (m / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    msg = problems_of(cfg)
+    assert "model.base: no gguf export: qwen3 (MadeUpForCausalLM): llama.cpp's converter has no model class " \
+           "for ['MadeUpForCausalLM']" in msg and "formats.on_unsupported: error" in msg
+    (m / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
     qcfg.check(cfg, ROOT)
+    cfg["formats"]["on_unsupported"] = "skip"  # skip: nothing unsupported, nothing skipped
+    assert qcfg.skipped_formats(cfg, ROOT) == {} and len(qcfg.artifacts(cfg, ROOT)) == 17
 
 
 def test_tokenizer_without_chat_template_or_eos(cfg, tmp_path):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from qatforge.capabilities.torchao import check_torchao_schemes
 from qatforge.config import BUILTIN_PREFIX
 from qatforge.io import atomic_dir, read_json, write_manifest
 
@@ -24,13 +25,16 @@ def build(
     max_tokens: int,
     trust_remote_code: bool = False,
     threads: int = 1,
+    torchao_schemes: Sequence[tuple[str, str]] = (),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Write the base checkpoint to ``out_dir`` (safetensors, tokenizer, chat template).
 
     The builtin base is trained on its own warm-up corpus (``datagen.base_corpus``), never on the
     dataset, and taken from the machine cache when the same recipe was built before
-    (``base_cache``).
+    (``base_cache``). Each (config key, scheme) of ``torchao_schemes`` must find modules to
+    quantize (``capabilities.torchao.check_torchao_schemes``, before a local base's weights are loaded);
+    the counts go into the manifest.
     """
     import torch
 
@@ -56,9 +60,11 @@ def build(
             ) | {"cache": "miss"}
             base_cache.store(key, out_dir, log=log)
         info["recipe_key"] = key
+        counts = check_torchao_schemes(out_dir, torchao_schemes)
     else:
         from qatforge.model import check_chat_tokenizer, load_causal_lm, load_tokenizer
 
+        counts = check_torchao_schemes(base, torchao_schemes, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
         check_chat_tokenizer(tokenizer, base)
         model = load_causal_lm(base, trust_remote_code=trust_remote_code)
@@ -67,5 +73,7 @@ def build(
             tokenizer.save_pretrained(tmp)
         info = {"source": base, "parameters": sum(p.numel() for p in model.parameters())}
         log(f"copied base {base} into {out_dir}")
-    write_manifest(out_dir, {"stage": "base", "source": base, "seed": seed, **{"info": info}})
+    if counts:
+        log(f"torchao modules to quantize per scheme: {counts}")
+    write_manifest(out_dir, {"stage": "base", "source": base, "seed": seed, "info": info, "torchao_modules": counts})
     return info

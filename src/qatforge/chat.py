@@ -27,24 +27,25 @@ def strip_bos_text(text: str, bos_token: str | None) -> str:
 
 def bos_policy(tokenizer: Any) -> dict[str, Any]:
     """How the model gets its one BOS: ``add_bos`` when its chat template writes a BOS or its
-    tokenizer adds one (cached on the tokenizer).
+    tokenizer adds one (cached on the tokenizer, per template, BOS token and add_bos_token).
 
     Every runtime applies the same rule, which is llama.cpp's (``common/chat.cpp`` drops a rendered
     prompt's leading BOS text when the vocabulary adds BOS): the rendered text loses its leading
     BOS text and the tokenizer prepends the BOS id. Ollama does the same with a template that has
     no BOS, so no runtime sees two.
     """
-    cached = getattr(tokenizer, "_qatforge_bos_policy", None)
-    if cached is not None:
-        return cached
     bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    key = (tokenizer.chat_template, bos, bos_id, getattr(tokenizer, "add_bos_token", None))
+    cached = getattr(tokenizer, "_qatforge_bos_policy", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     probe = render(tokenizer, [{"role": "user", "content": "x"}], add_generation_prompt=True)
     in_template = bool(bos) and probe.startswith(bos)
     added = bos_id is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos_id]
     policy = {"bos_token": bos, "bos_token_id": bos_id, "template_bos": in_template, "tokenizer_bos": added,
               "add_bos": bos_id is not None and (in_template or added)}
     try:
-        tokenizer._qatforge_bos_policy = policy
+        tokenizer._qatforge_bos_policy = (key, policy)
     except AttributeError:  # pragma: no cover - a tokenizer type that refuses new attributes
         pass
     return policy
@@ -69,9 +70,43 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     return encode(tokenizer, render(tokenizer, messages, add_generation_prompt=True))
 
 
+_TURN_PROBE = "\u2063qatforge-turn\u2063"
+
+
+def turn_end_token(tokenizer: Any) -> str | None:
+    """The special token that closes an assistant turn in the chat template (ChatML's
+    ``<|im_end|>``, Llama-3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``), or the
+    EOS when the template writes none there. Instruct checkpoints often keep ``<eos>`` /
+    ``<|endoftext|>`` as the EOS and list the turn end in generation_config (Gemma-3, Phi-3)."""
+    key = (tokenizer.chat_template, tokenizer.eos_token)
+    cached = getattr(tokenizer, "_qatforge_turn_end", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    msgs = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        suffix = render(tokenizer, msgs, add_generation_prompt=False).split(_TURN_PROBE, 1)[1]
+    except (IndexError, ValueError):
+        suffix = ""
+    specials = set(tokenizer.all_special_tokens) | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    found = [t for t in specials if t and suffix.lstrip().startswith(t)]
+    end = max(found, key=len) if found else tokenizer.eos_token
+    try:
+        tokenizer._qatforge_turn_end = (key, end)
+    except AttributeError:  # pragma: no cover
+        pass
+    return end
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Ids that end a generated reply: the EOS and the template's turn end (:func:`turn_end_token`)."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer) or tokenizer.eos_token)}
+    return sorted(int(i) for i in ids if i is not None)
+
+
 def _assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str) -> list[tuple[int, int]]:
     """Character spans of every assistant turn's content plus its end-of-turn token in ``text``."""
-    eos = tokenizer.eos_token or ""
+    eos = turn_end_token(tokenizer) or ""
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, msg in enumerate(messages):
@@ -179,7 +214,7 @@ def hf_generate(
                     do_sample=False,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stop_ids(tokenizer),
                 )
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))

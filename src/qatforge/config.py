@@ -109,14 +109,14 @@ def matched_gguf_quant(config: dict, run: str) -> str | None:
     return gguf_type(scheme) if scheme else None
 
 
-def modelfile_quant(config: dict, run: str) -> str | None:
+def modelfile_quant(config: dict, run: str, workdir: str | Path = ".") -> str | None:
     """The GGUF quant a run's Ollama Modelfile points at (a GGUF scheme's own type, else
-    gguf.default_quant), or None when the run exports no such GGUF."""
+    gguf.default_quant), or None when the run exports no such GGUF (or GGUF is skipped)."""
     from qatforge.qat_schemes import gguf_type
 
     scheme = qat_scheme(config, run)
     q = (gguf_type(scheme) if scheme else None) or config["gguf"]["default_quant"]
-    return q if (run, "gguf", q) in artifacts(config) else None
+    return q if (run, "gguf", q) in artifacts(config, workdir) else None
 
 
 def torchao_variants(config: dict, run: str) -> list[str]:
@@ -130,9 +130,49 @@ def torchao_variants(config: dict, run: str) -> list[str]:
     return [] if gguf_type(scheme) else [scheme]
 
 
-def artifacts(config: dict) -> list[tuple[str, str, str]]:
+def torchao_scheme_uses(config: dict) -> list[tuple[str, str]]:
+    """Every torchao scheme the config quantizes with, as (config key, scheme): ``torchao.schemes``
+    (PTQ of the baseline runs) and the ``qat_scheme`` of each torchao QAT run (not GGUF-targeted)."""
+    uses = []
+    for run in runs(config):
+        key = "torchao.schemes" if qat_scheme(config, run) is None else f"runs.{run}.qat_scheme"
+        uses += [(key, s) for s in torchao_variants(config, run)]
+    return list(dict.fromkeys(uses))
+
+
+def on_unsupported(config: dict) -> str:
+    """``formats.on_unsupported``: ``error`` or ``skip`` (the schema default is error)."""
+    return (config.get("formats") or {}).get("on_unsupported", "error")
+
+
+def skipped_formats(config: dict, workdir: str | Path = ".") -> dict[str, str]:
+    """``{format: reason}`` left out of every target: with ``formats.on_unsupported: skip``, the
+    configured formats the base cannot be exported to (``capabilities.unsupported_formats``)."""
+    from qatforge.capabilities import unsupported_formats
+
+    if on_unsupported(config) != "skip":
+        return {}
+    return {f: r for f, r in unsupported_formats(config, workdir).items() if f in _used_formats(config)}
+
+
+def _used_formats(config: dict) -> set[str]:
+    """The formats the config's artifacts are in (all of them while a scheme is unknown: _check_schemes names it)."""
+    try:
+        return {fmt for _, fmt, _ in _configured_artifacts(config)}
+    except ValueError:
+        return set(FORMATS)
+
+
+def artifacts(config: dict, workdir: str | Path = ".") -> list[tuple[str, str, str]]:
     """Every evaluated artifact as (run, format, variant); the base model is a row of the first
-    baseline run (``formats.BASE_ARTIFACT``), and there is none without a baseline run."""
+    baseline run (``formats.BASE_ARTIFACT``), and there is none without a baseline run. Formats the
+    base cannot be exported to are absent under ``formats.on_unsupported: skip`` (:func:`skipped_formats`)."""
+    skipped = skipped_formats(config, workdir)
+    return [a for a in _configured_artifacts(config) if a[1] not in skipped]
+
+
+def _configured_artifacts(config: dict) -> list[tuple[str, str, str]]:
+    """:func:`artifacts` before any format is skipped."""
     from qatforge.qat_schemes import matched_artifact
 
     base_run = next(iter(baseline_runs(config)), None)
@@ -183,13 +223,7 @@ def _check_base(config: dict, workdir: Path) -> list[str]:
     archs = json.loads(cfg.read_text()).get("architectures") or []
     if not any(a.endswith("ForCausalLM") for a in archs):
         return [f"model.base: {base!r} is not a causal LM (architectures: {archs or 'none'})"]
-    problems = []
-    from qatforge.llamacpp_paths import known_architectures
-
-    known = known_architectures()  # None before `make install`
-    if known is not None and not set(archs) & set(known):
-        problems.append(f"model.base: llama.cpp's converter has no model class for {archs} ({base!r}): its GGUF "
-                        "export would fail after training")
+    problems = []  # (which formats it can be exported to: _check_formats)
     tok_cfg = path / "tokenizer_config.json"
     tok = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
     if not (tok.get("chat_template") or (path / "chat_template.jinja").is_file()):
@@ -289,6 +323,25 @@ def _check_names(config: dict) -> list[str]:
     return problems
 
 
+def _check_formats(config: dict, workdir: Path) -> list[str]:
+    """Each configured format the base cannot be exported to (``formats.on_unsupported: error``);
+    under ``skip``, a GGUF-targeted QAT run whose only purpose, the GGUF, is skipped."""
+    from qatforge.capabilities import unsupported_formats
+    from qatforge.qat_schemes import problems as scheme_problems
+
+    if on_unsupported(config) == "skip":
+        reason = skipped_formats(config, workdir).get("gguf")
+        return [f"runs.{run}.qat_scheme: {qat_scheme(config, run)!r} trains for GGUF, which "
+                f"formats.on_unsupported: skip leaves out for this base ({reason}); remove the run or use a "
+                "torchao scheme"
+                for run in qat_runs(config) if reason and not scheme_problems(qat_scheme(config, run))
+                and matched_gguf_quant(config, run)]
+    bad = unsupported_formats(config, workdir)
+    used = _used_formats(config) if bad else set()
+    return [f"model.base: no {fmt} export: {reason} (formats.on_unsupported: error; set it to skip to leave "
+            f"{fmt} out)" for fmt, reason in bad.items() if fmt in used]
+
+
 def _check_data(config: dict, workdir: Path) -> list[str]:
     """Cheap checks only: the dataset is not read here (prepare_data checks the split sizes)."""
     d = config["data"]
@@ -306,9 +359,11 @@ def _check_data(config: dict, workdir: Path) -> list[str]:
 def check(config: dict, workdir: str | Path = ".", cuda_capability: tuple[int, int] | None = None) -> None:
     """Raise ConfigError listing every problem of a schema-validated config."""
     workdir = Path(workdir)
+    base = _check_base(config, workdir)
     problems = (
         _check_names(config)
-        + _check_base(config, workdir)
+        + base
+        + ([] if base else _check_formats(config, workdir))
         + _check_schemes(config, cuda_capability)
         + _check_gguf(config)
         + _check_data(config, workdir)

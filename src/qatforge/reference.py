@@ -107,10 +107,11 @@ def recorded_sha256(artifact: str | Path) -> str:
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """Token ids that end a greedy generation: the tokenizer's eos plus generation_config's eos."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    """Token ids that end a greedy generation: the tokenizer's eos and the template's turn end
+    (:func:`qatforge.chat.stop_ids`) plus generation_config's eos."""
+    from qatforge.chat import stop_ids
+
+    ids: set[int] = set(stop_ids(tokenizer))
     eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     if isinstance(eos, int):
         ids.add(eos)

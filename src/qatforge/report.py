@@ -645,9 +645,12 @@ def build_report(
     accuracy_margin: float,
     fail_on_parity: bool = True,
     seed: int = 0,
+    skipped: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write report.csv, report.md, qat_vs_ptq.csv (``out_qat_csv``) and the plots from the
-    per-artifact JSONs; return a summary."""
+    per-artifact JSONs; return a summary. ``skipped`` ({format: reason}, formats.on_unsupported:
+    skip) is listed in report.md; report.csv has no rows for those formats."""
+    skipped = dict(skipped or {})
     raw = load_evals(eval_jsons)
     add_losses(raw, seed=seed)
     df = to_frame(raw)
@@ -666,6 +669,9 @@ def build_report(
             qat_vs_ptq_frame(comparisons).write_csv(tmp)
     gains = base_vs_finetuned(rows, seed=seed)
     rec = recommend(rows, accuracy_margin)
+    for entry in rec["targets"].values():
+        if entry["choice"] is None and entry["format"] in skipped:
+            entry["reason"] = f"{entry['format']} skipped for this base (see Skipped formats)"
     plots = make_plots(rows, plots_dir)
 
     md = ["# qatforge report", ""]
@@ -675,6 +681,11 @@ def build_report(
               f"{f'; not judged: {n_ref} reference-only (the base model)' if n_ref else ''}. "
               f"Parity gate: {'on — the pipeline fails while any row fails' if fail_on_parity else 'off (report only)'}.")
     md.append("")
+    if skipped:
+        md += ["## Skipped formats", "", "Not built for this base (formats.on_unsupported: skip); report.csv has "
+               "no rows for them:", ""]
+        md += [f"- **{fmt}**{' (and the Ollama Modelfile)' if fmt == 'gguf' else ''}: {reason}"
+               for fmt, reason in sorted(skipped.items())] + [""]
     if failing:
         md += ["## Parity failures", ""]
         for r in failing:
@@ -699,6 +710,7 @@ def build_report(
 
     return {
         "rows": len(rows),
+        "skipped": skipped,
         "failing": [_label(r) for r in failing],
         "recommendation": {t: (_label(e["choice"]) if e["choice"] else None) for t, e in rec["targets"].items()},
         "rollback": _label(rec["baseline"]) if rec["baseline"] else None,

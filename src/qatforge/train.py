@@ -449,6 +449,15 @@ def _is_oom(e: BaseException) -> bool:
     )
 
 
+def _loss_type(model: Any) -> str:
+    """trl's default ``chunked_nll`` (the LM head on answer tokens only, in chunks), or plain
+    ``nll`` where that path cannot find the decoder: it runs ``base_model``, which on transformers 4.x
+    is the causal LM itself for classes whose ``base_model_prefix`` names no attribute (e.g.
+    ``Gemma3ForCausalLM``: "language_model" vs ``.model``)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "nll" if inner.base_model is inner else "chunked_nll"
+
+
 def build_trainer(
     base_dir: str | os.PathLike,
     train_rows: list[dict],
@@ -514,6 +523,7 @@ def build_trainer(
         gradient_checkpointing=False,
         remove_unused_columns=True,
         save_safetensors=True,
+        loss_type=_loss_type(model),
     )
     trainer_cls, extra = SFTTrainer, {}
     if settings.distill:

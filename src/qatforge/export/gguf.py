@@ -125,6 +125,16 @@ def tensor_types(gguf_file: str | os.PathLike) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in GGUFReader(str(gguf_file)).tensors}
 
 
+def embedding_tie(gguf_file: str | os.PathLike, hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """Whether the GGUF keeps the HF checkpoint's embedding tie: llama.cpp writes no ``output.weight``
+    for a tied model (the output layer reads ``token_embd.weight``)."""
+    from qatforge.export.record import hf_tied_embeddings
+
+    source_tied = hf_tied_embeddings(hf_dir)
+    has_output = "output.weight" in tensor_types(gguf_file)
+    return {"source_tied": source_tied, "output_tensor": has_output, "tied": not has_output}
+
+
 # HF projection names → llama.cpp tensor names (blk.<i>.<name>.weight), for GGUF-targeted QAT runs.
 GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
@@ -314,9 +324,10 @@ def convert(
         meta = gguf_metadata(tmp, keys=("general.architecture", "general.name", "general.file_type",
                                         "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"))
         hist = tensor_type_histogram(tmp)
+        tie = embedding_tie(tmp, merged_dir)
     settings = {"outtype": outtype, "pre_tokenizer_fallback": pre_tokenizer, "model_name": model_name}
     extra = {"pre_tokenizer": pre, "tokenizer_parity": {"n": parity["n"], "identical": parity["identical"]},
-             "tensor_types": hist, "metadata": meta}
+             "tensor_types": hist, "metadata": meta, "embeddings": tie}
     record = write_export_record(out_file, source=source_record(merged_dir, **(source or {})),
                                  tool=tool_info(), settings=settings, started=started, **extra)
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")

@@ -114,15 +114,12 @@ render_ollama_template = render_go_template  # the former name
 # --------------------------------------------------------------------------- HF -> Go template
 
 def template_bos_text(tokenizer: Any) -> str | None:
-    """``tokenizer.bos_token`` if its chat template writes it first (Llama-3, Gemma), else None."""
-    bos = getattr(tokenizer, "bos_token", None)
-    if not bos or not getattr(tokenizer, "chat_template", None):
-        return None
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": _U}], tokenize=False)
-    except Exception:  # noqa: BLE001 - a template that cannot render a user turn writes no BOS here
-        return None
-    return bos if text.startswith(bos) else None
+    """``tokenizer.bos_token`` if its chat template writes it first (Llama-3, Gemma), else None:
+    :func:`qatforge.chat.bos_policy`, whose ``add_bos`` the GGUF carries for Ollama to add it."""
+    from qatforge.chat import bos_policy
+
+    policy = bos_policy(tokenizer)
+    return policy["bos_token"] if policy["template_bos"] and policy["add_bos"] else None
 
 
 def _hf(tokenizer: Any, messages: Sequence[Mapping[str, str]], gen: bool, bos: str | None) -> str:

@@ -57,6 +57,27 @@ def _session_info(model_dir: Path, threads: int | None) -> dict[str, Any]:
     return out
 
 
+def embedding_tie(model_dir: Path, hf_dir: Path | None) -> dict[str, Any]:
+    """Whether the graphs keep the checkpoint's input/output embedding tie: the number of
+    ``[vocab, hidden]`` weight matrices (either orientation, any dtype) among their initializers;
+    one means a shared matrix, two an untied pair (e.g. ``quantize_dynamic`` gives the LM-head
+    MatMul its own int8 copy)."""
+    import onnx
+
+    from qatforge.export.record import hf_tied_embeddings
+    from qatforge.io import read_json
+
+    cfg = read_json(model_dir / "config.json")
+    text = cfg.get("text_config") or cfg
+    shape = {int(text["vocab_size"]), int(text["hidden_size"])}
+    n = 0
+    for f in sorted(model_dir.glob("*.onnx")):
+        graph = onnx.load(str(f), load_external_data=False).graph
+        n += sum(1 for t in graph.initializer if len(t.dims) == 2 and set(t.dims) == shape)
+    source_tied = hf_tied_embeddings(hf_dir) if hf_dir is not None and any(Path(hf_dir).glob("*.safetensors")) else None
+    return {"source_tied": source_tied, "embedding_matrices": n, "tied": n == 1}
+
+
 def _check_texts(model_dir: Path, texts: Sequence[str] | None) -> list[str]:
     if texts is not None:
         return list(texts)
@@ -110,6 +131,7 @@ def compare_with_torch(
     if threads:
         so.intra_op_num_threads = threads
     ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, session_options=so, use_cache=True)
+    kv_fix = _fix_kv_heads(ort_model)
     max_diff, same = 0.0, 0
     for enc, (ref, g_ref) in zip(encs, refs):
         with torch.no_grad():
@@ -117,7 +139,24 @@ def compare_with_torch(
             g_got = ort_model.generate(**enc, **kw)[0].tolist()
         max_diff = max(max_diff, float((ref - got).abs().max()))
         same += int(g_ref == g_got)
-    return {"max_abs_logit_diff": max_diff, "texts": len(texts), "greedy_identical": same}
+    return {"max_abs_logit_diff": max_diff, "texts": len(texts), "greedy_identical": same, "kv_heads_fix": kv_fix}
+
+
+def _fix_kv_heads(ort_model: Any) -> dict[str, int] | None:
+    """Give optimum's ``ORTModelForCausalLM`` the graph's KV-head count where it guessed another.
+
+    optimum-onnx 0.1.0 uses ``num_attention_heads`` for the empty cache of model types missing from
+    its grouped-query list (``phi3`` among them, so Phi-4-mini and any Phi-3 with GQA fail with
+    "invalid dimensions for input: past_key_values.0.key"); the exported graph's past inputs carry
+    the right number. Returns ``{"optimum", "graph"}`` when it was corrected.
+    """
+    past = [i for i in ort_model.session.get_inputs() if i.name.startswith("past_key_values.")]
+    graph = past[0].shape[1] if past else None
+    if isinstance(graph, int) and graph != ort_model.num_key_value_heads:
+        fix = {"optimum": int(ort_model.num_key_value_heads), "graph": graph}
+        ort_model.num_key_value_heads = graph
+        return fix
+    return None
 
 
 def export(
@@ -165,6 +204,7 @@ def export(
         release_freed_memory()
         side = _copy_side_files(merged_dir, tmp)
         sessions = _session_info(tmp, threads)
+        tie = embedding_tie(tmp, merged_dir)
         check = compare_with_torch(tmp, merged_dir, check_texts, threads=threads)
         log(f"onnxruntime vs torch: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
             f"greedy identical {check['greedy_identical']}/{check['texts']}")
@@ -175,7 +215,7 @@ def export(
                 "validation": "compare_with_torch", "atol": atol}
     record = write_export_record(
         out_dir, source=source_record(merged_dir, **(source or {})), tool=_tool_info(), settings=settings,
-        started=started, sessions=sessions, side_files=side, check=check)
+        started=started, sessions=sessions, side_files=side, check=check, embeddings=tie)
     log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
 
@@ -223,6 +263,7 @@ def quantize_int8(
             quantize_dynamic(g, tmp / g.name, weight_type=QuantType.QInt8, per_channel=per_channel,
                              use_external_data_format=external)
         sessions = _session_info(tmp, threads)
+        tie = embedding_tie(tmp, Path(reference_dir) if reference_dir else None)
         check = compare_with_torch(tmp, reference_dir, check_texts, threads=threads) if reference_dir else None
         if check:
             log(f"int8 vs torch fp32: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
@@ -232,7 +273,7 @@ def quantize_int8(
     src = dict(source) if source else dict(fp32_source)
     src["onnx_fp32_dir"] = str(fp32_dir)
     record = write_export_record(out_dir, source=src, tool=_tool_info(), settings=settings, started=started,
-                                 sessions=sessions, check=check)
+                                 sessions=sessions, check=check, embeddings=tie)
     log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
 

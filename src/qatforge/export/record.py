@@ -84,3 +84,19 @@ def write_export_record(
     }
     return write_manifest(artifact, provenance)
 
+
+
+def hf_tied_embeddings(model_dir: str | os.PathLike) -> bool:
+    """Whether an HF checkpoint ties its LM head to the input embedding: ``save_pretrained`` then
+    stores no separate ``lm_head.weight`` (read from the safetensors headers, not the config,
+    whose omitted defaults differ by family)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no safetensors weights")
+    for f in files:
+        with safe_open(str(f), framework="numpy") as sf:
+            if any(k.endswith("lm_head.weight") for k in sf.keys()):
+                return False
+    return True

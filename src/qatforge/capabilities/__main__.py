@@ -1,0 +1,5 @@
+import sys
+
+from qatforge.capabilities.install import main
+
+sys.exit(main())

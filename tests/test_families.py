@@ -1,0 +1,202 @@
+"""The family matrix: every stage of the real pipeline on a seeded replica of each model family.
+
+Each family (tests/families.py) gets its own project copy with the replica as ``model.base`` and
+reduced settings (few steps, a small slice of the shipped dataset), and one real ``snakemake`` run
+of every target: train (a baseline and a merge-exact int8-int4 QAT run), merge, QAT convert, every
+GGUF quant, TorchAO, ONNX, the Ollama Modelfile, evaluate and report, with the parity gate on.
+Then, on the built files, the token ids of the test prompts agree across HF, llama.cpp, onnxruntime
+and Ollama's path (Go's text/template rendering of the Modelfile TEMPLATE, tokenized as Ollama
+does, by llama.cpp with the GGUF's BOS rule). A replica missing a file its converter needs is
+refused at parse time. The last test writes the matrix (``results/families.md``) and checks that the
+README's "Supported model families" table is that matrix.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import ROOT, copy_project, deep_update, read_config, snakemake, write_config
+from families import FAMILIES, build
+
+DATA_ROWS = 800  # the first rows of the shipped dataset (every task present)
+QUANTS = {"Q8_0": {"type": "Q8_0"}, "Q6_K": {"type": "Q6_K"}, "Q5_K_M": {"type": "Q5_K_M"},
+          "Q4_K_M": {"type": "Q4_K_M"}, "Q4_0": {"type": "Q4_0"}, "IQ4_XS": {"type": "IQ4_XS", "imatrix": True}}
+STAGES = ("train", "merge", "QAT convert", "GGUF", "TorchAO", "ONNX", "Ollama", "evaluate + parity", "report")
+TABLE = ROOT / "results" / "families.md"
+README_START, README_END = "<!-- families:start -->", "<!-- families:end -->"
+_BUILDS: dict[str, Path] = {}
+_MATRIX: dict[str, dict[str, str]] = {}
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("replicas")
+    for name in FAMILIES:
+        build(name, root / name)
+    return root
+
+
+def family_config(cfg: dict, name: str, base: Path) -> dict:
+    """The default config with the replica as base and settings cut for the matrix."""
+    cfg = deep_update(cfg, {
+        "model": {"base": str(base), "name": None},
+        "data": {"dev_fraction": 0.03, "test_fraction": 0.03},
+        "train": {"max_steps": 8, "save_steps": 4, "batch_size": 8},
+        "gguf": {"pre_tokenizer": FAMILIES[name].pre_tokenizer or "default", "quants": QUANTS,
+                 "imatrix": {"chunks": 4, "ctx": 128}},
+        "eval": {"n_prompts": 16, "n_nll": 24, "max_new_tokens": 8, "speed_prompts": 1, "speed_repeats": 1},
+    })
+    cfg["runs"] = {
+        "baseline": {"qat_scheme": None},
+        "qat-int8-int4": {"qat_scheme": "int8-int4", "qat": {"mode": "merged"},
+                          "train": {"lr": 1.0e-3, "max_steps": 4, "save_steps": 2}, "formats": "matched"},
+    }
+    return cfg
+
+
+def family_project(name: str, replicas: Path, dest: Path) -> Path:
+    work = copy_project(dest)
+    data = work / "data" / "chat.jsonl"
+    data.write_text("\n".join(data.read_text().splitlines()[:DATA_ROWS]) + "\n")
+    write_config(work, family_config(read_config(work), name, replicas / name))
+    return work
+
+
+def built(name: str, replicas: Path, tmp_path_factory) -> Path:
+    """The family's project, built once per session (every target)."""
+    if name not in _BUILDS:
+        work = family_project(name, replicas, tmp_path_factory.mktemp(f"family-{name}") / "project")
+        proc = snakemake(work, "--cores", "2", check=False)
+        if proc.returncode != 0:
+            _MATRIX[name] = {s: "fail" for s in STAGES}
+            raise AssertionError(f"{name}: snakemake failed\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        _BUILDS[name] = work
+    return _BUILDS[name]
+
+
+def stage_cells(work: Path) -> dict[str, str]:
+    """pass / fail per stage, read from the built files and the report."""
+    res = work / "results"
+    cfg = read_config(work)
+    report = pl.read_csv(res / "report.csv")
+    ok = lambda fmt: bool(report.filter(pl.col("format") == fmt)["parity_pass"].all())  # noqa: E731
+    ggufs = ["BF16", *cfg["gguf"]["quants"]]
+    have = {(r["format"], r["variant"]) for r in report.iter_rows(named=True)}
+    cells = {
+        "train": all((res / "runs" / r / "best.json").is_file() for r in cfg["runs"]),
+        "merge": all((res / "runs" / r / "merged/export.json").is_file() for r in cfg["runs"]),
+        "QAT convert": (res / "runs/qat-int8-int4/qat_converted").is_dir(),
+        "GGUF": all(("gguf", q) in have for q in ggufs) and ok("gguf"),
+        "TorchAO": all(("torchao", s) in have for s in cfg["torchao"]["schemes"]) and ok("torchao"),
+        "ONNX": all(("onnx", v) in have for v in cfg["onnx"]["variants"]) and ok("onnx"),
+        "Ollama": (res / "runs/baseline/gguf/Modelfile").is_file(),
+        "evaluate + parity": bool(report.filter(pl.col("parity_pass").is_not_null())["parity_pass"].all()),
+        "report": (res / "parity.ok").is_file() and (res / "report.md").is_file(),
+    }
+    return {k: "pass" if v else "fail" for k, v in cells.items()}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_runs_every_stage_with_parity(name, replicas, tmp_path_factory):
+    work = built(name, replicas, tmp_path_factory)
+    from qatforge import config as qcfg
+
+    report = pl.read_csv(work / "results" / "report.csv")
+    got = {(r["run"], r["format"], r["variant"]) for r in report.iter_rows(named=True)}
+    assert got == set(qcfg.artifacts(read_config(work)))
+    failing = report.filter(pl.col("parity_pass") == False)  # noqa: E712
+    assert failing.height == 0, failing.select("run", "format", "variant", "failures")
+    _MATRIX[name] = stage_cells(work)
+    assert set(_MATRIX[name].values()) == {"pass"}, _MATRIX[name]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replicas, tmp_path_factory):
+    """One BOS (or none) and identical ids in all four runtimes, on the family's test prompts."""
+    import llama_cpp
+
+    from qatforge.chat import bos_policy, prompt_ids, strip_bos_text
+    from qatforge.evaluate.gguf import GGUFRuntime
+    from qatforge.evaluate.onnx import OnnxRuntime
+    from qatforge.export.ollama import check_modelfile_template, parse_modelfile, render_go_templates
+    from qatforge.model import load_tokenizer
+
+    work = built(name, replicas, tmp_path_factory)
+    res = work / "results/runs/baseline"
+    tok = load_tokenizer(res / "merged")
+    test = pl.read_parquet(work / "results/data/test.parquet")
+    prompts = []
+    for row in test.head(16).iter_rows(named=True):
+        msgs = [dict(m) for m in row["messages"]]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompts.append(msgs[:last])
+    hf = [prompt_ids(tok, p) for p in prompts]
+    policy = bos_policy(tok)
+    if tok.bos_token_id is not None:  # exactly one BOS, first, when the family uses one
+        assert all(ids.count(tok.bos_token_id) == int(policy["add_bos"]) for ids in hf)
+        assert all((ids[0] == tok.bos_token_id) == policy["add_bos"] for ids in hf)
+
+    gguf_file = next((res / "gguf").glob("*-Q4_K_M.gguf"))
+    gg = GGUFRuntime(gguf_file, n_ctx=512, threads=1)
+    assert [gg.prompt_ids(p) for p in prompts] == hf
+    ort = OnnxRuntime(res / "onnx/fp32", threads=1)
+    assert [ort.prompt_ids(p) for p in prompts] == hf
+
+    modelfile = parse_modelfile(res / "gguf/Modelfile")
+    assert modelfile["from"] == f"./{gguf_file.name}"
+    if policy["template_bos"]:
+        assert tok.bos_token not in modelfile["template"]
+    check_modelfile_template(modelfile["template"], tok, [list(p) for p in prompts])
+    texts = render_go_templates([(modelfile["template"], p) for p in prompts])
+    vocab = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
+    try:  # Ollama tokenizes the rendered TEMPLATE with the GGUF's own add_bos
+        ollama = [list(vocab.tokenize(t.encode(), add_bos=gg.add_bos, special=True)) for t in texts]
+    finally:
+        vocab.close()
+    assert ollama == hf
+    assert [strip_bos_text(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True), tok.bos_token)
+            if policy["template_bos"] else tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts] == texts
+
+
+def test_converter_needing_tokenizer_model_is_refused_before_training(replicas, tmp_path):
+    """Phi-3 without its tokenizer.model: refused at parse time, naming the architecture and file."""
+    base = tmp_path / "phi3-no-spm"
+    shutil.copytree(replicas / "phi3", base)
+    (base / "tokenizer.model").unlink()
+    work = family_project("phi3", replicas, tmp_path / "project")
+    cfg = read_config(work)
+    cfg["model"]["base"] = str(base)
+    write_config(work, cfg)
+    proc = snakemake(work, "-n", check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "Phi3ForCausalLM" in out and "tokenizer.model" in out, out[-3000:]
+    reason = next(line.strip(" -") for line in out.splitlines() if "tokenizer.model" in line)
+    _MATRIX["phi3, no tokenizer.model"] = {s: "refused" for s in STAGES} | {"GGUF": f"refused: {reason}"}
+
+
+def matrix_table(matrix: dict[str, dict[str, str]]) -> str:
+    head = "| family | replica | " + " | ".join(STAGES) + " |"
+    rows = [head, "|" + "---|" * (len(STAGES) + 2)]
+    for name, cells in matrix.items():
+        note = FAMILIES[name].note if name in FAMILIES else "the phi3 replica without tokenizer.model"
+        rows.append(f"| {name} | {note} | " + " | ".join(cells[s] for s in STAGES) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def test_readme_supported_families_table_is_the_matrix():
+    missing = [n for n in FAMILIES if n not in _MATRIX]
+    if missing:
+        pytest.skip(f"the matrix is incomplete (not run: {missing}); run the whole module")
+    order = [*FAMILIES, *(k for k in _MATRIX if k not in FAMILIES)]
+    table = matrix_table({k: _MATRIX[k] for k in order})
+    TABLE.parent.mkdir(exist_ok=True)
+    TABLE.write_text(table)
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
+    assert readme[start:end].strip() == table.strip(), f"README's family table is stale; the matrix is in {TABLE}"
