@@ -98,3 +98,13 @@ def tiny_qwen3_base(tmp_path_factory) -> tuple[Path, object, list]:
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d, tok, rows
+
+
+@pytest.fixture(scope="session")
+def family_replicas(tmp_path_factory) -> dict[str, Path]:
+    """The seeded replica of every model family (tests/families.py), built once per session.
+    Read-only: copy one before changing it."""
+    from families import FAMILIES, build
+
+    root = tmp_path_factory.mktemp("replicas")
+    return {name: build(name, root / name) for name in FAMILIES}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, copy_project, read_config, snakemake, write_config
-from families import FAMILIES, build
+from families import FAMILIES
 from qatforge import capabilities as cap
 from qatforge import config as qcfg
 from qatforge.capabilities.install import set_vocab_requirement
@@ -27,11 +27,11 @@ FAMILY_ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory) -> dict[str, Path]:
+def replicas(family_replicas, tmp_path_factory) -> dict[str, Path]:
     """The six family replicas (tests/families.py), plus variants: ``phi3-nospm`` (tokenizer.model
     deleted), ``qwen3-notok`` (tokenizer.json deleted) and ``qwen3-unlisted`` (a model_type optimum lacks)."""
     root = tmp_path_factory.mktemp("families")
-    out = {name: build(name, root / name) for name in FAMILIES}
+    out = dict(family_replicas)
 
     def variant(name: str, src: str) -> Path:
         out[name] = root / name

@@ -69,14 +69,11 @@ def test_generate_and_nll_on_a_real_model(tok):
 
 
 @pytest.fixture(scope="module")
-def family_tokenizers(tmp_path_factory):
-    """Tokenizers of three replicas (tests/families.py): template BOS, tokenizer BOS, no BOS."""
+def family_tokenizers(family_replicas):
+    """Tokenizers of four replicas (tests/families.py): template BOS, tokenizer BOS, no BOS."""
     from transformers import AutoTokenizer
 
-    from families import build
-
-    root = tmp_path_factory.mktemp("chat-families")
-    return {n: AutoTokenizer.from_pretrained(build(n, root / n)) for n in ("llama3", "llama-spm", "gemma3", "phi3")}
+    return {n: AutoTokenizer.from_pretrained(family_replicas[n]) for n in ("llama3", "llama-spm", "gemma3", "phi3")}
 
 
 @pytest.mark.parametrize("name, template_bos, tokenizer_bos, add_bos", [

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from conftest import ROOT, copy_project, deep_update, read_config, snakemake, write_config
-from families import FAMILIES, build
+from families import FAMILIES
 
 DATA_ROWS = 800  # the first rows of the shipped dataset (every task present)
 QUANTS = {"Q8_0": {"type": "Q8_0"}, "Q6_K": {"type": "Q6_K"}, "Q5_K_M": {"type": "Q5_K_M"},
@@ -33,11 +33,8 @@ _MATRIX: dict[str, dict[str, str]] = {}
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("replicas")
-    for name in FAMILIES:
-        build(name, root / name)
-    return root
+def replicas(family_replicas) -> Path:
+    return next(iter(family_replicas.values())).parent
 
 
 def family_config(cfg: dict, name: str, base: Path) -> dict:
@@ -45,15 +42,15 @@ def family_config(cfg: dict, name: str, base: Path) -> dict:
     cfg = deep_update(cfg, {
         "model": {"base": str(base), "name": None},
         "data": {"dev_fraction": 0.03, "test_fraction": 0.03},
-        "train": {"max_steps": 8, "save_steps": 4, "batch_size": 8},
+        "train": {"max_steps": 4, "save_steps": 4, "batch_size": 8},
         "gguf": {"pre_tokenizer": FAMILIES[name].pre_tokenizer or "default", "quants": QUANTS,
                  "imatrix": {"chunks": 4, "ctx": 128}},
         "eval": {"n_prompts": 16, "n_nll": 24, "max_new_tokens": 8, "speed_prompts": 1, "speed_repeats": 1},
     })
     cfg["runs"] = {
         "baseline": {"qat_scheme": None},
-        "qat-int8-int4": {"qat_scheme": "int8-int4", "qat": {"mode": "merged"},
-                          "train": {"lr": 1.0e-3, "max_steps": 4, "save_steps": 2}, "formats": "matched"},
+        "qat-int8-int4": {"qat_scheme": "int8-int4", "qat": {"mode": "merged", "distill_from": "baseline"},
+                          "train": {"lr": 1.0e-3, "max_steps": 2, "save_steps": 2}, "formats": "matched"},
     }
     return cfg
 
@@ -120,7 +117,7 @@ def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replica
     import llama_cpp
 
     from qatforge.chat import bos_policy, prompt_ids, strip_bos_text
-    from qatforge.evaluate.gguf import GGUFRuntime
+    from qatforge.evaluate.gguf import LlamaCppRuntime
     from qatforge.evaluate.onnx import OnnxRuntime
     from qatforge.export.ollama import check_modelfile_template, parse_modelfile, render_go_templates
     from qatforge.model import load_tokenizer
@@ -141,7 +138,7 @@ def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replica
         assert all((ids[0] == tok.bos_token_id) == policy["add_bos"] for ids in hf)
 
     gguf_file = next((res / "gguf").glob("*-Q4_K_M.gguf"))
-    gg = GGUFRuntime(gguf_file, n_ctx=512, threads=1)
+    gg = LlamaCppRuntime(gguf_file, n_ctx=512, threads=1)
     assert [gg.prompt_ids(p) for p in prompts] == hf
     ort = OnnxRuntime(res / "onnx/fp32", threads=1)
     assert [ort.prompt_ids(p) for p in prompts] == hf
@@ -176,8 +173,9 @@ def test_converter_needing_tokenizer_model_is_refused_before_training(replicas, 
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "Phi3ForCausalLM" in out and "tokenizer.model" in out, out[-3000:]
-    reason = next(line.strip(" -") for line in out.splitlines() if "tokenizer.model" in line)
-    _MATRIX["phi3, no tokenizer.model"] = {s: "refused" for s in STAGES} | {"GGUF": f"refused: {reason}"}
+    line = next(line for line in out.splitlines() if "no gguf export" in line)
+    reason = line.split("no gguf export: ", 1)[1].split(" (formats.on_unsupported", 1)[0]
+    _MATRIX["phi3, no tokenizer.model"] = {s: "refused" for s in STAGES} | {"GGUF": f"refused at parse time: {reason}"}
 
 
 def matrix_table(matrix: dict[str, dict[str, str]]) -> str:
