@@ -42,7 +42,7 @@ def family_config(cfg: dict, name: str, base: Path) -> dict:
     cfg = deep_update(cfg, {
         "model": {"base": str(base), "name": None},
         "data": {"dev_fraction": 0.03, "test_fraction": 0.03},
-        "train": {"max_steps": 4, "save_steps": 4, "batch_size": 8},
+        "train": {"max_steps": 8, "save_steps": 8, "batch_size": 8},
         "gguf": {"pre_tokenizer": FAMILIES[name].pre_tokenizer or "default", "quants": QUANTS,
                  "imatrix": {"chunks": 4, "ctx": 128}},
         "eval": {"n_prompts": 16, "n_nll": 24, "max_new_tokens": 8, "speed_prompts": 1, "speed_repeats": 1},
