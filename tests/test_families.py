@@ -90,11 +90,11 @@ def stage_cells(work: Path) -> dict[str, str]:
         "GGUF": all(("gguf", q) in have for q in ggufs) and ok("gguf"),
         "TorchAO": all(("torchao", s) in have for s in cfg["torchao"]["schemes"]) and ok("torchao"),
         "ONNX": all(("onnx", v) in have for v in cfg["onnx"]["variants"]) and ok("onnx"),
-        "Ollama": (res / "runs/baseline/gguf/Modelfile").is_file(),
+        "Ollama": None,  # the Go check of the Modelfile runs in the token-id test
         "evaluate + parity": bool(report.filter(pl.col("parity_pass").is_not_null())["parity_pass"].all()),
         "report": (res / "parity.ok").is_file() and (res / "report.md").is_file(),
     }
-    return {k: "pass" if v else "fail" for k, v in cells.items()}
+    return {k: "not checked" if v is None else "pass" if v else "fail" for k, v in cells.items()}
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -108,7 +108,7 @@ def test_family_runs_every_stage_with_parity(name, replicas, tmp_path_factory):
     failing = report.filter(pl.col("parity_pass") == False)  # noqa: E712
     assert failing.height == 0, failing.select("run", "format", "variant", "failures")
     _MATRIX[name] = stage_cells(work)
-    assert set(_MATRIX[name].values()) == {"pass"}, _MATRIX[name]
+    assert set(_MATRIX[name].values()) == {"pass", "not checked"}, _MATRIX[name]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -158,6 +158,8 @@ def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replica
     assert [strip_bos_text(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True), tok.bos_token)
             if policy["template_bos"] else tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
             for p in prompts] == texts
+    if name in _MATRIX:  # the Modelfile renders like HF in Go and tokenizes like the other three
+        _MATRIX[name]["Ollama"] = "pass"
 
 
 def test_converter_needing_tokenizer_model_is_refused_before_training(replicas, tmp_path):

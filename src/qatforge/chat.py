@@ -1,4 +1,5 @@
-"""Chat rendering, response-only label masking, batching and HF-side exact-match / NLL evaluation.
+"""Chat rendering, the BOS and turn-end rules, response-only label masking, batching and HF-side
+exact-match / NLL evaluation.
 
 Torch and transformers are imported inside the functions that need them, so this module can be
 imported cheaply (e.g. by evaluation processes that only need ``is_correct``).
@@ -100,7 +101,8 @@ def turn_end_token(tokenizer: Any) -> str | None:
 
 def stop_ids(tokenizer: Any) -> list[int]:
     """Ids that end a generated reply: the EOS and the template's turn end (:func:`turn_end_token`)."""
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(turn_end_token(tokenizer) or tokenizer.eos_token)}
+    end = turn_end_token(tokenizer)
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end) if end else None}
     return sorted(int(i) for i in ids if i is not None)
 
 
@@ -133,7 +135,7 @@ def _assistant_spans(tokenizer: Any, messages: Sequence[dict], text: str) -> lis
 def encode_for_training(tokenizer: Any, messages: Sequence[dict], max_len: int) -> dict:
     """Token ids of the rendered conversation and labels that are -100 outside assistant turns.
 
-    Labels keep each assistant turn's content and its end-of-turn token (Unsloth's
+    Labels keep each assistant turn's content and its turn end (:func:`turn_end_token`; Unsloth's
     ``train_on_responses_only`` semantics); system/user turns and the role headers are masked.
     """
     text = render(tokenizer, messages, add_generation_prompt=False)
@@ -144,8 +146,9 @@ def encode_for_training(tokenizer: Any, messages: Sequence[dict], max_len: int) 
     for tok, (a, b) in zip(ids, enc["offset_mapping"]):
         inside = any(a < e and b > s for s, e in spans) if b > a else False
         labels.append(tok if inside else IGNORE_INDEX)
-    if len(with_bos(tokenizer, ids)) > len(ids):  # a BOS the tokenizer adds, not the template
-        ids, labels = with_bos(tokenizer, ids), [IGNORE_INDEX, *labels]
+    full = with_bos(tokenizer, ids)
+    if len(full) > len(ids):  # a BOS the tokenizer adds, not the template: never a label
+        ids, labels = full, [IGNORE_INDEX, *labels]
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
 
 
