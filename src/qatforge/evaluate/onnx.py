@@ -97,6 +97,9 @@ class OnnxRuntime:
         self.special_tokens = {
             k: _token_text(self.tok_cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
+        # the BOS rule the merged checkpoint recorded (qatforge.chat.bos_policy)
+        self.bos_id = self._token_id(self.special_tokens["bos_token"])
+        self.add_bos = bool(self.tok_cfg.get("add_bos_token", False)) and self.bos_id is not None
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.log_severity_level = 3
@@ -122,20 +125,19 @@ class OnnxRuntime:
         text = render_chat(
             self.template, messages, True, **{k: v for k, v in self.special_tokens.items() if v is not None}
         )
-        bos = self.special_tokens["bos_token"]
-        add_bos = bool(self.tok_cfg.get("add_bos_token", False)) and self._token_id(bos) is not None
-        ids = list(self.tokenizer.encode(strip_bos_text(text, bos) if add_bos else text,
-                                         add_special_tokens=False).ids)
-        return [self._token_id(bos), *ids] if add_bos and ids else ids
+        if self.add_bos:
+            text = strip_bos_text(text, self.special_tokens["bos_token"])
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return [self.bos_id, *ids] if self.add_bos and ids else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def special_ids(self) -> dict[str, Any]:
         return {
-            "bos_token_id": self._token_id(self.special_tokens["bos_token"]),
+            "bos_token_id": self.bos_id,
             "eos_token_id": self._token_id(self.special_tokens["eos_token"]),
-            "add_bos": bool(self.tok_cfg.get("add_bos_token", False)) and self._token_id(self.special_tokens["bos_token"]) is not None,
+            "add_bos": self.add_bos,
             "chat_template": self.template,
         }
 
