@@ -63,3 +63,28 @@ def test_cache_can_be_turned_off(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("QATFORGE_BASE_CACHE", "0")
     info, _ = _build(tmp_path / "a", steps=1)
     assert info["cache"] == "miss" and not cache.exists()
+
+
+def test_outliers_are_planted_after_the_cache(cache, tmp_path):
+    """The warm-up is shared by every outlier setting (one cache entry); the planted base records
+    its channels and holds them, the plain one stays the cached warm-up."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qatforge import outliers
+
+    plain, _ = _build(tmp_path / "plain")
+    planted, logs = _build(tmp_path / "planted", outliers={"channels": 8, "scale": 16})
+    assert planted["cache"] == "hit" and planted["recipe_key"] == plain["recipe_key"]
+    assert plain["outliers"]["channels"] == []
+    want = outliers.outlier_channels(256, 8, seed=3)
+    assert planted["outliers"]["channels"] == want and planted["outliers"]["scale"] == 16
+    assert any("planted outlier channels" in line for line in logs)
+    assert read_json(tmp_path / "planted" / "export.json")["provenance"]["info"]["outliers"]["channels"] == want
+    a = load_file(tmp_path / "plain" / "model.safetensors")
+    b = load_file(tmp_path / "planted" / "model.safetensors")
+    key = "model.layers.0.post_attention_layernorm.weight"
+    assert torch.equal(b[key][want] * 16, a[key][want])
+    assert torch.equal(b["model.layers.0.mlp.up_proj.weight"][:, want], a["model.layers.0.mlp.up_proj.weight"][:, want] * 16)
+    entry = cache / plain["recipe_key"] / "model.safetensors"
+    assert sha256_path(entry) == sha256_path(tmp_path / "plain" / "model.safetensors")

@@ -12,8 +12,10 @@ from qatforge.io import atomic_dir, read_json, write_manifest
 
 def builtin_recipe(builtin: dict[str, Any], seed: int, max_tokens: int) -> dict[str, Any]:
     """Everything that decides the builtin base's weights (with the code and library versions,
-    which ``base_cache.recipe_key`` adds)."""
-    return {"model": "tiny-qwen3", "seed": seed, "max_tokens": max_tokens, **builtin}
+    which ``base_cache.recipe_key`` adds). The outliers are planted after the cache, so they are not
+    part of it."""
+    warmup = {k: v for k, v in builtin.items() if k != "outliers"}
+    return {"model": "tiny-qwen3", "seed": seed, "max_tokens": max_tokens, **warmup}
 
 
 def build(
@@ -32,7 +34,7 @@ def build(
 
     The builtin base is trained on its own warm-up corpus (``datagen.base_corpus``), never on the
     dataset, and taken from the machine cache when the same recipe was built before
-    (``base_cache``). Each (config key, scheme) of ``torchao_schemes`` must find modules to
+    (``base_cache``); then ``builtin["outliers"]`` are planted (``outliers.plant``). Each (config key, scheme) of ``torchao_schemes`` must find modules to
     quantize (``capabilities.torchao.check_torchao_schemes``, before a local base's weights are loaded);
     the counts go into the manifest.
     """
@@ -40,7 +42,7 @@ def build(
 
     torch.set_num_threads(threads)
     if base.startswith(BUILTIN_PREFIX):
-        from qatforge import base_cache, datagen, tiny
+        from qatforge import base_cache, datagen, outliers, tiny
 
         recipe = builtin_recipe(builtin, seed, max_tokens)
         key = base_cache.recipe_key(recipe)
@@ -60,6 +62,11 @@ def build(
             ) | {"cache": "miss"}
             base_cache.store(key, out_dir, log=log)
         info["recipe_key"] = key
+        planted = builtin.get("outliers") or {}
+        info["outliers"] = outliers.plant(out_dir, channels=planted.get("channels", 0),
+                                          scale=planted.get("scale", 1), seed=seed)
+        if info["outliers"]["channels"]:
+            log(f"planted outlier channels {info['outliers']['channels']} (x{info['outliers']['scale']})")
         counts = check_torchao_schemes(out_dir, torchao_schemes)
     else:
         from qatforge.model import check_chat_tokenizer, load_causal_lm, load_tokenizer
