@@ -34,8 +34,9 @@ def build(
 
     The builtin base is trained on its own warm-up corpus (``datagen.base_corpus``), never on the
     dataset, and taken from the machine cache when the same recipe was built before
-    (``base_cache``); then ``builtin["outliers"]`` are planted (``outliers.plant``). Each (config key, scheme) of ``torchao_schemes`` must find modules to
-    quantize (``capabilities.torchao.check_torchao_schemes``, before a local base's weights are loaded);
+    (``base_cache``); then ``builtin["outliers"]`` are planted (``outliers.plant``). Each
+    (config key, scheme) of ``torchao_schemes`` must find modules to quantize
+    (``capabilities.torchao.check_torchao_schemes``, before a local base's weights are loaded);
     the counts go into the manifest.
     """
     import torch

@@ -1,9 +1,10 @@
 """LLM-like outlier input channels for the builtin base, planted exactly after its warm-up.
 
-Trained LLMs have a few input channels whose weights are far larger than the rest (outlier features,
-"super weights"). They are why 4-bit grids cost real models accuracy: a group's absmax scale is set
-by its outlier, so the group's other weights land on a coarse grid. A 3 MB model warmed up for
-minutes has none, and 4-bit rounding there costs nothing measurable.
+Trained LLMs have a few input channels whose weights are far larger than the rest (the outlier
+features of LLM.int8(), the salient weights AWQ protects). They are why 4-bit grids cost real
+models accuracy: a group's absmax scale is set by its outlier, so the group's other weights land on
+a coarse grid. A 3 MB model warmed up for minutes has none, and 4-bit rounding there costs nothing
+measurable.
 
 ``plant`` moves a power-of-two factor ``scale`` from the RMSNorm gain of ``channels`` hidden
 channels into the weight columns that read them (q/k/v after ``input_layernorm``, gate/up after
