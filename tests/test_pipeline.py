@@ -60,7 +60,7 @@ def test_report_has_one_base_row_without_parity_verdict(pipeline_build, report):
     assert (pipeline_build / "results" / "parity.ok").is_file()  # the gate ignores it
 
 
-def test_report_figures_are_in_range(report):
+def test_report_figures_are_in_range(report, pipeline_build):
     assert report["accuracy"].is_between(0, 1).all()
     assert (report["nll"] > 0).all() and (report["ppl"] >= 1).all()
     assert ((report["ppl"] - report["nll"].exp()).abs() < 1e-3 * report["ppl"]).all()
@@ -70,7 +70,11 @@ def test_report_figures_are_in_range(report):
     assert report["top1_agree"].is_between(0, 1).all() and report["gen_match"].is_between(0, 1).all()
     assert report["sha256"].str.len_chars().eq(64).all()
     deployed = report.filter(~IS_BASE)
-    assert deployed["source_checkpoint"].str.starts_with("checkpoint-").all(), deployed["source_checkpoint"]
+    src = deployed["source_checkpoint"]
+    assert (src.str.starts_with("checkpoint-") | (src == "step-0")).all(), src
+    for run, source in set(zip(deployed["run"], src)):  # step-0: a distilled run that kept PTQ of its teacher
+        best = json.loads((pipeline_build / "results/runs" / run / "best.json").read_text())
+        assert source == (best["checkpoint"] or "step-0"), (run, source, best["checkpoint"])
     assert tuple(report.columns[-len(LOSS_COLUMNS):]) == LOSS_COLUMNS
     merged = report.filter(pl.col("variant") == "merged")
     assert (merged["acc_loss"] == 0).all() and (merged["nll_loss"] == 0).all()

@@ -281,7 +281,9 @@ def test_settings_from_config_and_backend():
 
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     s = T.TrainSettings.from_config(qcfg.train_settings(cfg, "qat-int8-int4"), threads=2, max_len=256)
-    assert (s.lora_r, s.lora_alpha, s.lora_dropout) == (16, 32, 0.0)
+    own = cfg["runs"]["qat-int8-int4"]["train"]["lora"]  # its rank over the train.lora defaults
+    assert (s.lora_r, s.lora_alpha, s.lora_dropout) == (own["r"], own["alpha"], cfg["train"]["lora"]["dropout"])
+    assert (own["r"], own["alpha"]) != (cfg["train"]["lora"]["r"], cfg["train"]["lora"]["alpha"])
     assert s.target_modules == T.DEFAULT_TARGETS and s.qat_scheme == "int8-int4" and s.seed == cfg["seed"]
     # the QAT run's own overrides: 120 steps at lr 1e-3, distilled, merge-exact
     assert s.max_steps == cfg["runs"]["qat-int8-int4"]["train"]["max_steps"] and s.lr == 1e-3
