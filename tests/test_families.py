@@ -3,7 +3,8 @@
 Each family (tests/families.py) gets its own project copy with the replica as ``model.base`` and
 reduced settings (few steps, a small slice of the shipped dataset), and one real ``snakemake`` run
 of every target: train (a baseline and a merge-exact int8-int4 QAT run), merge, QAT convert, GGUF
-(BF16, Q4_K_M, IQ4_XS with an imatrix), TorchAO, ONNX, the Ollama Modelfile, evaluate and report, with the parity gate on.
+(BF16, Q4_K_M, IQ4_XS with an imatrix), TorchAO, ONNX, the Ollama Modelfile, evaluate and report,
+with the parity gate on.
 Then, on the built files, the token ids of the test prompts agree across HF, llama.cpp, onnxruntime
 and Ollama's path (Go's text/template rendering of the Modelfile TEMPLATE, tokenized as Ollama
 does, by llama.cpp with the GGUF's BOS rule). A replica missing a file its converter needs is
