@@ -67,10 +67,10 @@ def plant(model_dir: str | Path, *, channels: int, scale: int, seed: int) -> dic
     from qatforge.io import atomic_file, read_json
 
     cfg = read_json(Path(model_dir) / "config.json")
-    chosen = outlier_channels(cfg["hidden_size"], channels, seed)
+    chosen = outlier_channels(cfg["hidden_size"], channels, seed) if scale != 1 else []  # x1 moves nothing
     record = {"channels": chosen, "scale": scale, "consumers": {k: list(v) for k, v in CONSUMERS.items()}}
-    if not chosen or scale == 1:
-        return record | {"channels": []}
+    if not chosen:
+        return record
     path = Path(model_dir) / "model.safetensors"
     state = plant_state_dict(load_file(path), cfg["num_hidden_layers"], chosen, scale)
     with atomic_file(path) as tmp:
