@@ -33,7 +33,7 @@ INSTALLER = ROOT / "tools" / "install_llama_cpp.sh"
 # Modules a rule may import without its env providing them, with the reason.
 OPTIONAL = {
     # train.backend auto/unsloth: imported only where CUDA is available and `import unsloth` works
-    # (train.py checks find_spec first); installed by hand, pyproject's [unsloth] extra.
+    # (qatforge.train.settings checks find_spec first); installed by hand, pyproject's [unsloth] extra.
     "unsloth": "optional Unsloth backend",
     # llama.cpp's converter imports it in try/except ImportError, for Mistral-format models only.
     "mistral_common": "optional converter dependency",

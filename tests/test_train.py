@@ -242,7 +242,7 @@ def _feed(tmp_path, losses, **over):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     settings = T.TrainSettings(**{**SETTINGS, "dense_steps": 2, **over})
-    cb = T._make_callback(tmp_path / "loss.csv", settings, lambda m: None)
+    cb = T.make_callback(tmp_path / "loss.csv", settings, lambda m: None)
     state = TrainerState()
     state.max_steps = len(losses)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[])

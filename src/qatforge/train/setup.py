@@ -1,0 +1,123 @@
+"""The LoRA model of a run: LoRA config, dtype, hf and Unsloth setup, QAT preparation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from qatforge.train.settings import ALL_LINEAR, TrainingError, TrainSettings
+
+
+def _lora_config(settings: TrainSettings) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules if settings.target_modules == ALL_LINEAR else list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def adapted_modules(model: Any, targets: str | tuple[str, ...]) -> list[str]:
+    """The module names (last path component) the adapter wraps; a listed target that matched no
+    module raises ``TrainingError`` naming it and the model's linear layers."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)})
+    if targets != ALL_LINEAR:
+        missing = sorted(set(targets) - set(wrapped))
+        if missing:
+            linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear) and "lora_" not in n})
+            raise TrainingError(f"train.lora.target_modules {missing} match no module of the model; its linear "
+                                f"layers are {linear} (or use {ALL_LINEAR!r})")
+    if not wrapped:
+        raise TrainingError(f"train.lora.target_modules {targets!r} adapted no module")
+    return wrapped
+
+
+def dtype_for_device() -> tuple[Any, bool]:
+    """(load dtype, bf16 flag): fp32 on CPU (bf16 is 3-7x slower here), bf16 on CUDA that supports it."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, True
+    return torch.float32, False
+
+
+def setup_hf(base_dir: Path, settings: TrainSettings, log: Callable[[str], None]) -> tuple[Any, Any, int]:
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from qatforge.model import load_causal_lm, load_tokenizer
+
+    dtype, _ = dtype_for_device()
+    tok = load_tokenizer(base_dir)
+    model = load_causal_lm(base_dir, dtype=dtype)
+    model.config.use_cache = False
+    set_seed(settings.seed)
+    model = get_peft_model(model, _lora_config(settings))
+    log(f"LoRA adapts {adapted_modules(model, settings.target_modules)}")
+    return model, tok, apply_qat(model, settings, log)
+
+
+def apply_qat(model: Any, settings: TrainSettings, log: Callable[[str], None]) -> int:
+    """Prepare a PEFT model for the run's QAT (``settings.qat_mode``); the number of fake-quantized modules."""
+    from qatforge.merge import STORAGE_DTYPE
+    from qatforge.qat import prepare_qat
+    from qatforge.qat_lora import prepare_merged_qat
+
+    if not settings.qat_scheme:
+        return 0
+    if settings.qat_mode == "merged":
+        info = prepare_merged_qat(model, settings.qat_scheme, storage_dtype=STORAGE_DTYPE, log=log)
+        return len(info["merged_linears"]) + info["fake_quantized_other"]
+    return prepare_qat(model, settings.qat_scheme, log=log)
+
+
+def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], None]) -> tuple[Any, Any, int]:
+    """Unsloth's FastLanguageModel path (not run in CI here: needs unsloth, normally a CUDA GPU)."""
+    from unsloth import FastLanguageModel  # must come before transformers/trl patch points are used
+
+    from qatforge.qat import count_fake_quantized
+    from qatforge.qat_schemes import UNSLOTH_SCHEMES
+
+    dtype, _ = dtype_for_device()
+    model, tok = FastLanguageModel.from_pretrained(
+        model_name=str(base_dir),
+        max_seq_length=settings.max_len,
+        dtype=dtype,
+        load_in_4bit=False,
+        full_finetuning=False,
+        trust_remote_code=False,
+    )
+    # merged mode: Unsloth's PEFT model gets the same merged-forward modules as the hf backend
+    unsloth_scheme = (settings.qat_scheme if settings.qat_scheme in UNSLOTH_SCHEMES and settings.qat_mode == "unsloth"
+                      else None)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=settings.lora_r,
+        target_modules=settings.target_modules if settings.target_modules == ALL_LINEAR else list(settings.target_modules),
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        bias="none",
+        use_gradient_checkpointing=False,
+        random_state=settings.seed,
+        use_rslora=False,
+        loftq_config=None,
+        qat_scheme=unsloth_scheme,
+    )
+    log(f"LoRA adapts {adapted_modules(model, settings.target_modules)}")
+    n_fq = count_fake_quantized(model)
+    if settings.qat_scheme and n_fq == 0:
+        if settings.qat_mode == "unsloth":
+            log(f"unsloth applied no fake quantization for qat_scheme={settings.qat_scheme!r} "
+                "(it drops qat_scheme on CPU and knows no explicit specs): applying the torchao preparation")
+        n_fq = apply_qat(model, settings, log)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, n_fq
