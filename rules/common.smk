@@ -122,12 +122,13 @@ def thresholds(wildcards):
     return sorted_keys({fmt: {key: table[key]}}) if key in table else {}
 
 
-def trained_targets(wildcards):
-    """The LoRA targets of a GGUF-targeted QAT run for the quant of its type (checked as trained), else []."""
+def trained_quant(wildcards):
+    """For the quant a GGUF-targeted QAT run ships: its scheme and LoRA targets (its types are checked), else {}."""
     if qcfg.matched_gguf_quant(config, wildcards.run) != wildcards.quant:
-        return []
+        return {}
     targets = qcfg.train_settings(config, wildcards.run)["lora"]["target_modules"]
-    return targets if isinstance(targets, str) else sorted(targets)
+    return {"scheme": qcfg.qat_scheme(config, wildcards.run),
+            "targets": targets if isinstance(targets, str) else sorted(targets)}
 
 
 def maybe_temp(path):

@@ -56,7 +56,7 @@ rule gguf_quantize:
     params:
         quant=quant_settings,
         on_fallback=config["gguf"]["on_fallback"],
-        trained_targets=trained_targets,
+        trained=trained_quant,
     log:
         "logs/gguf_quantize/{run}/{quant}.log",
     benchmark:

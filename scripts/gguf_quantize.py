@@ -11,12 +11,12 @@ with logged(snakemake) as log:
         imatrix=snakemake.input.get("imatrix"),
         options={k: v for k, v in spec.items() if k != "imatrix"},
         on_fallback=p.on_fallback,
-        trained_targets=p.trained_targets or None,
+        trained=p.trained or None,
         threads=snakemake.threads,
         log=log.info,
     )
     log.info("quantized: %s", info)
     if info.get("qat_tensor_types"):
         check = info["qat_tensor_types"]
-        log.info("%d tensors trained under the %s fake quantizer are stored as %s; others: %s",
-                 len(check["trained"]), check["type"], check["type"], check["other"])
+        log.info("%d tensors are stored in the types %s trained them under (%s); others: %s",
+                 len(check["trained"]), check["scheme"], sorted(set(check["trained"].values())), check["other"])

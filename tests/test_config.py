@@ -203,12 +203,19 @@ def test_qat_run_settings_are_checked(cfg, run, patch, needle):
     assert needle in problems_of(cfg)
 
 
-def test_gguf_scheme_needs_its_plain_quant(cfg):
-    cfg["gguf"]["quants"]["Q4_0"] = {"type": "Q4_0", "pure": True}
-    assert "ships as gguf.quants.Q4_0, which must exist as {type: Q4_0}" in problems_of(cfg)
+def test_gguf_scheme_needs_llama_cpp_qat_mix(cfg):
+    """A GGUF-targeted run ships as the quant of its type, written in llama.cpp's QAT mix (Q4_0 with
+    Q8_0 token embedding and output): what it trains under, so nothing else is accepted."""
+    mix = "must exist as {type: Q4_0, token_embedding_type: Q8_0, output_tensor_type: Q8_0}"
+    qcfg.check(cfg, ROOT)  # the default's Q4_0 is that mix
+    for wrong in ({"type": "Q4_0"}, {"type": "Q4_0", "token_embedding_type": "Q8_0"},
+                  {"type": "Q4_0", "token_embedding_type": "Q8_0", "output_tensor_type": "Q6_K"},
+                  {"type": "Q4_0", "token_embedding_type": "Q8_0", "output_tensor_type": "Q8_0", "pure": True}):
+        cfg["gguf"]["quants"]["Q4_0"] = wrong
+        assert f"ships as gguf.quants.Q4_0, which {mix}" in problems_of(cfg), wrong
     del cfg["gguf"]["quants"]["Q4_0"]
     assert "gguf.quants.Q4_0" in problems_of(cfg)
-    cfg["gguf"]["quants"]["Q4_0"] = {"type": "Q4_0"}
+    cfg["gguf"]["quants"]["Q4_0"] = {"type": "Q4_0", "token_embedding_type": "Q8_0", "output_tensor_type": "Q8_0"}
     cfg["torchao"]["schemes"] = ["gguf-q4_0"]
     assert "is a GGUF-targeted QAT scheme, not a torchao one" in problems_of(cfg)
 

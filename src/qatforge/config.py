@@ -253,10 +253,12 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
             if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
                 problems.append(f"runs.{run}.qat.mode: the GGUF scheme {scheme!r} trains merge-exact only (mode: merged)")
             spec = config["gguf"]["quants"].get(t)
-            changes = ("imatrix", "pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "tensor_type")
-            if spec is None or spec.get("type") != t or any(spec.get(k) for k in changes):
+            want = qat_schemes.gguf_recipe(scheme).quant_spec()
+            if not _same_quant(spec, want):
+                shown = ", ".join(f"{k}: {v}" for k, v in want.items())
                 problems.append(f"runs.{run}.qat_scheme: {scheme!r} ships as gguf.quants.{t}, which must exist as "
-                                f"{{type: {t}}} (no imatrix, no tensor overrides: the type the run trained for)")
+                                f"{{{shown}}} (llama.cpp's QAT mix, the types the run trains under; no imatrix, "
+                                f"no other overrides)")
     for run in runs(config):
         if config["runs"][run].get("formats") == "matched" and qat_scheme(config, run) is None:
             problems.append(f"runs.{run}.formats: 'matched' needs a QAT run (qat_scheme set); a baseline run exports all")
@@ -272,6 +274,11 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
         elif qat_scheme(config, t) is not None:
             problems.append(f"{key}: the teacher {t!r} must be a baseline run (qat_scheme null)")
     return problems
+
+
+def _same_quant(spec: dict | None, want: dict[str, str]) -> bool:
+    """Whether a ``gguf.quants`` entry writes exactly ``want`` (unset and false options aside)."""
+    return spec is not None and {k: v for k, v in spec.items() if v not in (None, False, {})} == want
 
 
 def _check_gguf(config: dict) -> list[str]:

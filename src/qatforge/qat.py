@@ -100,7 +100,7 @@ def _embedding_filter(module: Any, fqn: str) -> bool:
     return type(module) is torch.nn.Embedding and not _is_lora_fqn(fqn)
 
 
-def _hf_model(model: Any) -> Any:
+def hf_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (or the model itself)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
@@ -110,7 +110,7 @@ def untie_embeddings(model: Any) -> bool:
     """Give the LM head its own copy of a tied input-embedding weight; True when it was tied."""
     import torch
 
-    hf = _hf_model(model)
+    hf = hf_model(model)
     inp, out = hf.get_input_embeddings(), hf.get_output_embeddings()
     if inp is None or out is None or out.weight is not inp.weight:
         _set_untied(hf)
@@ -222,7 +222,7 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     if count_fake_quantized(model):
         strip_fake_quant(model)
     cfg, emb_cfg, linear_filter = scheme_config(s.name)
-    hf = _hf_model(model)
+    hf = hf_model(model)
     head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
     tied = head is not None and emb is not None and head.weight is emb.weight
     untied = False

@@ -62,19 +62,20 @@ def _gguf_fake_quant(qtype: str) -> Any:
     return GGUFFakeQuantizer()
 
 
-def fake_quantizers(scheme: str) -> tuple[Any | None, Any]:
+def fake_quantizers(scheme: str, weight_type: str | None = None) -> tuple[Any | None, Any]:
     """``(activation_fq | None, weight_fq)`` modules of ``scheme``'s linears: torchao's own, as its QAT
-    builds them from the scheme's config, or for a GGUF scheme llama.cpp's weight type with Q8_0
-    activations (what ggml's CPU ``vec_dot`` quantizes the activations to for Q4_0 and Q8_0 weights)."""
+    builds them from the scheme's config, or for a GGUF scheme llama.cpp's weight type (the recipe's
+    projection type, or ``weight_type``) with the recipe's activations (Q8_0: what ggml's CPU
+    ``vec_dot`` quantizes the activations to for Q4_0 and Q8_0 weights)."""
     from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
     from qatforge.qat import scheme_config
-    from qatforge.qat_schemes import gguf_type
+    from qatforge.qat_schemes import gguf_recipe
 
-    t = gguf_type(scheme)
-    if t:
-        return _gguf_fake_quant("Q8_0"), _gguf_fake_quant(t)
+    recipe = gguf_recipe(scheme)
+    if recipe:
+        return _gguf_fake_quant(recipe.activations), _gguf_fake_quant(weight_type or recipe.weights)
 
     cfg, _, _ = scheme_config(scheme)
     act_cfg, w_cfg = _infer_fake_quantize_configs(cfg)
@@ -193,15 +194,13 @@ def prepare_merged_qat(
 
     LoRA-targeted linears get the merged forward (their ``in_features`` must be a multiple of the
     scheme's group size); the scheme's other modules (LM head, embedding) get torchao's usual
-    fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme the input
-    embedding (frozen) is replaced by its llama.cpp round trip in the scheme's type, which is what
-    ``llama-quantize`` writes for ``token_embd`` (and what a tied output uses); an untied LM head is
-    left as it is (llama-quantize stores it as Q6_K, not simulated). LoRA dropout must be 0 (there
-    is no dropout inside a merged weight).
+    fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme every tensor
+    trains under the type its recipe writes it in (:func:`prepare_gguf_outside_adapters`). LoRA
+    dropout must be 0 (there is no dropout inside a merged weight).
     """
     import torch
 
-    from qatforge.qat import QATError, _hf_model, count_fake_quantized, parse_scheme, prepare_qat
+    from qatforge.qat import QATError, count_fake_quantized, hf_model, parse_scheme, prepare_qat
 
     s = parse_scheme(scheme)
     dtype = getattr(torch, storage_dtype)
@@ -213,11 +212,13 @@ def prepare_merged_qat(
     bad = [n for n, m in layers.items() if m.get_base_layer().in_features % group]
     if bad:
         raise QATError(f"qat.mode merged: in_features of {bad[:5]} is not a multiple of the {s.name} group size {group}")
+    head = hf_model(model).get_output_embeddings()
     for name, m in layers.items():
         drop = [d for d in m.lora_dropout.values() if not isinstance(d, torch.nn.Identity)]
         if drop:
             raise QATError(f"qat.mode merged needs train.lora.dropout 0 ({name} has LoRA dropout)")
-        act, wfq = fake_quantizers(s.name)
+        # a LoRA-adapted LM head is written as the recipe's output type, not the projections'
+        act, wfq = fake_quantizers(s.name, s.gguf.output if s.gguf and m is head else None)
         m._qat_act_fq, m._qat_weight_fq, m._qat_round = act, wfq, round_fn
         m.forward = types.MethodType(_forward, m)
     lora_bases = {f"{n}.base_layer" for n in layers}
@@ -228,25 +229,49 @@ def prepare_merged_qat(
         for p in model.parameters():
             if not p.requires_grad and id(p) not in lora_weights and p.is_floating_point():
                 p.data = p.data.to(dtype).to(p.dtype)
-    from qatforge.qat_schemes import gguf_type
-
-    t = gguf_type(s.name)
-    if t:
-        from qatforge.gguf_fake_quant import dequantized
-
-        emb = _hf_model(model).get_input_embeddings()
-        with torch.no_grad():
-            emb.weight.data = dequantized(emb.weight.data, t).to(emb.weight.dtype)
-        others = 1
+    if s.gguf:
+        outside = prepare_gguf_outside_adapters(model, s.gguf, adapted=layers.values())
+        others = len(outside)
     else:
+        outside = {}
         before = count_fake_quantized(model)
         prepare_qat(model, s.name, log=None, skip=lambda fqn: fqn in lora_bases, require=False)
         others = count_fake_quantized(model) - before
     info = {"mode": "merged", "scheme": s.name, "storage_dtype": storage_dtype,
             "merged_linears": sorted(layers), "fake_quantized_other": others}
+    if outside:
+        info["gguf_outside_adapters"] = outside
     if log:
-        other = ("the input embedding replaced by its llama.cpp round trip" if t
+        other = (", ".join(f"{k} {v}" for k, v in outside.items()) if s.gguf
                  else f"{others} other modules fake-quantized by torchao")
         log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
             + other)
     return info
+
+
+def prepare_gguf_outside_adapters(model: Any, recipe: Any, adapted: Any = ()) -> dict[str, str]:
+    """Train the frozen tensors a GGUF recipe writes outside the adapters under their own types:
+    the input embedding is replaced by its llama.cpp round trip in the type ``token_embd`` is written
+    in (the output's type when tied, as llama-quantize does), an untied LM head by its round trip in
+    the output type, and the LM head's input is fake-quantized to the recipe's activation type (the
+    output matmul quantizes it as every other does). Returns ``{what: type}``."""
+    import torch
+
+    from qatforge.gguf_fake_quant import dequantized, fake_quantize
+    from qatforge.qat import hf_model
+
+    hf = hf_model(model)
+    emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    done = {}
+    with torch.no_grad():
+        emb.weight.data = dequantized(emb.weight.data, recipe.embedding_type(tied)).to(emb.weight.dtype)
+        done["token_embd"] = recipe.embedding_type(tied)
+        if head is not None and not tied and not any(head is m for m in adapted):
+            head.weight.data = dequantized(head.weight.data, recipe.output).to(head.weight.dtype)
+            done["output"] = recipe.output
+    if head is not None and not any(head is m for m in adapted):
+        act = recipe.activations
+        head.register_forward_pre_hook(lambda _m, args: (fake_quantize(args[0], act), *args[1:]))
+        done["output input"] = act
+    return done

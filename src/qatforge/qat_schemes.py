@@ -20,18 +20,35 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 UNSLOTH_SCHEMES = ("int4", "int8-int4", "fp8-int4", "fp8-fp8", "int8")
-# GGUF-targeted schemes: weights fake-quantized bit-identically to llama.cpp's reference quantizer of
-# the type (qatforge.gguf_fake_quant), activations as llama.cpp's CPU dot product quantizes them
-# for that weight type (Q8_0 blocks of 32 for both); trained merge-exact only, exported as GGUF.
-GGUF_SCHEMES = {"gguf-q4_0": "Q4_0", "gguf-q8_0": "Q8_0"}
 ALIASES = {"phone-deployment": "int8-int4"}
-SCHEMES = UNSLOTH_SCHEMES + tuple(GGUF_SCHEMES) + tuple(ALIASES)
 SPEC_FORMS = "int<bits>-w<group> (e.g. int2-w128), w<bits>g<group>, or {weight_dtype: int<bits>, group_size: <group>}"
 CPU_SCHEMES_HINT = "int8-int4, int8 or a weight-only spec such as int4-w32 / int2-w128"
 FP8_MIN_CAPABILITY = (8, 9)
 
 _SPEC = re.compile(r"^int([1-8])-w([1-9][0-9]*)$")
 _SPEC_SHORT = re.compile(r"^w([1-8])g([1-9][0-9]*)$")
+
+
+@dataclass(frozen=True)
+class GGUFRecipe:
+    """What a GGUF-targeted scheme trains under and ``llama-quantize`` writes: llama.cpp's own QAT
+    target (``causal-quantize-qat-Q4_0``, PR #15588): the block projections at ``weights``, the token
+    embedding and the output at their own types. Weights are fake-quantized bit-identically to
+    llama.cpp's reference quantizer of each type (``qatforge.gguf_fake_quant``); activations as
+    ggml's CPU dot product quantizes them for these weight types (Q8_0 blocks of 32)."""
+
+    weights: str  # the LoRA-targeted linears (blk.<i>.attn_q, ffn_down, ...)
+    token_embedding: str  # token_embd.weight
+    output: str  # output.weight; with tied embeddings token_embd is the output and takes this type
+    activations: str = "Q8_0"
+
+    def quant_spec(self) -> dict[str, str]:
+        """The ``gguf.quants`` entry that writes this mix (llama-quantize's own flags)."""
+        return {"type": self.weights, "token_embedding_type": self.token_embedding, "output_tensor_type": self.output}
+
+    def embedding_type(self, tied: bool) -> str:
+        """The type ``token_embd`` is written in: llama-quantize gives a tied one the output's type."""
+        return self.output if tied else self.token_embedding
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class Scheme:
     unsloth: bool  # one of Unsloth's names
     min_cuda_capability: tuple[int, int] | None  # None: runs on CPU
     kernel_package: str | None  # extra package whose kernels the real quantization needs
+    gguf: GGUFRecipe | None = None  # GGUF-targeted: trained merge-exact only, ships as that GGUF quant
 
     @property
     def weight_only(self) -> bool:
@@ -58,9 +76,12 @@ _TABLE = {
     "fp8-int4": Scheme("fp8-int4", 4, 128, "fp8", False, True, FP8_MIN_CAPABILITY, "mslk"),
     "fp8-fp8": Scheme("fp8-fp8", "fp8", None, "fp8", False, True, FP8_MIN_CAPABILITY, None),
     "int8": Scheme("int8", 8, None, None, False, True, None, None),
-    "gguf-q4_0": Scheme("gguf-q4_0", 4, 32, "q8_0", True, False, None, None),
-    "gguf-q8_0": Scheme("gguf-q8_0", 8, 32, "q8_0", True, False, None, None),
+    "gguf-q4_0": Scheme("gguf-q4_0", 4, 32, "q8_0", True, False, None, None, GGUFRecipe("Q4_0", "Q8_0", "Q8_0")),
+    "gguf-q8_0": Scheme("gguf-q8_0", 8, 32, "q8_0", True, False, None, None, GGUFRecipe("Q8_0", "Q8_0", "Q8_0")),
 }
+# GGUF-targeted schemes and the type of their projections, from the table above.
+GGUF_SCHEMES = {name: s.gguf.weights for name, s in _TABLE.items() if s.gguf}
+SCHEMES = UNSLOTH_SCHEMES + tuple(GGUF_SCHEMES) + tuple(ALIASES)
 
 
 def _weight_only(bits: int, group: int) -> Scheme:
@@ -94,8 +115,14 @@ def parse_scheme(scheme: str | Mapping[str, Any]) -> Scheme:
 
 
 def gguf_type(scheme: str | Mapping[str, Any]) -> str | None:
-    """The llama.cpp type a GGUF-targeted scheme trains for (``Q4_0``), None for torchao schemes."""
-    return GGUF_SCHEMES.get(canonical(scheme))
+    """The llama.cpp type a GGUF-targeted scheme trains its projections for (``Q4_0``), None for torchao schemes."""
+    recipe = parse_scheme(scheme).gguf
+    return recipe.weights if recipe else None
+
+
+def gguf_recipe(scheme: str | Mapping[str, Any]) -> GGUFRecipe | None:
+    """The GGUF mix a GGUF-targeted scheme trains under and ships as, None for torchao schemes."""
+    return parse_scheme(scheme).gguf
 
 
 def matched_artifact(scheme: str | Mapping[str, Any]) -> tuple[str, str]:

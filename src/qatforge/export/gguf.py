@@ -140,23 +140,35 @@ GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", 
                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
-def check_trained_types(tensors: Mapping[str, str], qtype: str, target_modules: Iterable[str]) -> dict[str, Any]:
-    """That every tensor a GGUF-targeted QAT run trained under ``qtype``'s fake quantizer (the LoRA
-    projections and ``token_embd``) is stored as ``qtype``; returns ``{trained, other, unmapped}``.
-    Raises ``ValueError`` naming the tensors written in another type."""
+def check_trained_types(tensors: Mapping[str, str], scheme: str, target_modules: str | Iterable[str]) -> dict[str, Any]:
+    """That every tensor a GGUF-targeted QAT run of ``scheme`` trained under a fake quantizer is
+    stored in that type: the LoRA projections at the recipe's weight type, ``token_embd`` and
+    ``output`` at theirs (a tied ``token_embd`` at the output's, as llama-quantize writes it).
+    Returns ``{scheme, trained: {tensor: type}, other, unmapped_targets}``; raises ``ValueError``
+    naming the tensors written in another type."""
+    from qatforge.qat_schemes import gguf_recipe
+
+    recipe = gguf_recipe(scheme)
+    if recipe is None:
+        raise ValueError(f"scheme {scheme!r} is not GGUF-targeted")
     targets = list(GGUF_PROJECTIONS) if target_modules == "all-linear" else list(target_modules)
     names = {GGUF_PROJECTIONS[t] for t in targets if t in GGUF_PROJECTIONS}
     unmapped = sorted(t for t in targets if t not in GGUF_PROJECTIONS)
-    trained = sorted(n for n in tensors if n == "token_embd.weight"
-                     or (n.startswith("blk.") and n.endswith(".weight") and n.split(".")[2] in names))
-    wrong = {n: tensors[n] for n in trained if tensors[n] != qtype}
-    if wrong:
-        raise ValueError(f"tensors trained under the {qtype} fake quantizer were written as another type: "
-                         + ", ".join(f"{n}={t}" for n, t in sorted(wrong.items())[:8]))
-    if not trained:
+    tied = "output.weight" not in tensors
+    expected = {n: recipe.weights for n in tensors
+                if n.startswith("blk.") and n.endswith(".weight") and n.split(".")[2] in names}
+    if not expected:
         raise ValueError(f"no tensor of the file matches the run's LoRA targets {targets}")
-    other = {n: t for n, t in tensors.items() if n not in trained and t not in ("F32",)}
-    return {"type": qtype, "trained": trained, "other": other, "unmapped_targets": unmapped}
+    if "token_embd.weight" in tensors:
+        expected["token_embd.weight"] = recipe.embedding_type(tied)
+    if not tied:
+        expected["output.weight"] = recipe.output
+    wrong = {n: (tensors[n], t) for n, t in expected.items() if tensors[n] != t}
+    if wrong:
+        raise ValueError(f"tensors trained under {scheme}'s fake quantizers were written as another type: "
+                         + ", ".join(f"{n}={got} (trained as {t})" for n, (got, t) in sorted(wrong.items())[:8]))
+    other = {n: t for n, t in tensors.items() if n not in expected and t != "F32"}
+    return {"scheme": scheme, "trained": dict(sorted(expected.items())), "other": other, "unmapped_targets": unmapped}
 
 
 def find_fallbacks(gguf_file: str | os.PathLike, qtype: str) -> list[dict[str, Any]]:
@@ -403,13 +415,13 @@ def quantize(
     threads: int | None = None,
     on_fallback: str = "warn",
     source: Mapping[str, Any] | None = None,
-    trained_targets: str | Sequence[str] | None = None,
+    trained: Mapping[str, Any] | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """Quantize a GGUF file to ``qtype`` with ``llama-quantize``; write ``<out_file>.json``.
 
-    ``trained_targets`` (the quant a GGUF-targeted QAT run trained for: its LoRA targets) adds
-    ``check_trained_types`` to the checks, recorded as ``qat_tensor_types``.
+    ``trained`` (``{"scheme", "targets"}``: the GGUF-targeted QAT run this quant ships, with its LoRA
+    targets) adds ``check_trained_types`` to the checks, recorded as ``qat_tensor_types``.
 
     ``options`` map to llama-quantize's own flags: ``pure``, ``leave_output_tensor``,
     ``allow_requantize``, ``output_tensor_type`` and ``token_embedding_type`` (ggml type names),
@@ -438,7 +450,7 @@ def quantize(
                         what=f"llama-quantize {src_gguf.name} -> {qtype}")
         hist = tensor_type_histogram(tmp)
         by_name = tensor_types(tmp)
-        trained = check_trained_types(by_name, qtype, trained_targets) if trained_targets else None
+        trained = check_trained_types(by_name, trained["scheme"], trained["targets"]) if trained else None
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
         fallbacks = _logged_fallbacks(out)
         seen = {f["tensor"] for f in fallbacks}
