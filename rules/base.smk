@@ -28,3 +28,31 @@ rule build_base:
         "../envs/train.yaml"
     script:
         "../scripts/build_base.py"
+
+
+# What the GGUF export needs of the base alone (tokenizer parity with llama.cpp, the types
+# llama-quantize writes for a GGUF-targeted QAT run), checked in seconds before any training.
+# Training waits for it but is not made stale by it (ancient): a rerun of the check after a
+# gguf edit retrains nothing.
+rule gguf_check:
+    input:
+        base="results/base",
+        dev="results/data/dev.parquet",
+    output:
+        "results/checks/gguf.json",
+    params:
+        plan=gguf_check_plan,
+        outtype=config["gguf"]["outtype"],
+        pre_tokenizer=config["gguf"]["pre_tokenizer"],
+    log:
+        "logs/gguf_check.log",
+    benchmark:
+        "benchmarks/gguf_check.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/export.yaml"
+    script:
+        "../scripts/gguf_check.py"

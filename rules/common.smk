@@ -131,6 +131,16 @@ def trained_quant(wildcards):
             "targets": targets if isinstance(targets, str) else sorted(targets)}
 
 
+def gguf_check_plan(wildcards):
+    return sorted_keys(qcfg.gguf_check_plan(config))
+
+
+def gguf_check(wildcards):
+    """The base's GGUF check, which training waits for (ancient: its reruns retrain nothing); none
+    when GGUF is skipped for this base."""
+    return [] if "gguf" in SKIPPED else [ancient("results/checks/gguf.json")]
+
+
 def maybe_temp(path):
     """temp() for the unquantized GGUF when gguf.keep_intermediate is false."""
     return path if config["gguf"]["keep_intermediate"] else temp(path)

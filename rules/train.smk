@@ -3,6 +3,7 @@ rule train:
         base=run_base,
         train="results/data/train.parquet",
         dev="results/data/dev.parquet",
+        gguf_check=gguf_check,
     output:
         directory("results/runs/{run}/checkpoints"),
     params:

@@ -67,6 +67,16 @@ GEMMA3 = (  # Gemma-3's shape: BOS in the template, system folded into the first
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
 )
+LLAMA2 = (  # Llama-2-chat's shape: BOS text before each [INST], system folded into the first user turn
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set sys = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{{- bos_token + '[INST] ' + (sys if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{%- else %}{{- ' ' + message['content'] + ' ' + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
 PHI3 = (
     "{%- for message in messages %}"
     "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
@@ -92,6 +102,7 @@ class Family:
     tied: bool
     pre_tokenizer: str | None = None  # the gguf.pre_tokenizer fallback a user sets for this style
     split: str | None = None
+    legacy: bool = True  # SentencePiece: a "▁" after every special token (False: only at the text's start)
     config: dict = field(default_factory=dict)
     note: str = ""
 
@@ -109,6 +120,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            note="BOS in the template, tied (Llama-3.2-1B)"),
     Family("llama-spm", "LlamaConfig", "LlamaForCausalLM", "spm", ZEPHYR, "</s>", "</s>", "<s>", True, (),
            tied=False, note="SentencePiece tokenizer.model, BOS added by the tokenizer (TinyLlama-Chat)"),
+    Family("llama2-spm", "LlamaConfig", "LlamaForCausalLM", "spm", LLAMA2, "</s>", "</s>", "<s>", True, (),
+           tied=False, legacy=False,
+           note="SentencePiece with legacy: false, BOS text before [INST] (Llama-2-chat template)"),
     Family("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", "spm", GEMMA3, "<eos>", "<pad>", "<bos>", True,
            ("<start_of_turn>", "<end_of_turn>"), tied=True,
            config={"head_dim": HEAD_DIM, "query_pre_attn_scalar": HEAD_DIM, "sliding_window": 128},
@@ -186,10 +200,12 @@ def _spm_tokenizer(fam: Family, convs: list[list[dict]], work: Path) -> Any:
 
     cls = GemmaTokenizer if gemma else LlamaTokenizer
     # Llama-2/TinyLlama and Phi-3 tokenizer.json files are "legacy": a "▁" is always prepended, as
-    # SentencePiece (and llama.cpp) do; Gemma adds no dummy prefix.
+    # SentencePiece (and llama.cpp) do; Gemma adds no dummy prefix; with legacy: false only the text's
+    # start gets one (none after a special token).
     slow = cls(vocab_file=str(work / "spm.model"), bos_token=fam.bos, eos_token="<eos>" if gemma else "</s>",
                unk_token="<unk>", pad_token=fam.pad if gemma else None, add_bos_token=fam.add_bos,
-               add_eos_token=False, legacy=not gemma, sp_model_kwargs={}, clean_up_tokenization_spaces=False)
+               add_eos_token=False, legacy=fam.legacy and not gemma, sp_model_kwargs={},
+               clean_up_tokenization_spaces=False)
     extra = [t for t in (fam.pad, fam.eos, *fam.specials) if t and t not in slow.get_vocab()]
     if extra:  # Phi-3's chat tokens and <|endoftext|> are added tokens on top of the SentencePiece vocab,
         # its role and end tokens with rstrip (the "\n" a template writes after them is dropped)
@@ -197,7 +213,7 @@ def _spm_tokenizer(fam: Family, convs: list[list[dict]], work: Path) -> Any:
             AddedToken(t, rstrip=t != "<|endoftext|>", lstrip=False, special=True, normalized=False) for t in extra]})
     slow_dir = work / "slow"
     slow.save_pretrained(slow_dir)
-    fast = AutoTokenizer.from_pretrained(slow_dir, use_fast=True, from_slow=True, legacy=not gemma)
+    fast = AutoTokenizer.from_pretrained(slow_dir, use_fast=True, from_slow=True, legacy=fam.legacy and not gemma)
     fast.eos_token, fast.pad_token = fam.eos, fam.pad
     fast.chat_template = fam.template
     fast.padding_side = "right"

@@ -23,12 +23,12 @@ from qatforge.capabilities.torchao import check_torchao_schemes
 from qatforge.llamacpp_paths import ARCHITECTURES, share_dir
 
 FAMILY_ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama3": "LlamaForCausalLM",
-                "llama-spm": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                "llama-spm": "LlamaForCausalLM", "llama2-spm": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 @pytest.fixture(scope="module")
 def replicas(family_replicas, tmp_path_factory) -> dict[str, Path]:
-    """The six family replicas (tests/families.py), plus variants: ``phi3-nospm`` (tokenizer.model
+    """The family replicas (tests/families.py), plus variants: ``phi3-nospm`` (tokenizer.model
     deleted), ``qwen3-notok`` (tokenizer.json deleted) and ``qwen3-unlisted`` (a model_type optimum lacks)."""
     root = tmp_path_factory.mktemp("families")
     out = dict(family_replicas)

@@ -26,8 +26,11 @@ from families import FAMILIES
 DATA_ROWS = 800  # the first rows of the shipped dataset (every task present)
 # A K-quant (the Ollama default) and an imatrix i-quant (llama-imatrix runs the family's graph); the
 # other quant types differ only in llama-quantize's per-tensor rules, not per family.
-QUANTS = {"Q4_K_M": {"type": "Q4_K_M"}, "IQ4_XS": {"type": "IQ4_XS", "imatrix": True}}
-STAGES = ("train", "merge", "QAT convert", "GGUF", "TorchAO", "ONNX", "Ollama", "evaluate + parity", "report")
+# Q4_0 in llama.cpp's QAT mix is what the GGUF-targeted QAT run ships (and its PTQ twin).
+QUANTS = {"Q4_K_M": {"type": "Q4_K_M"}, "IQ4_XS": {"type": "IQ4_XS", "imatrix": True},
+          "Q4_0": {"type": "Q4_0", "token_embedding_type": "Q8_0", "output_tensor_type": "Q8_0"}}
+STAGES = ("train", "merge", "QAT convert", "GGUF", "GGUF QAT", "TorchAO", "ONNX", "Ollama", "evaluate + parity",
+          "report")
 TABLE = ROOT / "results" / "families.md"
 README_START, README_END = "<!-- families:start -->", "<!-- families:end -->"
 _BUILDS: dict[str, Path] = {}
@@ -52,6 +55,8 @@ def family_config(cfg: dict, name: str, base: Path) -> dict:
     cfg["runs"] = {
         "baseline": {"qat_scheme": None},
         "qat-int8-int4": {"qat_scheme": "int8-int4", "qat": {"mode": "merged", "distill_from": "baseline"},
+                          "train": {"lr": 1.0e-3, "max_steps": 2, "save_steps": 2}, "formats": "matched"},
+        "qat-gguf-q4_0": {"qat_scheme": "gguf-q4_0", "qat": {"mode": "merged", "distill_from": "baseline"},
                           "train": {"lr": 1.0e-3, "max_steps": 2, "save_steps": 2}, "formats": "matched"},
     }
     return cfg
@@ -89,6 +94,7 @@ def stage_cells(work: Path) -> dict[str, str]:
         "train": all((res / "runs" / r / "best.json").is_file() for r in cfg["runs"]),
         "merge": all((res / "runs" / r / "merged/export.json").is_file() for r in cfg["runs"]),
         "QAT convert": (res / "runs/qat-int8-int4/qat_converted").is_dir(),
+        "GGUF QAT": ("gguf", "Q4_0") in have and ok("gguf") and None,  # the bytes are checked by their own test
         "GGUF": all(("gguf", q) in have for q in ggufs) and ok("gguf"),
         "TorchAO": all(("torchao", s) in have for s in cfg["torchao"]["schemes"]) and ok("torchao"),
         "ONNX": all(("onnx", v) in have for v in cfg["onnx"]["variants"]) and ok("onnx"),
@@ -111,6 +117,60 @@ def test_family_runs_every_stage_with_parity(name, replicas, tmp_path_factory):
     assert failing.height == 0, failing.select("run", "format", "variant", "failures")
     _MATRIX[name] = stage_cells(work)
     assert set(_MATRIX[name].values()) == {"pass", "not checked"}, _MATRIX[name]
+
+
+def _quantized_rows(data, n_rows: int) -> list[bytes]:
+    """A quantized GGUF tensor's rows (blocks never cross a row), sorted: the converter may reorder
+    the rows of a tensor (Llama's q/k permutation), never their contents."""
+    import numpy as np
+
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(n_rows, -1)
+    return sorted(r.tobytes() for r in raw)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_gguf_qat_file_holds_exactly_what_it_trained(name, replicas, tmp_path_factory):
+    """The qat-gguf-q4_0 file (llama.cpp's QAT mix: Q4_0 projections, Q8_0 token embedding and
+    output) holds, tensor for tensor, gguf-py's Q4_0/Q8_0 quantization of the merged weights the run
+    trained under those types (tied or untied); the base was checked before training."""
+    import json
+
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, MODEL_ARCH_NAMES, get_tensor_name_map, quants
+    from safetensors import safe_open
+
+    from qatforge.io import read_json
+
+    work = built(name, replicas, tmp_path_factory)
+    run = work / "results/runs/qat-gguf-q4_0"
+    gguf_file = next((run / "gguf").glob("*-Q4_0.gguf"))
+    trained = read_json(gguf_file.with_name(gguf_file.name + ".json"))["qat_tensor_types"]["trained"]
+    assert set(trained.values()) == {"Q4_0", "Q8_0"} and trained["token_embd.weight"] == "Q8_0"
+    tied = FAMILIES[name].tied
+    assert ("output.weight" in trained) is not tied
+    check = read_json(work / "results/checks/gguf.json")  # the same verdict, before training
+    assert check["qat_tensor_types"]["qat-gguf-q4_0"]["trained"] == trained
+
+    reader = GGUFReader(str(gguf_file))
+    arch = str(reader.fields["general.architecture"].contents())
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    names = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch), n_blocks)
+    hf = {}
+    with safe_open(str(run / "merged/model.safetensors"), "pt") as f:
+        for key in f.keys():
+            g = names.get_name(key, try_suffixes=(".weight",))
+            if g is not None:
+                hf[g] = f.get_tensor(key)
+    tensors = {t.name: t for t in reader.tensors}
+    for tname, qtype in trained.items():
+        t = tensors[tname]
+        assert t.tensor_type.name == qtype, tname
+        w = hf[tname].float().numpy()  # merge stores bf16: exactly what the BF16 GGUF holds
+        ref = quants.quantize(w, GGMLQuantizationType[qtype])
+        assert _quantized_rows(t.data, w.shape[0]) == _quantized_rows(ref, w.shape[0]), f"{name}: {tname}"
+    if name in _MATRIX:
+        _MATRIX[name]["GGUF QAT"] = "pass"
+    print(json.dumps({"family": name, "trained": len(trained)}))
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -146,9 +146,27 @@ def _kl(p_logits, q_logits):
     return float(np.mean(kld(np.asarray(p_logits, dtype=np.float64), np.asarray(q_logits, dtype=np.float64))))
 
 
-def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_path):
-    """gguf-q4_0's training forward (merged weight → bf16 → Q4_0, Q8_0 activations, Q4_0 embedding)
-    against llama.cpp running the Q4_0 file llama-quantize writes from the merged checkpoint."""
+def _tied_copy(d, dest):
+    """The tiny base with its LM head tied to the input embedding (Qwen3-0.6B's, Llama-3.2's shape)."""
+    import shutil
+
+    from qatforge.model import load_causal_lm
+
+    model = load_causal_lm(d)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(dest, safe_serialization=True)
+    for f in d.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_path, tied):
+    """gguf-q4_0's training forward (merged weight → bf16 → Q4_0, Q8_0 activations, token embedding and
+    output at Q8_0, llama.cpp's QAT mix) against llama.cpp running the file llama-quantize writes with
+    that mix from the merged checkpoint, tied or untied."""
     import numpy as np
     import torch
 
@@ -157,12 +175,17 @@ def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_pat
     from qatforge.export import gguf
     from qatforge.model import load_causal_lm
     from qatforge.qat_lora import prepare_merged_qat
+    from qatforge.qat_schemes import gguf_recipe
 
     d, tok, rows = tiny
+    if tied:
+        d = _tied_copy(d, tmp_path / "tied")
     model = _peft(d, seed=1)
     model.save_pretrained(tmp_path / "adapter")
     info = prepare_merged_qat(model, "gguf-q4_0", storage_dtype=merge_mod.STORAGE_DTYPE)
     assert len(info["merged_linears"]) == 7
+    assert info["gguf_outside_adapters"] == {"token_embd": "Q8_0", **({} if tied else {"output": "Q8_0"}),
+                                             "output input": "Q8_0"}
     model.eval()
     enc = _batch(tok, rows, 6)
     train_fwd = [x.numpy() for x in _logits(model, enc)]
@@ -172,13 +195,19 @@ def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_pat
     bf16 = tmp_path / "m-BF16.gguf"
     gguf.convert(tmp_path / "merged", bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})
     q4 = tmp_path / "m-Q4_0.gguf"
-    rec = gguf.quantize(bf16, q4, qtype="Q4_0", trained_targets="all-linear")
-    assert rec["tensors"]["token_embd.weight"] == "Q4_0" and rec["tensors"]["blk.0.attn_q.weight"] == "Q4_0"
-    assert len(rec["qat_tensor_types"]["trained"]) == 1 + 7 and rec["qat_tensor_types"]["other"] == {"output.weight": "Q6_K"}
-    with pytest.raises(ValueError, match="written as another type"):  # the check runs before the file is kept
-        gguf.quantize(bf16, tmp_path / "m-Q8_0.gguf", qtype="Q8_0", options={"tensor_type": {"attn_q": "Q4_0"}},
-                      trained_targets=["q_proj"])
-    assert not (tmp_path / "m-Q8_0.gguf").exists()
+    spec = gguf_recipe("gguf-q4_0").quant_spec()
+    rec = gguf.quantize(bf16, q4, qtype=spec.pop("type"), options=spec,
+                        trained={"scheme": "gguf-q4_0", "targets": "all-linear"})
+    assert rec["tensors"]["token_embd.weight"] == "Q8_0" and rec["tensors"]["blk.0.attn_q.weight"] == "Q4_0"
+    assert ("output.weight" in rec["tensors"]) is not tied
+    check = rec["qat_tensor_types"]
+    assert len(check["trained"]) == 7 + (1 if tied else 2) and check["other"] == {}
+    assert check["trained"]["token_embd.weight"] == "Q8_0" and check["trained"].get("output.weight", "Q8_0") == "Q8_0"
+    # llama.cpp's plain Q4_0 keeps a Q4_0 token_embd (Q6_K for a tied one) and a Q6_K output: refused
+    with pytest.raises(ValueError, match="written as another type: .*token_embd.weight=Q(4_0|6_K) "):
+        gguf.quantize(bf16, tmp_path / "plain-Q4_0.gguf", qtype="Q4_0",
+                      trained={"scheme": "gguf-q4_0", "targets": "all-linear"})
+    assert not (tmp_path / "plain-Q4_0.gguf").exists()  # the check runs before the file is kept
     rt = LlamaCppRuntime(q4, n_ctx=512, threads=1)
     cpp = [rt.logits(e["input_ids"]) for e in enc]
     qat_gap = np.mean([_kl(c, t) for c, t in zip(cpp, train_fwd)])

@@ -109,6 +109,24 @@ def matched_gguf_quant(config: dict, run: str) -> str | None:
     return gguf_type(scheme) if scheme else None
 
 
+def gguf_check_plan(config: dict) -> dict[str, dict[str, Any]]:
+    """What the ``gguf_check`` job checks of a GGUF-targeted QAT run on the base before training:
+    ``{run: {"quant", "spec", "scheme", "targets"}}`` (the ``gguf.quants`` entry it ships as,
+    without its unset options, and its LoRA targets)."""
+    from qatforge.qat_schemes import canonical
+
+    plan = {}
+    for run in qat_runs(config):
+        quant = matched_gguf_quant(config, run)
+        if quant is None or quant not in config["gguf"]["quants"]:
+            continue
+        spec = {k: v for k, v in config["gguf"]["quants"][quant].items() if v not in (None, False, {})}
+        targets = train_settings(config, run)["lora"]["target_modules"]
+        plan[run] = {"quant": quant, "spec": spec, "scheme": canonical(qat_scheme(config, run)),
+                     "targets": targets if isinstance(targets, str) else sorted(targets)}
+    return plan
+
+
 def modelfile_quant(config: dict, run: str, workdir: str | Path = ".") -> str | None:
     """The GGUF quant a run's Ollama Modelfile points at (a GGUF scheme's own type, else
     gguf.default_quant), or None when the run exports no such GGUF (or GGUF is skipped)."""

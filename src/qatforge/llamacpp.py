@@ -187,13 +187,15 @@ def _install_build(build: Path, prefix: Path) -> None:
         os.replace(tmp, link)
 
 
-def run_converter(argv: list[str], pre_tokenizer: str | None = None, report: str | None = None) -> None:
+def run_converter(argv: list[str], pre_tokenizer: str | None = None, report: str | None = None,
+                  add_space_prefix: bool | None = None) -> None:
     """Run the vendored ``convert_hf_to_gguf.main()`` in this process with ``argv``.
 
     The vendored gguf-py is put first on ``sys.path``. When ``pre_tokenizer`` is given it is used
     only if llama.cpp does not recognise the tokenizer (its ``get_vocab_base_pre`` hash lookup
-    raises ``NotImplementedError``); the vendored files are not modified. ``report`` receives
-    JSON ``{"pre_tokenizer": name, "recognized": bool}``.
+    raises ``NotImplementedError``); ``add_space_prefix`` (not None) is written as
+    ``tokenizer.ggml.add_space_prefix`` whatever the converter chose; the vendored files are not
+    modified. ``report`` receives JSON ``{"pre_tokenizer": name, "recognized": bool}``.
     """
     import importlib.util
     import json
@@ -225,6 +227,14 @@ def run_converter(argv: list[str], pre_tokenizer: str | None = None, report: str
         return res
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    if add_space_prefix is not None:  # set last, just before the header (and so the key count) is written
+        write_header = gguf.GGUFWriter.write_header_to_file
+
+        def write_header_to_file(self, *args, **kwargs):
+            self.add_add_space_prefix(add_space_prefix)
+            return write_header(self, *args, **kwargs)
+
+        gguf.GGUFWriter.write_header_to_file = write_header_to_file
     spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -245,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("convert", help="run the vendored convert_hf_to_gguf.py (args after --)")
     c.add_argument("--pre-tokenizer", help="llama.cpp pre-tokenizer name used when the hash is unknown")
     c.add_argument("--report", help="write which pre-tokenizer was used (JSON) here")
+    c.add_argument("--add-space-prefix", choices=("true", "false"),
+                   help="write tokenizer.ggml.add_space_prefix with this value")
     c.add_argument("converter_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     if args.cmd == "install":
@@ -252,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"installed llama.cpp converter into {Path(args.prefix) / 'share' / 'llama.cpp'}: {info}")
     elif args.cmd == "convert":
         rest = args.converter_args[1:] if args.converter_args[:1] == ["--"] else args.converter_args
-        run_converter(rest, args.pre_tokenizer, args.report)
+        prefix = None if args.add_space_prefix is None else args.add_space_prefix == "true"
+        run_converter(rest, args.pre_tokenizer, args.report, prefix)
     else:
         print(find_converter())
         for tool in TOOLS:

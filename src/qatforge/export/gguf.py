@@ -274,9 +274,59 @@ def default_parity_texts(tokenizer_dir: str | os.PathLike) -> list[str]:
         {"role": "assistant", "content": "42"},
         {"role": "user", "content": "And 7 * 6?"},
     ]
-    if getattr(tok, "chat_template", None):
+    if getattr(tok, "chat_template", None):  # the edge cases also as a runtime sees them: in a chat
+        texts += [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                  for t in texts if t.strip()]
         texts.append(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
     return texts
+
+
+def prefix_space_rule(tokenizer_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What llama.cpp must be told so that it splits chats like HF, when it can be told.
+
+    A SentencePiece tokenizer with ``legacy: false`` (a ``Metaspace`` pre-tokenizer with
+    ``prepend_scheme: "first"``) prepends "▁" only at the very start of a text, never after a
+    special token; llama.cpp's SentencePiece tokenizer prepends it at the start *and* after every
+    special token (``tokenizer.ggml.add_space_prefix`` true) or nowhere (false). When the chat
+    template starts with a special token, no chat text gets the prefix in HF, so ``false`` makes the
+    two agree on every chat; raw text that starts with ordinary characters still differs in its
+    first piece. Returns ``{"add_space_prefix": False, "reason"}`` for that case, else None.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qatforge.chat import render
+
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+
+    def first_only(node: Any) -> bool:
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                return True
+            return any(first_only(v) for v in node.values())
+        return isinstance(node, list) and any(first_only(v) for v in node)
+
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if not first_only([spec.get("pre_tokenizer"), spec.get("normalizer")]):
+        return None
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not getattr(tok, "chat_template", None):
+        return None
+    probe = render(tok, [{"role": "user", "content": "x"}], add_generation_prompt=True)
+    if not starts_with_special(probe, tok):
+        return None
+    return {"add_space_prefix": False,
+            "reason": "HF prepends '▁' only at a text's start (Metaspace prepend_scheme 'first', legacy: false) and "
+                      "the chat template starts with a special token, so no chat text gets it; llama.cpp "
+                      "would add it after every special token"}
+
+
+def starts_with_special(text: str, tokenizer: Any) -> bool:
+    """Whether ``text`` begins with the text of one of the tokenizer's special tokens."""
+    return any(t and text.startswith(t) for t in tokenizer.all_special_tokens)
 
 
 def convert(
@@ -310,40 +360,72 @@ def convert(
     started = time.perf_counter()
     llamacpp.find_converter()  # clear error before spawning anything
     with atomic_file(out_file) as tmp:
-        report = tmp.with_name(tmp.name + ".pre.json")
-        cmd = [sys.executable, "-m", "qatforge.llamacpp", "convert", "--report", str(report)]
-        if pre_tokenizer:
-            cmd += ["--pre-tokenizer", pre_tokenizer]
-        cmd += ["--", str(merged_dir), "--outfile", str(tmp), "--outtype", outtype]
-        if model_name:
-            cmd += ["--model-name", model_name]
-        try:
-            _run_tool(cmd, log, env=_converter_env(), what=f"convert_hf_to_gguf.py on {merged_dir}")
-            import json
-
-            pre = json.loads(report.read_text()) if report.is_file() else {}
-        finally:
-            report.unlink(missing_ok=True)
-        texts = list(parity_texts) if parity_texts is not None else default_parity_texts(merged_dir)
-        parity = tokenizer_parity(tmp, merged_dir, texts)
-        log(f"tokenizer parity HF vs llama.cpp: {parity['identical']}/{parity['n']}")
-        if parity["identical"] != parity["n"]:
-            raise RuntimeError(
-                f"{out_file}: llama.cpp tokenizes {parity['n'] - parity['identical']} of {parity['n']} texts "
-                f"differently from the HF tokenizer (pre-tokenizer {pre.get('pre_tokenizer')!r}, "
-                f"recognized={pre.get('recognized')}); first mismatches: {parity['mismatches']}"
-            )
+        pre, parity = convert_checked(merged_dir, tmp, outtype=outtype, pre_tokenizer=pre_tokenizer,
+                                      model_name=model_name, parity_texts=parity_texts, log=log, name=out_file)
         meta = gguf_metadata(tmp, keys=("general.architecture", "general.name", "general.file_type",
-                                        "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id"))
+                                        "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id",
+                                        "tokenizer.ggml.add_space_prefix"))
         hist = tensor_type_histogram(tmp)
         tie = embedding_tie(tmp, merged_dir)
     settings = {"outtype": outtype, "pre_tokenizer_fallback": pre_tokenizer, "model_name": model_name}
-    extra = {"pre_tokenizer": pre, "tokenizer_parity": {"n": parity["n"], "identical": parity["identical"]},
+    extra = {"pre_tokenizer": pre, "tokenizer_parity": {k: v for k, v in parity.items() if k != "mismatches"},
              "tensor_types": hist, "metadata": meta, "embeddings": tie}
     record = write_export_record(out_file, source=source_record(merged_dir, **(source or {})),
                                  tool=tool_info(), settings=settings, started=started, **extra)
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+
+
+def convert_checked(
+    hf_dir: Path, out: Path, *, outtype: str, pre_tokenizer: str | None, model_name: str | None = None,
+    parity_texts: Sequence[str] | None = None, vocab_only: bool = False, log: Log, name: Any = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the converter on ``hf_dir`` into ``out`` and check that llama.cpp tokenizes the parity
+    texts exactly like HF; returns ``(pre-tokenizer report, parity record)``, raises naming the
+    first differing texts. Where llama.cpp can be told how HF splits (:func:`prefix_space_rule`) it
+    is, and the record says what was set; texts that setting cannot make agree (raw text without a
+    leading special token) are counted, not compared."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    rule = prefix_space_rule(hf_dir)
+    report = out.with_name(out.name + ".pre.json")
+    cmd = [sys.executable, "-m", "qatforge.llamacpp", "convert", "--report", str(report)]
+    if pre_tokenizer:
+        cmd += ["--pre-tokenizer", pre_tokenizer]
+    if rule:
+        cmd += ["--add-space-prefix", "false"]
+        log(f"tokenizer.ggml.add_space_prefix = false: {rule['reason']}")
+    cmd += ["--", str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    if model_name:
+        cmd += ["--model-name", model_name]
+    if vocab_only:
+        cmd.append("--vocab-only")
+    try:
+        _run_tool(cmd, log, env=_converter_env(), what=f"convert_hf_to_gguf.py on {hf_dir}")
+        pre = json.loads(report.read_text()) if report.is_file() else {}
+    finally:
+        report.unlink(missing_ok=True)
+    texts = list(parity_texts) if parity_texts is not None else default_parity_texts(hf_dir)
+    not_compared = 0
+    if rule:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        kept = [t for t in texts if starts_with_special(t, tok)]
+        not_compared, texts = len(texts) - len(kept), kept
+    parity = tokenizer_parity(out, hf_dir, texts)
+    log(f"tokenizer parity HF vs llama.cpp: {parity['identical']}/{parity['n']}"
+        + (f" ({not_compared} raw texts without a leading special token not compared)" if rule else ""))
+    if parity["identical"] != parity["n"] or (rule and not parity["n"]):
+        raise RuntimeError(
+            f"{name or out}: llama.cpp tokenizes {parity['n'] - parity['identical']} of {parity['n']} texts "
+            f"differently from the HF tokenizer of {hf_dir} (pre-tokenizer {pre.get('pre_tokenizer')!r}, "
+            f"recognized={pre.get('recognized')}); first mismatches: {parity['mismatches']}"
+        )
+    if rule:
+        parity["set"] = {"tokenizer.ggml.add_space_prefix": False, "reason": rule["reason"],
+                         "raw_texts_not_compared": not_compared}
+    return pre, parity
 
 
 # --------------------------------------------------------------------------- quantization
@@ -378,13 +460,15 @@ def _logged_fallbacks(text: str) -> list[dict[str, Any]]:
 
 
 def quantize_command(
-    src_gguf: Path, out_file: Path, qtype: str, *, imatrix: Path | None, options: Mapping[str, Any], threads: int
+    src_gguf: Path, out_file: Path | None, qtype: str, *, imatrix: Path | None, options: Mapping[str, Any],
+    threads: int,
 ) -> list[str]:
     """The ``llama-quantize`` command line for one quant (``imatrix`` is passed by file name: run it
-    in the imatrix's directory, so the file name llama-quantize records is path-independent)."""
+    in the imatrix's directory, so the file name llama-quantize records is path-independent);
+    without ``out_file``, its ``--dry-run`` (the types it would write, nothing written)."""
     from qatforge import llamacpp
 
-    cmd = [str(llamacpp.find_tool("llama-quantize"))]
+    cmd = [str(llamacpp.find_tool("llama-quantize"))] + (["--dry-run"] if out_file is None else [])
     for key, flag in (("pure", "--pure"), ("leave_output_tensor", "--leave-output-tensor"),
                       ("allow_requantize", "--allow-requantize")):
         if options.get(key):
@@ -402,7 +486,28 @@ def quantize_command(
         cmd += ["--override-kv", f"{key}={kind}:{text}"]
     if imatrix is not None:
         cmd += ["--imatrix", imatrix.name]
+    if out_file is None:
+        return cmd + [str(src_gguf.resolve()), qtype]
     return cmd + [str(src_gguf.resolve()), str(out_file.resolve()), qtype, str(threads)]
+
+
+# One line per tensor of llama-quantize's log: "[  3/ 21] token_embd.weight - [ 256, 1024, 1, 1], type =   bf16,
+# size = 0.50 MiB -> 0.27 MiB (q8_0)"; a tensor it keeps has no "->".
+_PLANNED = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+),.*?(?:->.*\((\S+)\))?\s*$", re.M)
+
+
+def planned_types(src_gguf: str | os.PathLike, qtype: str, options: Mapping[str, Any] | None = None,
+                  log: Any = None) -> dict[str, str]:
+    """``{tensor: ggml type}`` that ``llama-quantize`` would write for ``qtype`` with ``options``,
+    from its own ``--dry-run`` (it reads the tensor shapes, quantizes nothing, writes nothing)."""
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    check_quant(qtype, True, opts)
+    cmd = quantize_command(Path(src_gguf), None, qtype, imatrix=None, options=opts, threads=0)
+    out = _run_tool(cmd, as_log(log), what=f"llama-quantize --dry-run {Path(src_gguf).name} -> {qtype}")
+    types = {m.group(1): (m.group(3) or m.group(2)).upper() for m in _PLANNED.finditer(out)}
+    if not types:
+        raise RuntimeError(f"llama-quantize --dry-run listed no tensors for {src_gguf}:\n{out[-2000:]}")
+    return types
 
 
 def quantize(
