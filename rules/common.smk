@@ -5,7 +5,7 @@ import re
 
 from qatforge import config as qcfg
 from qatforge.config import sorted_keys
-from qatforge.formats import BASE_ARTIFACT, EVAL_MEM_MB, FORMATS, is_deployment_artifact
+from qatforge.formats import FORMATS, artifact_path, is_deployment_artifact, lookup, merged_dir, run_dir
 from qatforge.qat_schemes import detect_cuda_capability
 
 qcfg.check(config, workflow.basedir, cuda_capability=detect_cuda_capability())
@@ -34,10 +34,6 @@ wildcard_constraints:
     variant=_alt(sorted({v for _, _, v in ARTIFACTS})),
 
 
-def run_dir(run):
-    return f"results/runs/{run}"
-
-
 def qat_scheme(wildcards):
     return qcfg.qat_scheme(config, wildcards.run)
 
@@ -45,7 +41,7 @@ def qat_scheme(wildcards):
 def baseline_reference(wildcards):
     """A QAT run's artifacts are also measured against the baseline merged model (its reference)."""
     b = qcfg.comparison_baseline(config, wildcards.run)
-    return f"results/runs/{b}/reference" if b else []
+    return run_dir(b, "reference") if b else []
 
 
 def run_base(wildcards):
@@ -64,22 +60,7 @@ def quant_settings(wildcards):
 
 
 def gguf_file(run, variant):
-    return f"results/runs/{run}/gguf/{MODEL}-{variant}.gguf"
-
-
-def artifact_path(run, fmt, variant):
-    """Where the artifact of (run, format, variant) lives."""
-    if (fmt, variant) == BASE_ARTIFACT:
-        return "results/base"
-    if fmt == "hf":
-        return f"results/runs/{run}/merged"
-    if fmt == "torchao":
-        if qcfg.qat_scheme(config, run) is not None:
-            return f"results/runs/{run}/qat_converted"
-        return f"results/runs/{run}/torchao/{variant}"
-    if fmt == "gguf":
-        return gguf_file(run, variant)
-    return f"results/runs/{run}/onnx/{variant}"
+    return artifact_path(run, "gguf", variant, model=MODEL)
 
 
 def eval_artifact(wildcards):
@@ -89,7 +70,7 @@ def eval_artifact(wildcards):
         raise ValueError(
             f"{eval_json(*key)}: run {key[0]!r} has no {key[1]} artifact {key[2]!r} in this config"
         )
-    return artifact_path(*key)
+    return artifact_path(*key, model=MODEL, qat=qcfg.qat_scheme(config, key[0]) is not None)
 
 
 def eval_json(run, fmt, variant):

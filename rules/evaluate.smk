@@ -3,10 +3,10 @@ EVAL = config["eval"]
 
 rule reference:
     input:
-        merged="results/runs/{run}/merged",
+        merged=merged_dir("{run}"),
         test="results/data/test.parquet",
     output:
-        directory("results/runs/{run}/reference"),
+        directory(run_dir("{run}", "reference")),
     params:
         n_prompts=EVAL["n_prompts"],
         n_nll=EVAL["n_nll"],
@@ -39,7 +39,7 @@ EVAL_PARAMS = dict(
 rule evaluate:
     input:
         artifact=eval_artifact,
-        reference="results/runs/{run}/reference",
+        reference=run_dir("{run}", "reference"),
         test="results/data/test.parquet",
         baseline_reference=baseline_reference,
     output:
@@ -58,7 +58,7 @@ rule evaluate:
         "benchmarks/evaluate/{run}/{format}-{variant}.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=lambda w: EVAL_MEM_MB[w.format],
+        mem_mb=lambda w: lookup(w.format).eval_mem_mb,
         runtime=30,
     conda:
         "../envs/eval.yaml"

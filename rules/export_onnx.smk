@@ -1,8 +1,8 @@
 rule onnx_export:
     input:
-        merged="results/runs/{run}/merged",
+        merged=merged_dir("{run}"),
     output:
-        directory("results/runs/{run}/onnx/fp32"),
+        directory(artifact_path("{run}", "onnx", "fp32")),
     log:
         "logs/onnx_export/{run}.log",
     benchmark:
@@ -19,9 +19,9 @@ rule onnx_export:
 
 rule onnx_int8:
     input:
-        fp32="results/runs/{run}/onnx/fp32",
+        fp32=artifact_path("{run}", "onnx", "fp32"),
     output:
-        directory("results/runs/{run}/onnx/int8"),
+        directory(artifact_path("{run}", "onnx", "int8")),
     log:
         "logs/onnx_int8/{run}.log",
     benchmark:

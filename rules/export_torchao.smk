@@ -1,8 +1,8 @@
 rule torchao_ptq:
     input:
-        merged="results/runs/{run}/merged",
+        merged=merged_dir("{run}"),
     output:
-        directory("results/runs/{run}/torchao/{scheme}"),
+        directory(artifact_path("{run}", "torchao", "{scheme}")),
     wildcard_constraints:
         run=_alt(qcfg.baseline_runs(config)),
         scheme=_alt(config["torchao"]["schemes"]),
@@ -22,9 +22,9 @@ rule torchao_ptq:
 
 rule qat_convert:
     input:
-        merged="results/runs/{run}/merged",
+        merged=merged_dir("{run}"),
     output:
-        directory("results/runs/{run}/qat_converted"),
+        directory(artifact_path("{run}", "torchao", "", qat=True)),  # its own scheme: no variant in the path
     params:
         scheme=qat_scheme,
     wildcard_constraints:

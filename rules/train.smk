@@ -5,11 +5,11 @@ rule train:
         dev="results/data/dev.parquet",
         gguf_check=gguf_check,
     output:
-        directory("results/runs/{run}/checkpoints"),
+        directory(run_dir("{run}", "checkpoints")),
     params:
         settings=train_settings,
         max_tokens=config["data"]["max_tokens"],
-        work_dir=lambda w: f"results/runs/{w.run}/.train-work",
+        work_dir=lambda w: run_dir(w.run, ".train-work"),
     log:
         "logs/train/{run}.log",
     benchmark:
@@ -27,10 +27,10 @@ rule train:
 rule select_best:
     input:
         base=run_base,
-        checkpoints="results/runs/{run}/checkpoints",
+        checkpoints=run_dir("{run}", "checkpoints"),
         dev="results/data/dev.parquet",
     output:
-        "results/runs/{run}/best.json",
+        run_dir("{run}", "best.json"),
     params:
         metric=config["train"]["select_metric"],
         pinned=lambda w: config["runs"][w.run].get("checkpoint"),
@@ -57,10 +57,10 @@ rule select_best:
 rule merge:
     input:
         base=run_base,
-        checkpoints="results/runs/{run}/checkpoints",
-        best="results/runs/{run}/best.json",
+        checkpoints=run_dir("{run}", "checkpoints"),
+        best=run_dir("{run}", "best.json"),
     output:
-        directory("results/runs/{run}/merged"),
+        directory(merged_dir("{run}")),
     params:
         qat_scheme=qat_scheme,
         trust_remote_code=config["model"]["trust_remote_code"],

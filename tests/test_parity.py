@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qatforge import parity
+from qatforge.formats import lookup
 
 
 def test_kld_zero_for_identical_and_shift_invariant():
@@ -97,14 +98,14 @@ def test_thresholds_lookup_and_override():
     q8 = parity.thresholds_for("gguf", "Q8_0")
     assert q8["kld_mean"] >= 0.0014  # never stricter than llama.cpp's published Q8_0 mean KLD
     assert parity.thresholds_for("gguf", "q8_0") == q8  # case-insensitive variant
-    assert parity.thresholds_for("gguf", "Q3_K_S") == parity.DEFAULT_THRESHOLDS["gguf"]["default"]
+    assert parity.thresholds_for("gguf", "Q3_K_S") == lookup("gguf").thresholds["default"]
     table = {"gguf": {"Q8_0": {"kld_mean": 0.01}}, "onnx": {"default": {"gen_match": 0.5}}}
     over = parity.thresholds_for("gguf", "Q8_0", table)
     assert over["kld_mean"] == 0.01 and over["top1_agree"] == q8["top1_agree"]
     assert parity.thresholds_for("onnx", "int4", table)["gen_match"] == 0.5
     # a configured default applies only to variants without an entry of their own
-    assert parity.thresholds_for("onnx", "int8", table) == parity.DEFAULT_THRESHOLDS["onnx"]["int8"]
-    with pytest.raises(KeyError, match="format 'tflite'"):
+    assert parity.thresholds_for("onnx", "int8", table) == lookup("onnx").thresholds["int8"]
+    with pytest.raises(ValueError, match="unknown format 'tflite'; known: hf, torchao, gguf, onnx"):
         parity.thresholds_for("tflite", "x")
     with pytest.raises(KeyError, match="unknown threshold keys"):
         parity.thresholds_for("hf", "merged", {"hf": {"merged": {"kld": 1.0}}})
@@ -127,7 +128,7 @@ def test_judge():
 def test_token_parity_threshold_waives_only_the_prompt_ids_check():
     table = {"gguf": {"Q4_0": {"token_parity": False}}}
     th = parity.thresholds_for("gguf", "Q4_0", table)
-    assert th == {**parity.DEFAULT_THRESHOLDS["gguf"]["Q4_0"], "token_parity": False}
+    assert th == {**lookup("gguf").thresholds["Q4_0"], "token_parity": False}
     good = {"kld_mean": 0.01, "top1_agree": 0.95, "gen_match": 0.9, "token_parity": False}
     assert parity.judge(good, th) == (True, [])
     assert parity.judge(good, parity.thresholds_for("gguf", "Q4_0")) == (False, ["token_parity is false"])

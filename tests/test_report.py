@@ -317,3 +317,12 @@ def test_bad_inputs_name_the_file(tmp_path):
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.9), (0.5, 0.1), (3.0, 0.95)]
     assert report.pareto_front(pts) == [3, 0, 4]
+
+
+def test_the_baseline_is_the_run_of_the_base_row():
+    """config.baseline_run places the base model's row; the report reads the baseline from it."""
+    rows = [_row("baseline", None, "hf", "merged", 8.0, 90, 0.5, seed=1),
+            _row("zeta", None, "hf", "merged", 8.0, 80, 0.6, seed=2),
+            _row("zeta", None, "hf", "base", 8.0, 40, 1.2, seed=3, ok=None, failures=[])]
+    assert report.baseline_run(rows) == "zeta" and report.baseline_run(rows[:2]) is None
+    assert report.recommend(rows, 0.05)["baseline"]["run"] == "zeta"

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qatforge.formats import BASE_ARTIFACT, FORMATS
+from qatforge.formats import BASE_ARTIFACT, BASE_DIR, FORMATS, MERGED_ARTIFACT, lookup, merged_dir, outtype_name
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-qwen3",)
@@ -43,11 +43,6 @@ def model_name(config: dict, workdir: str | Path = ".") -> str:
     return name if SAFE_NAME.match(name) else "model"
 
 
-def outtype_name(config: dict) -> str:
-    """The GGUF variant name of the unquantized conversion, e.g. ``BF16``."""
-    return config["gguf"]["outtype"].upper()
-
-
 def runs(config: dict) -> list[str]:
     return list(config["runs"])
 
@@ -62,20 +57,28 @@ def teacher(config: dict, run: str) -> str | None:
 
 
 def comparison_baseline(config: dict, run: str) -> str | None:
-    """The baseline run a QAT run's artifacts are compared with: its teacher, else the first baseline run."""
+    """The baseline run a QAT run's artifacts are compared with (recorded in their evaluation):
+    its teacher, else :func:`baseline_run`."""
     if qat_scheme(config, run) is None:
         return None
-    return teacher(config, run) or next(iter(baseline_runs(config)), None)
+    return teacher(config, run) or baseline_run(config)
 
 
 def run_base(config: dict, run: str) -> str:
     """The base checkpoint a run's adapter trains on and merges into."""
     t = teacher(config, run)
-    return f"results/runs/{t}/merged" if t else "results/base"
+    return merged_dir(t) if t else BASE_DIR
 
 
 def baseline_runs(config: dict) -> list[str]:
     return [r for r in runs(config) if qat_scheme(config, r) is None]
+
+
+def baseline_run(config: dict) -> str | None:
+    """The baseline run: the first run without a QAT scheme (None without one). The report's
+    baseline; the base model is evaluated as a row of it (``formats.BASE_ARTIFACT``), which is how
+    the report knows it."""
+    return next(iter(baseline_runs(config)), None)
 
 
 def qat_runs(config: dict) -> list[str]:
@@ -138,14 +141,8 @@ def modelfile_quant(config: dict, run: str, workdir: str | Path = ".") -> str | 
 
 
 def torchao_variants(config: dict, run: str) -> list[str]:
-    """TorchAO artifacts of a run: PTQ schemes for a baseline run, its own scheme for a QAT run
-    (none for a GGUF-targeted scheme, whose artifact is the GGUF quant of its type)."""
-    from qatforge.qat_schemes import gguf_type
-
-    scheme = qat_scheme(config, run)
-    if scheme is None:
-        return list(config["torchao"]["schemes"])
-    return [] if gguf_type(scheme) else [scheme]
+    """TorchAO artifacts of a run (the torchao record's variants)."""
+    return lookup("torchao").variants(config, qat_scheme(config, run))
 
 
 def torchao_scheme_uses(config: dict) -> list[tuple[str, str]]:
@@ -182,30 +179,28 @@ def _used_formats(config: dict) -> set[str]:
 
 
 def artifacts(config: dict, workdir: str | Path = ".") -> list[tuple[str, str, str]]:
-    """Every evaluated artifact as (run, format, variant); the base model is a row of the first
-    baseline run (``formats.BASE_ARTIFACT``), and there is none without a baseline run. Formats the
+    """Every evaluated artifact as (run, format, variant); the base model is a row of the
+    :func:`baseline_run` (``formats.BASE_ARTIFACT``), and there is none without one. Formats the
     base cannot be exported to are absent under ``formats.on_unsupported: skip`` (:func:`skipped_formats`)."""
     skipped = skipped_formats(config, workdir)
     return [a for a in _configured_artifacts(config) if a[1] not in skipped]
 
 
 def _configured_artifacts(config: dict) -> list[tuple[str, str, str]]:
-    """:func:`artifacts` before any format is skipped."""
+    """:func:`artifacts` before any format is skipped: each format's variants of each run (a run
+    with ``formats: matched``: its merged model and the artifact of its quantizer)."""
     from qatforge.qat_schemes import matched_artifact
 
-    base_run = next(iter(baseline_runs(config)), None)
-    out = []
+    base_run, out = baseline_run(config), []
     for run in runs(config):
-        out.append((run, "hf", "merged"))
-        if run == base_run:
-            out.append((run, *BASE_ARTIFACT))
-        if config["runs"][run].get("formats") == "matched" and qat_scheme(config, run):
-            out.append((run, *matched_artifact(qat_scheme(config, run))))
-            continue
-        out += [(run, "torchao", s) for s in torchao_variants(config, run)]
-        out.append((run, "gguf", outtype_name(config)))
-        out += [(run, "gguf", q) for q in config["gguf"]["quants"]]
-        out += [(run, "onnx", v) for v in config["onnx"]["variants"]]
+        scheme = qat_scheme(config, run)
+        if config["runs"][run].get("formats") == "matched" and scheme:
+            arts = [MERGED_ARTIFACT, matched_artifact(scheme)]
+        else:
+            arts = [(f.name, v) for f in FORMATS.values() for v in f.variants(config, scheme)]
+        if run == base_run:  # the base model, after the merged model
+            arts.insert(arts.index(MERGED_ARTIFACT) + 1, BASE_ARTIFACT)
+        out += [(run, *a) for a in arts]
     return out
 
 

@@ -13,52 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-# Pass/fail thresholds per format and variant: the defaults, in this one place. ``kld_mean``/
-# ``kld_max`` are upper bounds, ``top1_agree``/``gen_match`` lower bounds; the tokenizer checks
-# (prompt ids, BOS/EOS, no double BOS, chat template) are always required, except that an entry
-# with ``token_parity: false`` accepts prompt ids that differ from the reference's.
-# Anchors: llama.cpp tools/perplexity/README.md, LLaMA-3-8B vs FP16 — BF16 vs F16 KLD 2.5e-5 /
-# same-top-p 99.74 %; Q8_0 0.0014 / 97.7 %; Q6_K 0.0055 / 96.0 %; Q5_K_M 0.011; Q4_K_M 0.031 /
-# 91.9 %; IQ4_XS (imatrix) 0.036; Q4_0 0.072. Rule: KLD bound ~3x the anchor, top-1 bound ~3
-# points under it (~0.5 for lossless formats); gen_match (no anchor) set under what was measured.
-# Measured (KLD / top-1 / gen_match) on the builtin tiny Qwen3 (3.5M, 1300 warm-up steps, 1209
-# logit tokens, 100 prompts) against its fp32 reference; every value passes with margin, so only
-# Q5_K_M's top-1 moved (see there). Those figures pooled every position of the 32 conversations;
-# their answer positions (``answer_positions``, ~200 of the 1209) are what is scored now, so the
-# top-1 standard errors are ~2.5x the ones quoted. config/config.yaml (report.thresholds) holds
-# overrides only; ``thresholds_for`` merges them over this table.
-DEFAULT_THRESHOLDS: dict[str, dict[str, dict[str, float]]] = {
-    "hf": {
-        "merged": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.99},  # measured 0 / 1 / 1
-        "default": {"kld_mean": 1e-3, "top1_agree": 0.98, "gen_match": 0.9},
-    },
-    "gguf": {
-        "F32": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.98},  # 2.7e-12 / 1 / 1 (F32 KV cache)
-        "F16": {"kld_mean": 1e-4, "top1_agree": 0.995, "gen_match": 0.95},
-        "BF16": {"kld_mean": 1e-4, "top1_agree": 0.995, "gen_match": 0.95},  # 2.7e-5 / 0.9992 / 1.00
-        "Q8_0": {"kld_mean": 0.005, "top1_agree": 0.95, "gen_match": 0.85},  # 2.9e-4 / 0.993 / 0.99
-        "Q6_K": {"kld_mean": 0.015, "top1_agree": 0.93, "gen_match": 0.8},  # 1.7e-3 / 0.987 / 0.97
-        # top-1 0.90, not the ~0.91 the rule gives: measured 0.945 is only ~2.5 standard errors
-        # (1209 tokens) above 0.93; 5.8e-3 / 0.945 / 0.93
-        "Q5_K_M": {"kld_mean": 0.03, "top1_agree": 0.90, "gen_match": 0.7},
-        "Q4_K_M": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},  # 2.3e-2 / 0.925 / 0.93
-        "IQ4_XS": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
-        "Q4_0": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},  # 3.3e-2 / 0.908 / 0.91
-        "default": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},
-    },
-    "onnx": {
-        "fp32": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.98},  # 8.9e-13 / 1 / 1
-        # dynamic int8 (weights and activations), bounds of Q5_K_M; 2.0e-3 / 0.979 / 0.99
-        "int8": {"kld_mean": 0.03, "top1_agree": 0.90, "gen_match": 0.7},
-        "default": {"kld_mean": 0.03, "top1_agree": 0.90, "gen_match": 0.7},
-    },
-    "torchao": {
-        "int8": {"kld_mean": 0.005, "top1_agree": 0.95, "gen_match": 0.85},  # as Q8_0; 8.0e-5 / 0.996 / 0.97
-        # 4-bit weights (group 32) + int8 dynamic activations, as Q4_K_M; PTQ 1.9e-2 / 0.920 / 0.93
-        "int8-int4": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
-        "default": {"kld_mean": 0.1, "top1_agree": 0.88, "gen_match": 0.6},
-    },
-}
+from qatforge.formats import lookup
 
 UPPER_BOUNDS = ("kld_mean", "kld_max", "max_abs_diff")
 LOWER_BOUNDS = ("top1_agree", "gen_match", "accuracy")
@@ -192,14 +147,13 @@ def mean_nll(
 def thresholds_for(
     format: str, variant: str, table: Mapping[str, Any] | None = None
 ) -> dict[str, float | bool]:
-    """Thresholds of ``format``/``variant``: ``DEFAULT_THRESHOLDS`` with ``table`` merged over it.
+    """Thresholds of ``format``/``variant``: the format's defaults (``formats.Format.thresholds``)
+    with ``table`` merged over them; an unknown format is a ValueError naming it.
 
     Entries merge per variant (case-insensitive names); a variant absent from both uses the
     merged ``default`` entry. Keys: the bounds, and the booleans of ``WAIVABLE``.
     """
-    if format not in DEFAULT_THRESHOLDS and not (table and format in table):
-        raise KeyError(f"no parity thresholds for format {format!r} (known: {sorted(DEFAULT_THRESHOLDS)})")
-    merged: dict[str, dict[str, float]] = {k.lower(): dict(v) for k, v in DEFAULT_THRESHOLDS.get(format, {}).items()}
+    merged: dict[str, dict[str, float]] = {k.lower(): dict(v) for k, v in lookup(format).thresholds.items()}
     for k, v in ((table or {}).get(format) or {}).items():
         if v is not None and not isinstance(v, Mapping):
             raise TypeError(f"thresholds for {format}/{k} must be a mapping, got {type(v).__name__}")

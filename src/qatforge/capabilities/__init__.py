@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 from qatforge import llamacpp_paths
 from qatforge.config import BUILTIN_PREFIX
+from qatforge.formats import FORMATS, resolve
 
 SENTENCEPIECE_JSON = "sentencepiece_architectures.json"  # in llamacpp_paths.share_dir()
 ONNX_JSON = "onnx_model_types.json"  # in share_dir()
@@ -128,8 +129,9 @@ def onnx_reason(info: BaseInfo, facts: Facts) -> str | None:
 
 
 def unsupported(info: BaseInfo, facts: Facts) -> dict[str, str]:
-    """``{format: reason}`` of the formats the base cannot be exported to (pure)."""
-    reasons = {"gguf": gguf_reason(info, facts), "onnx": onnx_reason(info, facts)}
+    """``{format: reason}`` of the formats the base cannot be exported to, by each format's check
+    (``formats.Format.support``; pure)."""
+    reasons = {f.name: resolve(f.support)(info, facts) for f in FORMATS.values() if f.support}
     return {fmt: r for fmt, r in reasons.items() if r}
 
 

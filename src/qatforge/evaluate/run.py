@@ -1,9 +1,10 @@
 """The evaluation loop: one artifact in its own runtime, measured against the run's reference.
 
-``run_eval`` picks the runtime by format (transformers for hf/torchao, llama.cpp for gguf,
-onnxruntime for onnx), each in the calling process, and writes one JSON holding exactly the
-report columns (``qatforge.columns.REPORT_COLUMNS``, then ``SPEED_COLUMNS``) plus extras. Nothing
-here imports torch at module level: GGUF and ONNX evaluations run without torch/transformers.
+``run_eval`` opens the artifact in its format's runtime (``formats.Format.runtime``: transformers
+for hf/torchao, llama.cpp for gguf, onnxruntime for onnx), in the calling process, and writes one
+JSON holding exactly the report columns (``qatforge.columns.REPORT_COLUMNS``, then
+``SPEED_COLUMNS``) plus extras. Nothing here imports torch at module level: GGUF and ONNX
+evaluations run without torch/transformers.
 
 Speed is measured apart from parity: the parity runtime is released and a second instance is
 opened with each runtime's deployment settings (``open_speed_runtime``, recorded in
@@ -27,7 +28,7 @@ import numpy as np
 
 from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
 from qatforge.decode import Runtime, greedy
-from qatforge.formats import FORMATS, REFERENCE_ONLY, is_deployment_artifact
+from qatforge.formats import FORMATS, REFERENCE_ONLY, is_deployment_artifact, lookup, resolve
 from qatforge.reference import Reference, check_test_data, load
 
 
@@ -237,23 +238,16 @@ def run_eval(
     from qatforge.io import atomic_file
     from qatforge.model import release_freed_memory
 
-    if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    runtime_module = lookup(format).runtime
     artifact = Path(artifact)
     if not artifact.exists():
         raise FileNotFoundError(f"artifact {artifact} does not exist")
     parity_peak = 0.0
     try:
-        if format in ("hf", "torchao"):
-            from qatforge.evaluate.hf import open_runtime, open_speed_runtime
-        elif format == "gguf":
-            from qatforge.evaluate.gguf import open_runtime, open_speed_runtime
-        else:
-            from qatforge.evaluate.onnx import open_runtime, open_speed_runtime
-
+        runtime = resolve(runtime_module)
         ref = load(reference_dir)
         t0 = time.perf_counter()
-        rt, about = open_runtime(artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens)
+        rt, about = runtime.open_runtime(artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens)
         load_s = time.perf_counter() - t0
         result = evaluate_runtime(
             rt, ref, format=format, variant=variant, max_new_tokens=max_new_tokens,
@@ -267,7 +261,7 @@ def run_eval(
         release_freed_memory()
         parity_peak = peak_rss_mb()
         result.update(speed_pass(
-            open_speed_runtime, artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens,
+            runtime.open_speed_runtime, artifact, ref, format=format, threads=threads, max_new_tokens=max_new_tokens,
             speed_prompts=speed_prompts, speed_repeats=speed_repeats,
         ))
     except Exception as e:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from qatforge.formats import lookup
 from qatforge.io import atomic_file
 from qatforge.report.compare import add_losses, base_vs_finetuned, qat_vs_ptq, qat_vs_ptq_frame, recommend
 from qatforge.report.load import deployed, label, load_evals, to_frame
@@ -78,7 +79,7 @@ def build_report(
     if skipped:
         md += ["## Skipped formats", "", "Not built for this base (formats.on_unsupported: skip); report.csv has "
                "no rows for them:", ""]
-        md += [f"- **{fmt}**{' (and the Ollama Modelfile)' if fmt == 'gguf' else ''}: {reason}"
+        md += [f"- **{fmt}**{f' (and {also})' if (also := lookup(fmt).also_skipped) else ''}: {reason}"
                for fmt, reason in sorted(skipped.items())] + [""]
     if failing:
         md += ["## Parity failures", ""]

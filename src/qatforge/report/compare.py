@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from qatforge.formats import BASE_ARTIFACT
+from qatforge.formats import BASE_ARTIFACT, FORMATS, MERGED_ARTIFACT, lookup
 from qatforge.report.load import NO_SCHEME, deployed
 from qatforge.report.stats import paired_accuracy_losses, paired_kld_losses, paired_loss, paired_nll_losses
 
-TARGETS = (("llama.cpp / Ollama", "gguf"), ("torchao", "torchao"), ("ONNX Runtime", "onnx"))
-FULL_PRECISION_GGUF = {"F32", "F16", "BF16"}
+# (label, format) of each deployment target, in the recommendation's order (formats.Format.label)
+TARGETS = tuple((f.label, f.name) for f in sorted(FORMATS.values(), key=lambda f: f.rank) if f.label)
 QAT_VS_PTQ_COLUMNS = ("qat_run", "qat_mode", "format", "variant", "metric", "ptq_loss", "qat_loss", "recovery",
                       "recovery_ci_low", "recovery_ci_high")
 UNMATCHED = "PTQ of a QAT-trained model"
@@ -24,32 +24,34 @@ def _find(rows: Sequence[Mapping], run: str, fmt: str, variant: str) -> Mapping 
 
 
 def baseline_run(rows: Sequence[Mapping]) -> str | None:
-    """The run without a QAT scheme that has a merged HF row ("baseline" preferred)."""
-    runs = sorted({r["run"] for r in rows if r["qat_scheme"] == NO_SCHEME and r["format"] == "hf"
-                   and r["variant"] == "merged"})
-    if not runs:
-        return None
-    return "baseline" if "baseline" in runs else runs[0]
+    """The baseline run (``config.baseline_run``): the run of the base model's row, None without one."""
+    return next((r["run"] for r in rows if (r["format"], r["variant"]) == BASE_ARTIFACT), None)
+
+
+def _unquantized(r: Mapping) -> bool:
+    """Whether the row's variant quantizes nothing (``formats.Format.unquantized``)."""
+    return r["variant"].lower() in {v.lower() for v in lookup(r["format"]).unquantized}
 
 
 def qat_vs_ptq(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]]:
     """Each QAT run's matched artifact (the quantizer it trained for, ``qat_schemes.matched_artifact``)
     against the baseline run's artifact of the same quantizer (PTQ), both measured against the
-    baseline merged model: accuracy, NLL and KLD losses with recovery. Unmatched quantized
-    artifacts of QAT runs come back as ``{"unmatched": ...}`` items."""
+    baseline merged model: accuracy, NLL and KLD losses with recovery. The baseline run is the one
+    the QAT run's rows record (``config.comparison_baseline``). Unmatched quantized artifacts of QAT
+    runs come back as ``{"unmatched": ...}`` items."""
     from qatforge.qat_schemes import matched_artifact
 
     out = []
     for qrun in sorted({r["run"] for r in rows if r["qat_scheme"] != NO_SCHEME}):
         qrows = [r for r in rows if r["run"] == qrun]
         scheme = qrows[0]["qat_scheme"]
-        base_run = next((r.get("baseline_run") for r in qrows if r.get("baseline_run")), None) or baseline_run(rows)
+        base_run = next((r["baseline_run"] for r in qrows if r.get("baseline_run")), None)
         fmt, variant = matched_artifact(scheme)
-        base = _find(rows, base_run, "hf", "merged") if base_run else None
+        base = _find(rows, base_run, *MERGED_ARTIFACT) if base_run else None
         q, p = _find(rows, qrun, fmt, variant), (_find(rows, base_run, fmt, variant) if base_run else None)
         item: dict[str, Any] = {"qat_run": qrun, "qat_mode": qrows[0].get("qat_mode"), "baseline_run": base_run,
                                 "scheme": scheme, "format": fmt, "variant": variant, "qat": q, "ptq": p, "base": base,
-                                "qat_merged": _find(rows, qrun, "hf", "merged")}
+                                "qat_merged": _find(rows, qrun, *MERGED_ARTIFACT)}
         missing = [n for n, r in (("QAT artifact", q), ("PTQ artifact", p), ("baseline merged model", base)) if r is None]
         if missing:
             item["missing"] = missing
@@ -62,8 +64,7 @@ def qat_vs_ptq(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]
             item["kld"] = paired_kld_losses(p, q, seed=seed)
         out.append(item)
         for r in qrows:
-            if deployed(r) and (r["format"], r["variant"]) not in ((fmt, variant), ("hf", "merged")) \
-                    and r["variant"].upper() not in FULL_PRECISION_GGUF and r["variant"] != "fp32":
+            if deployed(r) and (r["format"], r["variant"]) != (fmt, variant) and not _unquantized(r):
                 out.append({"qat_run": qrun, "format": r["format"], "variant": r["variant"], "unmatched": UNMATCHED})
     return out
 
@@ -96,7 +97,7 @@ def qat_vs_ptq_frame(items: Sequence[Mapping]) -> Any:
 def recommend(rows: Sequence[Mapping], accuracy_margin: float) -> dict[str, Any]:
     """Per deployment target: the smallest artifact passing parity within the accuracy margin."""
     base_run = baseline_run(rows)
-    base = _find(rows, base_run, "hf", "merged") if base_run else None
+    base = _find(rows, base_run, *MERGED_ARTIFACT) if base_run else None
     out: dict[str, Any] = {"baseline": base, "accuracy_margin": accuracy_margin, "targets": {}}
     for target, fmt in TARGETS:
         cands = [r for r in rows if r["format"] == fmt and deployed(r)]
@@ -121,7 +122,7 @@ def recommend(rows: Sequence[Mapping], accuracy_margin: float) -> dict[str, Any]
 def add_losses(rows: Sequence[dict], *, seed: int = 0) -> None:
     """Set every row's ``LOSS_COLUMNS``: its ``paired_loss`` against its run's merged model (None if none)."""
     for r in rows:
-        merged = _find(rows, r["run"], "hf", "merged")
+        merged = _find(rows, r["run"], *MERGED_ARTIFACT)
         for measure, col in (("accuracy", "acc_loss"), ("nll", "nll_loss")):
             s = paired_loss(merged, r, measure, seed=seed) if merged else None
             r[col], r[f"{col}_ci_low"], r[f"{col}_ci_high"] = (s["loss"], *s["ci"]) if s else (None, None, None)
@@ -133,6 +134,6 @@ def base_vs_finetuned(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[st
     base = next((r for r in rows if (r["format"], r["variant"]) == BASE_ARTIFACT), None)
     if base is None:
         return []
-    merged = sorted((r for r in rows if r["format"] == "hf" and r["variant"] == "merged"), key=lambda r: r["run"])
+    merged = sorted((r for r in rows if (r["format"], r["variant"]) == MERGED_ARTIFACT), key=lambda r: r["run"])
     return [{"run": m["run"], "base": base, "merged": m, "accuracy": paired_loss(m, base, "accuracy", seed=seed),
              "nll": paired_loss(m, base, "nll", seed=seed)} for m in merged]

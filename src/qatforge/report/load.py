@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS, STR_COLUMNS
-from qatforge.formats import FORMATS, is_deployment_artifact
+from qatforge.formats import FORMATS, is_deployment_artifact, lookup
 from qatforge.io import read_json
 
 EXTRA_COLUMNS = ("threads", "n_prompts", "failures")
@@ -28,8 +28,10 @@ def load_evals(eval_jsons: Iterable[str | Path]) -> list[dict[str, Any]]:
         missing = [c for c in REPORT_COLUMNS if c not in rec]
         if missing:
             raise ValueError(f"{p}: missing report columns {missing}")
-        if rec["format"] not in FORMATS:
-            raise ValueError(f"{p}: unknown format {rec['format']!r} (expected one of {list(FORMATS)})")
+        try:
+            lookup(rec["format"])
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
         key = (rec["run"], rec["format"], rec["variant"])
         if key in seen:
             raise ValueError(f"{p}: duplicate artifact {'/'.join(key)} (also in {seen[key]})")

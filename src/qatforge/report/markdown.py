@@ -6,7 +6,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
-from qatforge.formats import BASE_ARTIFACT, REFERENCE_ONLY
+from qatforge.formats import BASE_ARTIFACT, MERGED_ARTIFACT, REFERENCE_ONLY
 from qatforge.report.compare import UNMATCHED
 from qatforge.report.load import FORMAT_ORDER, deployed, label
 from qatforge.report.stats import BOOTSTRAP
@@ -150,7 +150,7 @@ def loss_section(rows: Sequence[Mapping]) -> list[str]:
           f"merged (nats/token), paired bootstrap 95 % intervals ({BOOTSTRAP} resamples, fixed seed). *Excludes "
           "0*: the measures whose interval lies on one side of zero.", "",
           "| artifact | accuracy loss [95 % CI] | NLL loss [95 % CI] | excludes 0 |", "|---|---|---|---|"]
-    arts = [r for r in rows if deployed(r) and (r["format"], r["variant"]) != ("hf", "merged")]
+    arts = [r for r in rows if deployed(r) and (r["format"], r["variant"]) != MERGED_ARTIFACT]
     for r in sorted(arts, key=lambda r: (r["run"], FORMAT_ORDER[r["format"]], r["variant"])):
         cells, sig = [], []
         for name, col, unit, scale in (("accuracy", "acc_loss", " pt", 100.0), ("NLL", "nll_loss", "", 1.0)):
