@@ -9,7 +9,7 @@ rule build_base:
     input:
         lambda w: [BASE] if os.path.isdir(BASE) else [],
     output:
-        directory("results/base"),
+        directory(BASE_DIR),
     params:
         base=BASE,
         builtin=sorted_keys(config["model"]["builtin"]),
@@ -36,7 +36,7 @@ rule build_base:
 # gguf edit retrains nothing.
 rule gguf_check:
     input:
-        base="results/base",
+        base=BASE_DIR,
         dev="results/data/dev.parquet",
     output:
         "results/checks/gguf.json",

@@ -1,6 +1,6 @@
 rule gguf_convert:
     input:
-        merged="results/runs/{run}/merged",
+        merged=merged_dir("{run}"),
         dev="results/data/dev.parquet",
     output:
         gguf=maybe_temp(gguf_file("{run}", OUTTYPE)),
@@ -74,7 +74,7 @@ rule gguf_quantize:
 rule ollama_modelfile:
     input:
         gguf=lambda w: gguf_file(w.run, qcfg.modelfile_quant(config, w.run) or config["gguf"]["default_quant"]),
-        merged="results/runs/{run}/merged",
+        merged=merged_dir("{run}"),
     output:
         "results/runs/{run}/gguf/Modelfile",
     log:
