@@ -13,6 +13,8 @@ from typing import Any
 
 from qatforge.builtin import BUILTIN_MODELS, BUILTIN_NAME, BUILTIN_PREFIX
 from qatforge.capabilities import unsupported_formats
+from qatforge.export.quant_types import check_quant
+from qatforge.llamacpp_paths import known_pre_tokenizers
 from qatforge.formats import BASE_ARTIFACT, FORMATS
 
 SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -277,10 +279,6 @@ def _same_quant(spec: dict | None, want: dict[str, str]) -> bool:
 
 
 def _check_gguf(config: dict) -> list[str]:
-    from qatforge.export.gguf import check_quant
-
-    from qatforge.llamacpp_paths import known_pre_tokenizers
-
     g = config["gguf"]
     problems = []
     names = known_pre_tokenizers()  # None before `make install`: the converter then reports it

@@ -10,8 +10,8 @@ sections and figures, ``build`` writes the report and ``gate`` checks it.
 """
 
 from qatforge.report.build import build_report
-from qatforge.report.compare import (FULL_PRECISION_GGUF, QAT_VS_PTQ_COLUMNS, TARGETS, UNMATCHED, add_losses,
-                                     base_vs_finetuned, baseline_run, qat_vs_ptq, qat_vs_ptq_frame, recommend)
+from qatforge.report.compare import (QAT_VS_PTQ_COLUMNS, TARGETS, UNMATCHED, add_losses, base_vs_finetuned,
+                                     baseline_run, qat_vs_ptq, qat_vs_ptq_frame, recommend)
 from qatforge.report.gate import parity_gate
 from qatforge.report.load import EXTRA_COLUMNS, FORMAT_ORDER, NO_SCHEME, load_evals, to_frame
 from qatforge.report.markdown import markdown_table
@@ -20,8 +20,8 @@ from qatforge.report.stats import (BOOTSTRAP, bootstrap_ci, paired_accuracy_loss
                                    paired_nll_losses)
 
 __all__ = [
-    "BOOTSTRAP", "EXTRA_COLUMNS", "FORMAT_ORDER", "FULL_PRECISION_GGUF", "NO_SCHEME", "PALETTE", "QAT_VS_PTQ_COLUMNS",
-    "TARGETS", "UNMATCHED", "add_losses", "base_vs_finetuned", "baseline_run", "bootstrap_ci", "build_report",
-    "load_evals", "make_plots", "markdown_table", "paired_accuracy_losses", "paired_kld_losses", "paired_loss",
-    "paired_nll_losses", "pareto_front", "parity_gate", "qat_vs_ptq", "qat_vs_ptq_frame", "recommend", "to_frame",
+    "BOOTSTRAP", "EXTRA_COLUMNS", "FORMAT_ORDER", "NO_SCHEME", "PALETTE", "QAT_VS_PTQ_COLUMNS", "TARGETS", "UNMATCHED",
+    "add_losses", "base_vs_finetuned", "baseline_run", "bootstrap_ci", "build_report", "load_evals", "make_plots",
+    "markdown_table", "paired_accuracy_losses", "paired_kld_losses", "paired_loss", "paired_nll_losses", "pareto_front",
+    "parity_gate", "qat_vs_ptq", "qat_vs_ptq_frame", "recommend", "to_frame",
 ]

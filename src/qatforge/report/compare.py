@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from qatforge.export.quant_types import FULL_PRECISION_TYPES
 from qatforge.formats import BASE_ARTIFACT
 from qatforge.report.load import NO_SCHEME, deployed
 from qatforge.report.stats import paired_accuracy_losses, paired_kld_losses, paired_loss, paired_nll_losses
 
 TARGETS = (("llama.cpp / Ollama", "gguf"), ("torchao", "torchao"), ("ONNX Runtime", "onnx"))
-FULL_PRECISION_GGUF = {"F32", "F16", "BF16"}
 QAT_VS_PTQ_COLUMNS = ("qat_run", "qat_mode", "format", "variant", "metric", "ptq_loss", "qat_loss", "recovery",
                       "recovery_ci_low", "recovery_ci_high")
 UNMATCHED = "PTQ of a QAT-trained model"
@@ -63,7 +63,7 @@ def qat_vs_ptq(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]
         out.append(item)
         for r in qrows:
             if deployed(r) and (r["format"], r["variant"]) not in ((fmt, variant), ("hf", "merged")) \
-                    and r["variant"].upper() not in FULL_PRECISION_GGUF and r["variant"] != "fp32":
+                    and r["variant"].upper() not in FULL_PRECISION_TYPES and r["variant"] != "fp32":
                 out.append({"qat_run": qrun, "format": r["format"], "variant": r["variant"], "unmatched": UNMATCHED})
     return out
 
