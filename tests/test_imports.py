@@ -107,3 +107,11 @@ def test_graph_sees_function_level_relative_and_submodule_imports(tmp_path):
                      "qatforge.sub": {"qatforge.sub.b", "qatforge.sub.c"}, "qatforge.sub.c": {"qatforge.sub"}}
     assert sorted(cycles(graph)) == [["qatforge.a", "qatforge.sub.b", "qatforge.a"],
                                      ["qatforge.sub", "qatforge.sub.c", "qatforge.sub"]]
+
+
+def test_no_private_name_is_imported_from_another_module():
+    bad = [f"{name}: from {base} import {a}" for name, path in modules().items()
+           for base, names in import_statements(path, name) if base.split(".")[0] == "qatforge"
+           for a in names if a.startswith("_") and not a.startswith("__")]
+    assert not bad, "private names imported across modules (make them public in their home module):\n  " + \
+        "\n  ".join(bad)

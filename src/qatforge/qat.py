@@ -94,7 +94,8 @@ def scheme_config(scheme: str | Mapping[str, Any]) -> tuple[Any, Any | None, Cal
     return cfg, emb_cfg, linear_filter
 
 
-def _embedding_filter(module: Any, fqn: str) -> bool:
+def embedding_filter(module: Any, fqn: str) -> bool:
+    """The ``nn.Embedding`` modules a scheme's embedding config quantizes (never a LoRA one)."""
     import torch
 
     return type(module) is torch.nn.Embedding and not _is_lora_fqn(fqn)
@@ -156,7 +157,7 @@ def prepare_qat(
     before = count_fake_quantized(model)
     if emb_cfg is not None:
         untie_embeddings(model)
-        quantize_(model, QATConfig(emb_cfg, step="prepare"), filter_fn=_embedding_filter)
+        quantize_(model, QATConfig(emb_cfg, step="prepare"), filter_fn=embedding_filter)
     quantize_(model, QATConfig(cfg, step="prepare"), filter_fn=chosen)
     n = count_fake_quantized(model) - before
     if n <= 0 and require:
@@ -232,7 +233,7 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     if emb_cfg is not None or (tied and linear_filter(head, "lm_head")):
         untied = untie_embeddings(model)
     if emb_cfg is not None:
-        quantize_(model, emb_cfg, filter_fn=_embedding_filter)
+        quantize_(model, emb_cfg, filter_fn=embedding_filter)
     quantize_(model, cfg, filter_fn=linear_filter)
     mods = quantized_modules(model)
     if not mods:
