@@ -120,7 +120,7 @@ def test_qat_convert_of_merged(env, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatforge.qat import qat_convert, quantized_modules
+    from qatforge.export.torchao import qat_convert, quantized_modules
 
     root, tok = env
     M.merge(root / "base", root / "adapter_qat", tmp_path / "merged", qat_scheme="int8-int4", log=lambda m: None)

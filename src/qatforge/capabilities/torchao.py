@@ -30,7 +30,7 @@ def check_torchao_schemes(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qatforge.qat import parse_scheme
+    from qatforge.qat_schemes import parse_scheme
 
     if not uses:
         return {}
