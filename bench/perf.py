@@ -663,7 +663,7 @@ def _quant_metrics(merged: Path, scheme: str, convs: Sequence[Sequence[dict]], m
     from qatforge.chat import IGNORE_INDEX, collate, encode_for_training
     from qatforge.model import load_causal_lm, load_tokenizer
     from qatforge.parity import compare_answers, mean_nll
-    from qatforge.qat import quantize_for_deploy
+    from qatforge.export.torchao import quantize_for_deploy
 
     tok = load_tokenizer(merged)
     model = load_causal_lm(merged, dtype=torch.float32).eval()

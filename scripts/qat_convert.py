@@ -1,5 +1,5 @@
 from qatforge.export.record import source_record
-from qatforge.qat import qat_convert
+from qatforge.export.torchao import qat_convert
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:

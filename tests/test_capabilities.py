@@ -300,7 +300,7 @@ def test_meta_count_is_what_torchao_quantizes(replicas):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatforge.qat import quantize_for_deploy
+    from qatforge.export.torchao import quantize_for_deploy
 
     counts = check_torchao_schemes(replicas["qwen3"], USES[:2])
     for scheme in ("int8-int4", "int8"):

@@ -87,6 +87,19 @@ def test_imatrix_types_need_an_imatrix(cfg):
     assert "gguf.quants.IQ2_XXS: type IQ2_XXS needs an importance matrix" in problems_of(cfg)
 
 
+def test_schema_gguf_keys_are_quant_types_facts():
+    """The schema cannot import Python: its gguf.outtype enum and a quant's options (besides type and
+    imatrix) must be quant_types' OUTTYPES and QUANT_OPTIONS, each option typed as its kind."""
+    from qatforge.export.quant_types import OUTTYPES, QUANT_OPTIONS
+
+    gguf = yaml.safe_load(Path(SCHEMA).read_text())["properties"]["gguf"]["properties"]
+    assert gguf["outtype"]["enum"] == list(OUTTYPES)
+    props = gguf["quants"]["additionalProperties"]["properties"]
+    assert list(props) == ["type", "imatrix", *QUANT_OPTIONS]
+    schema_type = {"switch": "boolean", "type": ["string", "null"], "tensor_types": "object", "kv": "object"}
+    assert {k: props[k]["type"] for k in QUANT_OPTIONS} == {k: schema_type[kind] for k, (_, kind) in QUANT_OPTIONS.items()}
+
+
 def test_unknown_scheme_lists_valid_ones(cfg):
     cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "int3-magic"
     msg = problems_of(cfg)

@@ -12,7 +12,6 @@ Checked statically, without conda or network, against the real workflow (Snakema
 
 from __future__ import annotations
 
-import ast
 import re
 import shutil
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from import_helpers import import_statements
 from packaging.requirements import Requirement
 
 from qatforge import llamacpp
@@ -121,18 +121,7 @@ def imported(path: Path, module: str) -> set[str]:
 
     ``from m import a`` gives ``m`` and ``m.a`` (``a`` may be a submodule).
     """
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parent + [base] if base else parent)
-            names |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return names
+    return {n for base, names in import_statements(path, module) for n in (base, *(f"{base}.{a}" for a in names))}
 
 
 def qatforge_file(module: str) -> Path | None:

@@ -8,6 +8,7 @@ import pytest
 from export_helpers import parity_corpus, synthetic_conversations, tiny_checkpoint
 
 from qatforge.export import gguf
+from qatforge.export.quant_types import check_quant
 from qatforge.io import read_json
 
 THREADS = 2
@@ -57,12 +58,12 @@ def test_quant_names_match_llama_cpp_bindings():
     import llama_cpp
     from gguf import GGMLQuantizationType  # gguf-py (this module's `gguf` is qatforge.export.gguf)
 
-    from qatforge.export.quant_types import GGML_TYPES
+    from qatforge.export.quant_types import GGML_TYPES, NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
 
     prefix = "LLAMA_FTYPE_MOSTLY_"
     ftypes = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}
     ftypes |= {k[len(prefix):]: int(getattr(llama_cpp, k)) for k in dir(llama_cpp) if k.startswith(prefix)}
-    assert gguf.QUANT_FTYPES == ftypes
+    assert QUANT_FTYPES == ftypes
     bindings = {k[len("GGML_TYPE_"):]: int(getattr(llama_cpp, k)) for k in dir(llama_cpp)
                 if k.startswith("GGML_TYPE_") and k != "GGML_TYPE_COUNT"}
     reader_enum = {t.name: t.value for t in GGMLQuantizationType}
@@ -70,9 +71,9 @@ def test_quant_names_match_llama_cpp_bindings():
         assert name in bindings or name in reader_enum, name
         assert bindings.get(name, value) == value and reader_enum.get(name, value) == value, name
     assert set(bindings) <= set(GGML_TYPES)
-    assert {"Q4_K", "Q6_K", "Q8_0", "F16", "BF16"} <= set(gguf.TENSOR_TYPE_NAMES)
-    assert "Q4_K_M" not in gguf.TENSOR_TYPE_NAMES and "Q8_K" not in gguf.TENSOR_TYPE_NAMES
-    assert gguf.NEEDS_IMATRIX <= set(gguf.QUANT_NAMES)
+    assert {"Q4_K", "Q6_K", "Q8_0", "F16", "BF16"} <= set(TENSOR_TYPE_NAMES)
+    assert "Q4_K_M" not in TENSOR_TYPE_NAMES and "Q8_K" not in TENSOR_TYPE_NAMES
+    assert NEEDS_IMATRIX <= set(QUANT_NAMES)
 
 
 def test_convert_applies_pre_tokenizer_and_records(bf16, merged, hf_tokenizer):
@@ -193,9 +194,23 @@ def test_tensor_type_and_override_kv_reach_llama_quantize(bf16):
     assert meta["general.name"] == "Overridden" and meta["qatforge.test_flag"] is True
     assert info["settings"]["options"] == options
     with pytest.raises(ValueError, match="tensor_type"):
-        gguf.check_quant("Q4_0", options={"tensor_type": {"attn_v": "Q4_K_M"}})
+        check_quant("Q4_0", options={"tensor_type": {"attn_v": "Q4_K_M"}})
     with pytest.raises(ValueError, match="override_kv"):
-        gguf.check_quant("Q4_0", options={"override_kv": {"general.name": ["a list"]}})
+        check_quant("Q4_0", options={"override_kv": {"general.name": ["a list"]}})
+
+
+def test_quantize_command_spells_every_option_as_llama_quantize_does(tmp_path):
+    options = {"pure": True, "leave_output_tensor": False, "allow_requantize": True, "output_tensor_type": "Q8_0",
+               "token_embedding_type": "F16", "tensor_type": {"ffn_down": "Q6_K", "attn_v": "Q8_0"},
+               "override_kv": {"general.name": "x", "a.flag": True, "a.n": 3, "a.f": 0.5}}
+    cmd = gguf.quantize_command(tmp_path / "in.gguf", tmp_path / "out.gguf", "Q4_K_M", imatrix=tmp_path / "im.gguf",
+                                options=options, threads=2)
+    assert cmd[1:] == [
+        "--pure", "--output-tensor-type", "Q8_0", "--token-embedding-type", "F16", "--allow-requantize",
+        "--tensor-type", "attn_v=Q8_0", "--tensor-type", "ffn_down=Q6_K",
+        "--override-kv", "a.f=float:0.5", "--override-kv", "a.flag=bool:true", "--override-kv", "a.n=int:3",
+        "--override-kv", "general.name=str:x", "--imatrix", "im.gguf",
+        str(tmp_path / "in.gguf"), str(tmp_path / "out.gguf"), "Q4_K_M", "2"]
 
 
 def test_llama_quantize_is_byte_identical_to_the_bindings_quantizer(bf16, merged, tmp_path):

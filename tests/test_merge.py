@@ -79,11 +79,11 @@ def test_merge_bf16_checks_and_reload_parity(env, tmp_path):
     manifest = read_json(out / "export.json")
     assert manifest["provenance"]["run"] == "baseline" and manifest["sha256"] == info["sha256"]
     # The merged model computes what base + adapter computes (up to the bf16 cast of the weights).
-    enc = M._check_inputs(tok, M.CHECK_PROMPTS)
+    enc = M.check_inputs(tok, M.CHECK_PROMPTS)
     ref = _peft_logits(env, "adapter", enc)
     with torch.no_grad():
         got = load_causal_lm(out, dtype=torch.float32)(**enc).logits
-    assert 0 < M._masked_max_diff(ref, got, enc["attention_mask"]) < 0.1
+    assert 0 < M.masked_max_diff(ref, got, enc["attention_mask"]) < 0.1
     assert info["checks"]["fp32_to_16bit_max_abs_logit_diff"] > 0
 
 
@@ -97,10 +97,10 @@ def test_merge_fp32_is_exact_and_deterministic(env, tmp_path):
     b = M.merge(root / "base", root / "adapter", tmp_path / "b", dtype="float32", log=lambda m: None)
     assert a["sha256"] == b["sha256"]  # same inputs, byte-identical checkpoint
     assert a["checks"]["fp32_to_16bit_max_abs_logit_diff"] == 0.0
-    enc = M._check_inputs(tok, M.CHECK_PROMPTS)
+    enc = M.check_inputs(tok, M.CHECK_PROMPTS)
     with torch.no_grad():
         got = load_causal_lm(tmp_path / "a")(**enc).logits
-    assert M._masked_max_diff(_peft_logits(env, "adapter", enc), got, enc["attention_mask"]) < 1e-4
+    assert M.masked_max_diff(_peft_logits(env, "adapter", enc), got, enc["attention_mask"]) < 1e-4
 
 
 def test_qat_adapter_merges_like_a_plain_one(env, tmp_path):
@@ -120,7 +120,7 @@ def test_qat_convert_of_merged(env, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatforge.qat import qat_convert, quantized_modules
+    from qatforge.export.torchao import qat_convert, quantized_modules
 
     root, tok = env
     M.merge(root / "base", root / "adapter_qat", tmp_path / "merged", qat_scheme="int8-int4", log=lambda m: None)
@@ -128,7 +128,7 @@ def test_qat_convert_of_merged(env, tmp_path):
     assert info["quantized_modules"] == 9 and info["reload_max_abs_logit_diff"] == 0.0
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "qat_converted")
     assert len(quantized_modules(m)) == 9
-    enc = M._check_inputs(tok, M.CHECK_PROMPTS[:1])
+    enc = M.check_inputs(tok, M.CHECK_PROMPTS[:1])
     with torch.no_grad():
         out = m.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > enc["input_ids"].shape[1]

@@ -1,4 +1,5 @@
-"""QAT schemes (Unsloth names), torchao prepare/strip on a tiny Qwen3 + LoRA, deploy quantization."""
+"""QAT schemes (Unsloth names), torchao prepare/strip on a tiny Qwen3 + LoRA, and the deploy quantization
+(qatforge.export.torchao) of the same schemes."""
 
 from __future__ import annotations
 
@@ -172,6 +173,7 @@ def test_fake_quant_matches_real_quantization(tiny, scheme):
     from torchao.quantization.qat import QATConfig
 
     from qatforge import qat
+    from qatforge.export import torchao as torchao_export
 
     d, tok = tiny
     ids = _ids(tok)
@@ -190,7 +192,7 @@ def test_fake_quant_matches_real_quantization(tiny, scheme):
     quantize_(ref, QATConfig(cfg, step="convert"))
     # ... and ours on a plain (merged-like) model give the same logits.
     qat.strip_fake_quant(model)
-    info = qat.quantize_for_deploy(model, scheme)
+    info = torchao_export.quantize_for_deploy(model, scheme)
     with torch.no_grad():
         real = model(input_ids=ids).logits
         conv = ref(input_ids=ids).logits
@@ -206,20 +208,22 @@ def test_qatconfig_convert_is_noop_on_plain_model(tiny):
     from torchao.quantization.qat import QATConfig
 
     from qatforge import qat
+    from qatforge.export import torchao as torchao_export
 
     d, _ = tiny
     model = _load(d)
     cfg, _, filt = qat.scheme_config("int8")
     quantize_(model, QATConfig(cfg, step="convert"), filter_fn=filt)
-    assert qat.quantized_modules(model) == {}
+    assert torchao_export.quantized_modules(model) == {}
 
 
 def test_quantize_for_deploy_rejects_unsupported(tiny):
     from qatforge import qat
+    from qatforge.export import torchao as torchao_export
 
     d, _ = tiny
     with pytest.raises(qat.QATError, match="fp8"):
-        qat.quantize_for_deploy(_load(d), "fp8-fp8")
+        torchao_export.quantize_for_deploy(_load(d), "fp8-fp8")
 
 
 @pytest.mark.parametrize("scheme", ["int8-int4", "int2-w128"])
@@ -227,12 +231,12 @@ def test_qat_convert_saves_reloads_and_generates(tiny, tmp_path, scheme):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatforge import qat
+    from qatforge.export import torchao as torchao_export
     from qatforge.io import read_json
 
     d, tok = tiny
     out = tmp_path / "qat_converted"
-    info = qat.qat_convert(d, out, scheme, provenance={"run": "test"}, log=None)
+    info = torchao_export.qat_convert(d, out, scheme, provenance={"run": "test"}, log=None)
     assert info["quantized_modules"] == (9 if scheme == "int8-int4" else 8)
     assert info["reload_max_abs_logit_diff"] == 0.0
     assert (out / "pytorch_model.bin").is_file() and not list(out.glob(".*tmp*"))
@@ -243,7 +247,7 @@ def test_qat_convert_saves_reloads_and_generates(tiny, tmp_path, scheme):
     assert cfg["quantization_config"]["quant_method"] == "torchao"
     # An independent reload through the public API generates tokens from quantized weights.
     m = AutoModelForCausalLM.from_pretrained(out)
-    assert len(qat.quantized_modules(m)) == info["quantized_modules"]
+    assert len(torchao_export.quantized_modules(m)) == info["quantized_modules"]
     ids = _ids(tok)
     with torch.no_grad():
         gen = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
@@ -258,7 +262,7 @@ def test_tied_embeddings_are_untied_explicitly_and_reload(tiny, tmp_path, scheme
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatforge import qat
+    from qatforge.export import torchao as torchao_export
     from qatforge.io import read_json
 
     d, tok = tiny
@@ -268,10 +272,10 @@ def test_tied_embeddings_are_untied_explicitly_and_reload(tiny, tmp_path, scheme
     src = tmp_path / "tied"
     m.save_pretrained(src)
     tok.save_pretrained(src)
-    info = qat.qat_convert(src, tmp_path / "out", scheme, log=None)
+    info = torchao_export.qat_convert(src, tmp_path / "out", scheme, log=None)
     assert info["untied_embeddings"] is True
     assert read_json(tmp_path / "out" / "config.json")["tie_word_embeddings"] is False
     re = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert "lm_head" in qat.quantized_modules(re)
+    assert "lm_head" in torchao_export.quantized_modules(re)
     with torch.no_grad():
         assert torch.isfinite(re(input_ids=_ids(tok)).logits).all()

@@ -51,7 +51,7 @@ def test_merged_forward_equals_real_quantization_of_the_merged_checkpoint(tiny, 
 
     from qatforge import merge as merge_mod
     from qatforge.model import load_upcast
-    from qatforge.qat import quantize_for_deploy
+    from qatforge.export.torchao import quantize_for_deploy
     from qatforge.qat_lora import prepare_merged_qat
 
     d, tok, rows = tiny

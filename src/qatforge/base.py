@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from qatforge.capabilities.torchao import check_torchao_schemes
-from qatforge.config import BUILTIN_PREFIX
+from qatforge.builtin import BUILTIN_PREFIX
 from qatforge.io import atomic_dir, read_json, write_manifest
 
 

@@ -11,19 +11,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from qatforge.builtin import BUILTIN_MODELS, BUILTIN_NAME, BUILTIN_PREFIX
+from qatforge.capabilities import unsupported_formats
+from qatforge.export.quant_types import check_quant
 from qatforge.formats import BASE_ARTIFACT, BASE_DIR, FORMATS, MERGED_ARTIFACT, lookup, merged_dir, outtype_name
+from qatforge.llamacpp_paths import known_pre_tokenizers
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny-qwen3",)
 SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 TRAIN_KEYS = ("max_steps", "save_steps", "batch_size", "grad_accum", "lr", "lora")
 
 
 class ConfigError(ValueError):
     """A config problem, with the offending key in the message."""
-
-
-BUILTIN_NAME = "TinyQwen3"
 
 
 def model_name(config: dict, workdir: str | Path = ".") -> str:
@@ -163,8 +162,6 @@ def on_unsupported(config: dict) -> str:
 def skipped_formats(config: dict, workdir: str | Path = ".") -> dict[str, str]:
     """``{format: reason}`` left out of every target: with ``formats.on_unsupported: skip``, the
     configured formats the base cannot be exported to (``capabilities.unsupported_formats``)."""
-    from qatforge.capabilities import unsupported_formats
-
     if on_unsupported(config) != "skip":
         return {}
     return {f: r for f, r in unsupported_formats(config, workdir).items() if f in _used_formats(config)}
@@ -295,10 +292,6 @@ def _same_quant(spec: dict | None, want: dict[str, str]) -> bool:
 
 
 def _check_gguf(config: dict) -> list[str]:
-    from qatforge.export.gguf import check_quant
-
-    from qatforge.llamacpp_paths import known_pre_tokenizers
-
     g = config["gguf"]
     problems = []
     names = known_pre_tokenizers()  # None before `make install`: the converter then reports it
@@ -346,7 +339,6 @@ def _check_names(config: dict) -> list[str]:
 def _check_formats(config: dict, workdir: Path) -> list[str]:
     """Each configured format the base cannot be exported to (``formats.on_unsupported: error``);
     under ``skip``, a GGUF-targeted QAT run whose only purpose, the GGUF, is skipped."""
-    from qatforge.capabilities import unsupported_formats
     from qatforge.qat_schemes import problems as scheme_problems
 
     if on_unsupported(config) == "skip":

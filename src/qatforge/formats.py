@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from qatforge.export.quant_types import FULL_PRECISION_TYPES
+
 # The base model, built by the build_base rule; each run's files live under run_dir(run).
 BASE_DIR = "results/base"
 
@@ -135,7 +137,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
             "Q4_0": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},  # 3.3e-2 / 0.908 / 0.91
             "default": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},
         },
-        label="llama.cpp / Ollama", rank=1, unquantized=frozenset({"F32", "F16", "BF16"}),
+        label="llama.cpp / Ollama", rank=1, unquantized=frozenset(FULL_PRECISION_TYPES),
         support="qatforge.capabilities:gguf_reason", also_skipped="the Ollama Modelfile",
     ),
     Format(

@@ -29,7 +29,7 @@ class MergeError(RuntimeError):
     """The merged checkpoint failed a check (adapter load, template, token ids, reload parity)."""
 
 
-def _check_inputs(tok: Any, prompts: tuple[str, ...]) -> Any:
+def check_inputs(tok: Any, prompts: tuple[str, ...]) -> Any:
     """Right-padded ids + mask of a few rendered one-turn chat prompts (for logits parity)."""
     from qatforge.chat import collate, prompt_ids
 
@@ -49,7 +49,8 @@ def record_add_bos(tokenizer_dir: Path, add_bos: bool) -> None:
         write_json(path, {**cfg, "add_bos_token": add_bos})
 
 
-def _masked_max_diff(a: Any, b: Any, mask: Any) -> float:
+def masked_max_diff(a: Any, b: Any, mask: Any) -> float:
+    """Largest absolute difference of two logits tensors over the positions ``mask`` keeps."""
     m = mask.bool().unsqueeze(-1)
     return float(((a.float() - b.float()).abs() * m).max())
 
@@ -158,7 +159,7 @@ def merge(
     if count_fake_quantized(merged) or any("lora_" in n for n, _ in merged.named_parameters()):
         raise MergeError("merged model still has LoRA or fake-quantized modules")
 
-    enc = _check_inputs(base_tok, CHECK_PROMPTS)
+    enc = check_inputs(base_tok, CHECK_PROMPTS)
     # merged in place: nothing was cast (float32), or there is no float32 model to compare with
     cast_diff = 0.0 if target == torch.float32 else None
     if not in_place:
@@ -168,7 +169,7 @@ def merge(
     with torch.no_grad():
         logits_mem = merged(**enc).logits.float()
     if not in_place:
-        cast_diff = _masked_max_diff(logits_fp32, logits_mem, enc["attention_mask"])
+        cast_diff = masked_max_diff(logits_fp32, logits_mem, enc["attention_mask"])
         del logits_fp32
     n_params = sum(p.numel() for p in merged.parameters())
     check_free_space(out_dir, n_params * merged.dtype.itemsize)
@@ -183,7 +184,7 @@ def merge(
         re_tok = load_tokenizer(tmp, trust_remote_code=False)
         with torch.no_grad():
             logits_re = re_model(**enc).logits.float()
-        reload_diff = _masked_max_diff(logits_mem, logits_re, enc["attention_mask"])
+        reload_diff = masked_max_diff(logits_mem, logits_re, enc["attention_mask"])
         checks = token_checks(base_tok, re_tok, re_model.config, re_model.generation_config)
         checks["reload_max_abs_logit_diff"] = reload_diff
         checks["fp32_to_16bit_max_abs_logit_diff"] = cast_diff

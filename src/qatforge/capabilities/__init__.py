@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from qatforge import llamacpp_paths
-from qatforge.config import BUILTIN_PREFIX
+from qatforge.builtin import BUILTIN_PREFIX
 from qatforge.formats import FORMATS, resolve
 
 SENTENCEPIECE_JSON = "sentencepiece_architectures.json"  # in llamacpp_paths.share_dir()

@@ -14,11 +14,11 @@ from qatforge.config import ConfigError
 def quantizable_modules(model: Any, scheme: str) -> int:
     """How many modules of ``model`` torchao quantizes with ``scheme``: those its linear filter
     selects (``qatforge.qat.scheme_config``), plus the input embeddings when the scheme quantizes them."""
-    from qatforge.qat import _embedding_filter, scheme_config
+    from qatforge.qat import embedding_filter, scheme_config
 
     _, emb_cfg, linear_filter = scheme_config(scheme)
     return sum(1 for fqn, m in model.named_modules()
-               if linear_filter(m, fqn) or (emb_cfg is not None and _embedding_filter(m, fqn)))
+               if linear_filter(m, fqn) or (emb_cfg is not None and embedding_filter(m, fqn)))
 
 
 def check_torchao_schemes(
@@ -30,7 +30,7 @@ def check_torchao_schemes(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qatforge.qat import parse_scheme
+    from qatforge.qat_schemes import parse_scheme
 
     if not uses:
         return {}

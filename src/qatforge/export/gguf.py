@@ -3,9 +3,8 @@
 * ``convert``: the vendored ``convert_hf_to_gguf.py`` (see ``qatforge.llamacpp``) run in a
   subprocess with the vendored gguf-py first on the path; the tokenizer is then checked to
   tokenize a corpus identically in llama.cpp and HF.
-* ``quantize``: ``llama-quantize`` with its own flags (``--imatrix``, ``--tensor-type``,
-  ``--output-tensor-type``, ``--token-embedding-type``, ``--pure``, ``--leave-output-tensor``,
-  ``--override-kv``); afterwards the tensor-type histogram is read back and silent shape
+* ``quantize``: ``llama-quantize`` with its own flags (``--imatrix`` and those of
+  ``quant_types.QUANT_OPTIONS``); afterwards the tensor-type histogram is read back and silent shape
   fallbacks (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, IQ*->IQ4_NL, ...) are reported (warn) or
   refused (fail).
 * ``imatrix``: ``llama-imatrix``.
@@ -26,23 +25,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qatforge.export.quant_types import NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
+from qatforge.export.quant_types import FULL_PRECISION_TYPES, OUTTYPES, QUANT_OPTIONS, check_quant
 from qatforge.export.record import Log, as_log, source_record, write_export_record
 from qatforge.io import atomic_file, check_free_space, package_versions, size_bytes
 
 __all__ = [
-    "QUANT_NAMES", "NEEDS_IMATRIX", "QUANT_FTYPES", "OUTTYPES", "TENSOR_TYPE_NAMES",
-    "QUANT_OPTIONS", "FallbackError", "check_quant", "convert", "quantize_command",
-    "tokenizer_parity", "quantize", "imatrix", "imatrix_from_parquet", "parity_texts_from_parquet",
-    "write_calibration_text", "tensor_type_histogram",
-    "find_fallbacks", "gguf_metadata", "tool_info", "write_export_record", "source_record",
+    "FallbackError", "convert", "quantize_command", "tokenizer_parity", "quantize", "imatrix", "imatrix_from_parquet",
+    "parity_texts_from_parquet", "write_calibration_text", "tensor_type_histogram", "find_fallbacks", "gguf_metadata",
+    "tool_info", "write_export_record", "source_record",
 ]
 
-OUTTYPES = ("f32", "f16", "bf16")
 QK_K = 256  # super-block size of the K- and most IQ-quants
-# Per-quant options accepted in a gguf.quants entry (besides type / imatrix): llama-quantize's flags.
-QUANT_OPTIONS = ("pure", "leave_output_tensor", "output_tensor_type", "token_embedding_type", "allow_requantize",
-                 "tensor_type", "override_kv")
 # The types llama.cpp's tensor_type_fallback() substitutes when a row does not fit the block size.
 _FALLBACK_TARGETS = {"Q4_0", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "F16"}
 _LEGACY_FTYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
@@ -50,36 +43,6 @@ _LEGACY_FTYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", 
 
 class FallbackError(RuntimeError):
     """Quantization silently substituted another tensor type and ``on_fallback`` is ``fail``."""
-
-
-def check_quant(qtype: str, has_imatrix: bool = False, options: Mapping[str, Any] | None = None) -> None:
-    """Raise ``ValueError`` for an unknown type (listing the valid ones), a missing imatrix or a bad option."""
-    if qtype not in QUANT_FTYPES:
-        raise ValueError(f"unknown llama.cpp quantization type {qtype!r}; valid types: {', '.join(QUANT_NAMES)}")
-    if qtype in NEEDS_IMATRIX and not has_imatrix:
-        raise ValueError(f"type {qtype} needs an importance matrix; set imatrix: true")
-    for key, value in (options or {}).items():
-        if key not in QUANT_OPTIONS:
-            raise ValueError(f"unknown quantization option {key!r}; valid options: {', '.join(QUANT_OPTIONS)}")
-        if value is None:
-            continue
-        if key in ("output_tensor_type", "token_embedding_type") and value not in TENSOR_TYPE_NAMES:
-            raise ValueError(f"{key}: unknown ggml tensor type {value!r}; valid: {', '.join(TENSOR_TYPE_NAMES)}")
-        if key == "tensor_type":
-            if not isinstance(value, Mapping):
-                raise ValueError(f"tensor_type must map tensor-name patterns to ggml types, got {value!r}")
-            for pattern, ttype in value.items():
-                if not pattern or "=" in pattern or ttype not in TENSOR_TYPE_NAMES:
-                    raise ValueError(f"tensor_type: {pattern!r}: {ttype!r} is not '<pattern>: <ggml type>'; "
-                                     f"valid types: {', '.join(TENSOR_TYPE_NAMES)}")
-        if key == "override_kv":
-            if not isinstance(value, Mapping):
-                raise ValueError(f"override_kv must map GGUF metadata keys to values, got {value!r}")
-            for k, v in value.items():
-                if not k or "=" in k or len(k) >= 128 or not isinstance(v, (str, int, float, bool)) \
-                        or (isinstance(v, str) and len(v.encode()) >= 128):
-                    raise ValueError(f"override_kv: {k!r}: {v!r} is not a metadata key (< 128 bytes, no '=') "
-                                     f"with a str (< 128 bytes), int, float or bool value")
 
 
 def tool_info() -> dict[str, Any]:
@@ -181,7 +144,7 @@ def find_fallbacks(gguf_file: str | os.PathLike, qtype: str) -> list[dict[str, A
     from gguf import GGUFReader
 
     check_quant(qtype, has_imatrix=True)
-    if qtype in ("F32", "F16", "BF16"):
+    if qtype in FULL_PRECISION_TYPES:
         return []
     block = 32 if qtype in _LEGACY_FTYPES else QK_K
     out = []
@@ -469,21 +432,20 @@ def quantize_command(
     from qatforge import llamacpp
 
     cmd = [str(llamacpp.find_tool("llama-quantize"))] + (["--dry-run"] if out_file is None else [])
-    for key, flag in (("pure", "--pure"), ("leave_output_tensor", "--leave-output-tensor"),
-                      ("allow_requantize", "--allow-requantize")):
-        if options.get(key):
+    for key, (flag, kind) in QUANT_OPTIONS.items():
+        value = options.get(key)
+        if kind == "switch" and value:
             cmd.append(flag)
-    for key, flag in (("output_tensor_type", "--output-tensor-type"),
-                      ("token_embedding_type", "--token-embedding-type")):
-        if key in options:
-            cmd += [flag, str(options[key])]
-    for pattern, ttype in sorted((options.get("tensor_type") or {}).items()):
-        cmd += ["--tensor-type", f"{pattern}={ttype}"]
-    for key, value in sorted((options.get("override_kv") or {}).items()):
-        kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else \
-            "float" if isinstance(value, float) else "str"
-        text = str(value).lower() if kind == "bool" else str(value)
-        cmd += ["--override-kv", f"{key}={kind}:{text}"]
+        elif kind == "type" and value is not None:
+            cmd += [flag, str(value)]
+        elif kind == "tensor_types":
+            for pattern, ttype in sorted((value or {}).items()):
+                cmd += [flag, f"{pattern}={ttype}"]
+        elif kind == "kv":
+            for k, v in sorted((value or {}).items()):
+                vtype = "bool" if isinstance(v, bool) else "int" if isinstance(v, int) else \
+                    "float" if isinstance(v, float) else "str"
+                cmd += [flag, f"{k}={vtype}:{str(v).lower() if vtype == 'bool' else v}"]
     if imatrix is not None:
         cmd += ["--imatrix", imatrix.name]
     if out_file is None:

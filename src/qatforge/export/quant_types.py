@@ -1,9 +1,14 @@
-"""llama.cpp quantization type names, pure data (the config validator imports this at parse time).
+"""llama.cpp's quantization types, GGUF output types and llama-quantize options, and the check of a
+quant against them: standard library only (the config validator imports this at parse time).
 
 The names and ftype numbers are those of llama.cpp's ``llama.h`` (``LLAMA_FTYPE_MOSTLY_*``) in the
 pinned llama-cpp-python 0.3.36; ``tests/test_export_gguf.py`` checks them against the installed
 ``llama_cpp`` bindings and gguf reader.
 """
+
+from __future__ import annotations
+
+from typing import Any, Mapping
 
 QUANT_FTYPES: dict[str, int] = {
     "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
@@ -33,3 +38,52 @@ GGML_TYPES: dict[str, int] = {
 TENSOR_TYPE_NAMES: tuple[str, ...] = tuple(
     n for n in GGML_TYPES if n not in ("Q8_1", "Q8_K", "I8", "I16", "I32", "I64", "F64")
 )
+
+# The converter's --outtype values (gguf.outtype): the unquantized GGUF, named by its upper-cased type.
+OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16")
+FULL_PRECISION_TYPES: frozenset[str] = frozenset(t.upper() for t in OUTTYPES)
+
+# llama-quantize's options, the keys of a gguf.quants entry besides type and imatrix: option -> (flag,
+# kind). Kinds: "switch" (the flag alone, when true), "type" (flag <ggml type>), "tensor_types" (flag
+# <name pattern>=<ggml type> per entry) and "kv" (flag <key>=<value type>:<value> per entry).
+QUANT_OPTIONS: dict[str, tuple[str, str]] = {
+    "pure": ("--pure", "switch"),
+    "leave_output_tensor": ("--leave-output-tensor", "switch"),
+    "output_tensor_type": ("--output-tensor-type", "type"),
+    "token_embedding_type": ("--token-embedding-type", "type"),
+    "allow_requantize": ("--allow-requantize", "switch"),
+    "tensor_type": ("--tensor-type", "tensor_types"),
+    "override_kv": ("--override-kv", "kv"),
+}
+
+
+def check_quant(qtype: str, has_imatrix: bool = False, options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``ValueError`` for an unknown type (listing the valid ones), a missing imatrix or a bad
+    option (None values are unset)."""
+    if qtype not in QUANT_FTYPES:
+        raise ValueError(f"unknown llama.cpp quantization type {qtype!r}; valid types: {', '.join(QUANT_NAMES)}")
+    if qtype in NEEDS_IMATRIX and not has_imatrix:
+        raise ValueError(f"type {qtype} needs an importance matrix; set imatrix: true")
+    for key, value in (options or {}).items():
+        if key not in QUANT_OPTIONS:
+            raise ValueError(f"unknown quantization option {key!r}; valid options: {', '.join(QUANT_OPTIONS)}")
+        kind = QUANT_OPTIONS[key][1]
+        if value is None or kind == "switch":
+            continue
+        if kind == "type" and value not in TENSOR_TYPE_NAMES:
+            raise ValueError(f"{key}: unknown ggml tensor type {value!r}; valid: {', '.join(TENSOR_TYPE_NAMES)}")
+        if kind == "tensor_types":
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{key} must map tensor-name patterns to ggml types, got {value!r}")
+            for pattern, ttype in value.items():
+                if not pattern or "=" in pattern or ttype not in TENSOR_TYPE_NAMES:
+                    raise ValueError(f"{key}: {pattern!r}: {ttype!r} is not '<pattern>: <ggml type>'; "
+                                     f"valid types: {', '.join(TENSOR_TYPE_NAMES)}")
+        if kind == "kv":
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{key} must map GGUF metadata keys to values, got {value!r}")
+            for k, v in value.items():
+                if not k or "=" in k or len(k) >= 128 or not isinstance(v, (str, int, float, bool)) \
+                        or (isinstance(v, str) and len(v.encode()) >= 128):
+                    raise ValueError(f"{key}: {k!r}: {v!r} is not a metadata key (< 128 bytes, no '=') "
+                                     f"with a str (< 128 bytes), int, float or bool value")
