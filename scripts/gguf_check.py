@@ -1,4 +1,4 @@
-from qatforge.export.gguf_precheck import check_base
+from qatforge.export.gguf.precheck import check_base
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:

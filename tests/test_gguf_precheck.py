@@ -1,4 +1,4 @@
-"""The GGUF checks of the base (qatforge.export.gguf_precheck) refuse a base before any training.
+"""The GGUF checks of the base (qatforge.export.gguf.precheck) refuse a base before any training.
 
 Each case is a real ``snakemake`` run on a family replica changed so that one check fails: the run
 stops at ``gguf_check``, naming the first differing text or the tensor, before a training job starts.

@@ -1,9 +1,9 @@
 """The GGUF export's facts that depend only on the base, checked before any training.
 
 * llama.cpp tokenizes the dataset's chats (and edge cases) exactly like the HF tokenizer, with what
-  llama.cpp can be told set so that they agree (``gguf.convert_checked``);
+  llama.cpp can be told set so that they agree (``conversion.convert_checked``);
 * for each GGUF-targeted QAT run, ``llama-quantize --dry-run`` of its quant writes every tensor the
-  run fake-quantizes in the type it trains it under (``gguf.check_trained_types``).
+  run fake-quantizes in the type it trains it under (``quantization.check_trained_types``).
 
 A base that fails either is refused in seconds, naming the first differing text or the tensor; the
 same checks run again on the real files after training.
@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from qatforge.export.gguf import check_trained_types, convert_checked, parity_texts_from_parquet, planned_types
+from qatforge.export.gguf.conversion import convert_checked
+from qatforge.export.gguf.quantization import check_trained_types, planned_types
+from qatforge.export.gguf.tokenizer import parity_texts_from_parquet
 from qatforge.export.record import as_log
 from qatforge.io import write_json
 
