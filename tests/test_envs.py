@@ -48,10 +48,6 @@ LLAMA_CPP_MODULES = {
     "llama_cpp": "llama-cpp-python, installed as a pure-Python package on this machine's build",
     "conversion": "the vendored converter's model-class package in <prefix>/share/llama.cpp",
 }
-# (importing module, imported module) edges that no job executes although a job reaches the
-# importing module: qatforge.config's validation (check() -> _check_gguf) runs when Snakemake
-# parses the workflow, in Snakemake's own interpreter; jobs use only its constants and helpers.
-PARSE_TIME_IMPORTS = {("qatforge.config", "qatforge.export.gguf")}
 
 
 def norm(name: str) -> str:
@@ -129,6 +125,18 @@ def qatforge_file(module: str) -> Path | None:
     return next((p for p in (path.with_suffix(".py"), path / "__init__.py") if p.is_file()), None)
 
 
+def registry_imports(path: Path) -> set[str]:
+    """Modules a file imports by name through the format registry (``formats.resolve`` of a
+    record's ``runtime``, ``exporter`` or ``support``): every format's, since the format is data."""
+    from qatforge.formats import FORMATS
+
+    text = path.read_text()
+    if "resolve(" not in text:
+        return set()
+    return {ref.partition(":")[0] for field in ("runtime", "exporter", "support") if f".{field}" in text
+            for ref in (getattr(f, field) for f in FORMATS.values()) if ref}
+
+
 @cache
 def reachable(script: Path) -> tuple[frozenset[str], frozenset[str]]:
     """(third-party top-level modules, qatforge modules) that ``script`` can import."""
@@ -136,9 +144,7 @@ def reachable(script: Path) -> tuple[frozenset[str], frozenset[str]]:
     todo = [(script, "__main__")]
     while todo:
         path, module = todo.pop()
-        for name in imported(path, module):
-            if any(module == a and (name + ".").startswith(b + ".") for a, b in PARSE_TIME_IMPORTS):
-                continue
+        for name in imported(path, module) | registry_imports(path):
             top = name.split(".")[0]
             if top == "qatforge":  # importing a.b.c runs a, a.b and a.b.c
                 parts = name.split(".")
