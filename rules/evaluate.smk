@@ -47,8 +47,7 @@ rule evaluate:
     params:
         format=lambda w: w.format,
         variant=lambda w: w.variant,
-        qat_scheme=qat_scheme,
-        qat_mode=lambda w: qcfg.train_settings(config, w.run).get("qat_mode"),
+        settings=train_settings,
         baseline_run=lambda w: qcfg.comparison_baseline(config, w.run),
         thresholds=thresholds,
         **EVAL_PARAMS,

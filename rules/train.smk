@@ -34,9 +34,7 @@ rule select_best:
     params:
         metric=config["train"]["select_metric"],
         pinned=lambda w: config["runs"][w.run].get("checkpoint"),
-        qat_scheme=qat_scheme,
-        qat_mode=lambda w: qcfg.train_settings(config, w.run).get("qat_mode"),
-        step0=lambda w: qcfg.teacher(config, w.run) is not None,
+        settings=train_settings,
         n_prompts=config["eval"]["n_prompts"],
         max_new_tokens=config["eval"]["max_new_tokens"],
         max_tokens=config["data"]["max_tokens"],

@@ -1,5 +1,6 @@
 from qatforge.select import select_best
 from qatforge.runlog import logged
+from qatforge.train import TrainSettings
 
 with logged(snakemake) as log:
     p = snakemake.params
@@ -8,14 +9,10 @@ with logged(snakemake) as log:
         snakemake.input.checkpoints,
         snakemake.input.dev,
         snakemake.output[0],
+        settings=TrainSettings.from_config(p.settings, threads=snakemake.threads, max_len=p.max_tokens),
         metric=p.metric,
         pinned=p.pinned,
         n_prompts=p.n_prompts,
         max_new_tokens=p.max_new_tokens,
-        max_len=p.max_tokens,
-        qat_scheme=p.qat_scheme,
-        qat_mode=p.qat_mode,
-        step0=p.step0,
-        threads=snakemake.threads,
     )
     log.info("selected %s", best.get("selected"))

@@ -64,6 +64,7 @@ def test_scheme_check_is_fast_and_torch_free():
     code = (
         "import sys, time; t=time.perf_counter();"
         "from qatforge import qat_schemes as q;"
+        "[q.parse_scheme(n) for n in q.SCHEMES];"
         "r=q.device_support('fp8-fp8', q.detect_cuda_capability());"
         "print(r[0], 'torch' in sys.modules, time.perf_counter()-t)"
     )
@@ -72,6 +73,24 @@ def test_scheme_check_is_fast_and_torch_free():
                          env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out[:2] == ["False", "False"]  # no GPU here; torch never imported
     assert time.perf_counter() - t0 < 5
+
+
+def test_torchao_configs_from_the_scheme():
+    """The torchao config a scheme names, built from its own fields; parsing a Scheme returns it."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    from qatforge import qat
+
+    s = qat_schemes.parse_scheme("phone-deployment")
+    assert qat_schemes.parse_scheme(s) is s
+    assert qat.torchao_configs(s) == (
+        Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)),
+        IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
+    assert qat.torchao_configs("w3g64") == (IntxWeightOnlyConfig(weight_dtype=torch.int3, granularity=PerGroup(64)), None)
+    with pytest.raises(qat.QATError, match="GGUF-targeted"):
+        qat.torchao_configs("gguf-q4_0")
 
 
 def test_capability_override(monkeypatch):

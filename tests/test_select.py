@@ -39,8 +39,11 @@ def run(tmp_path_factory):
     return root
 
 
-def _select(run, out, **kw):
-    args = dict(n_prompts=6, max_new_tokens=6, n_eval=8, max_len=96, threads=1, log=lambda m: None)
+def _select(run, out, qat_scheme=None, **kw):
+    from qatforge.train import TrainSettings
+
+    args = dict(settings=TrainSettings(qat_scheme=qat_scheme, max_len=96, threads=1), n_prompts=6, max_new_tokens=6,
+                n_eval=8, log=lambda m: None)
     return S.select_best(run / "base", run / "ckpts", run / "dev.parquet", out, **{**args, **kw})
 
 

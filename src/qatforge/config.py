@@ -246,6 +246,13 @@ def _check_base(config: dict, workdir: Path) -> list[str]:
 def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> list[str]:
     from qatforge import qat_schemes
 
+    def recipe(scheme: Any) -> Any:
+        """The GGUF recipe of a valid scheme; None for a torchao one, or an invalid one (reported)."""
+        try:
+            return qat_schemes.parse_scheme(scheme).gguf
+        except ValueError:
+            return None
+
     problems = []
     for run in runs(config):
         scheme = qat_scheme(config, run)
@@ -254,16 +261,17 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
     for scheme in config["torchao"]["schemes"]:
         problems += [f"torchao.schemes: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
     for scheme in config["torchao"]["schemes"]:
-        if scheme in qat_schemes.GGUF_SCHEMES:
+        if recipe(scheme):
             problems.append(f"torchao.schemes: {scheme!r} is a GGUF-targeted QAT scheme, not a torchao one")
     for run in runs(config):
         scheme = qat_scheme(config, run)
-        t = qat_schemes.gguf_type(scheme) if scheme and not qat_schemes.problems(scheme) else None
-        if t:
+        r = recipe(scheme) if scheme is not None else None
+        if r:
+            t = r.weights
             if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
                 problems.append(f"runs.{run}.qat.mode: the GGUF scheme {scheme!r} trains merge-exact only (mode: merged)")
             spec = config["gguf"]["quants"].get(t)
-            want = qat_schemes.gguf_recipe(scheme).quant_spec()
+            want = r.quant_spec()
             if not _same_quant(spec, want):
                 shown = ", ".join(f"{k}: {v}" for k, v in want.items())
                 problems.append(f"runs.{run}.qat_scheme: {scheme!r} ships as gguf.quants.{t}, which must exist as "

@@ -1,8 +1,9 @@
 """Quantization-aware training with torchao and Unsloth's scheme mapping.
 
-Scheme names and parsing live in :mod:`qatforge.qat_schemes` (pure, torch-free); this module
-builds the torchao configs (:func:`scheme_config`, which deploy-time quantization in
-:mod:`qatforge.export.torchao` applies too) and fake-quantizes with them. torch/torchao/transformers
+Schemes live in :mod:`qatforge.qat_schemes` (torch-free); this module builds the torchao config
+each names (:func:`torchao_configs`) and the filters of the modules it applies to
+(:func:`scheme_config`, which deploy-time quantization in :mod:`qatforge.export.torchao` applies
+too), and fake-quantizes with them. torch/torchao/transformers
 are imported lazily.
 
 ``quantize_(model, QATConfig(cfg, step="prepare"), filter)`` swaps the selected
@@ -14,9 +15,9 @@ state), so the adapter can be merged into the plain base weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-from qatforge.qat_schemes import GGUF_SCHEMES, parse_scheme
+from qatforge.qat_schemes import Scheme, SchemeLike, parse_scheme
 
 
 class QATError(RuntimeError):
@@ -27,8 +28,41 @@ def _is_lora_fqn(fqn: str) -> bool:
     return any(part.startswith("lora_") for part in fqn.split("."))
 
 
-def scheme_config(scheme: str | Mapping[str, Any]) -> tuple[Any, Any | None, Callable[[Any, str], bool]]:
-    """``(linear_config, embedding_config | None, linear_filter)`` of a scheme, as Unsloth maps it.
+def _torchao_builders() -> dict[str, Callable[[Scheme], Any]]:
+    """``{torchao config class: build it from a scheme's bits and group}`` (``Scheme.torchao``)."""
+    import torch
+    from torchao import quantization as q
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    def dtype(s: Scheme) -> Any:
+        return getattr(torch, f"int{s.weight_bits}")
+
+    return {
+        "Int4WeightOnlyConfig": lambda s: q.Int4WeightOnlyConfig(group_size=s.group_size),
+        "Int8DynamicActivationIntxWeightConfig": lambda s: q.Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=dtype(s), weight_granularity=PerGroup(s.group_size)),
+        "Float8DynamicActivationInt4WeightConfig": lambda s: q.Float8DynamicActivationInt4WeightConfig(),
+        "Float8DynamicActivationFloat8WeightConfig": lambda s: q.Float8DynamicActivationFloat8WeightConfig(
+            granularity=q.PerRow()),
+        "IntxWeightOnlyConfig": lambda s: q.IntxWeightOnlyConfig(
+            weight_dtype=dtype(s), granularity=PerGroup(s.group_size) if s.group_size else PerAxis(0)),
+    }
+
+
+def torchao_configs(scheme: SchemeLike) -> tuple[Any, Any | None]:
+    """``(linear_config, embedding_config | None)`` of a scheme, as Unsloth maps it: the torchao config
+    it names, and the ``int8`` scheme's (int8 per row) for an input embedding it quantizes."""
+    s = parse_scheme(scheme)
+    if s.torchao is None:
+        raise QATError(f"scheme {s.name!r} is GGUF-targeted: it trains with qat.mode merged only "
+                       "(qatforge.qat_lora) and ships as the run's GGUF, not through torchao")
+    build = _torchao_builders()
+    emb = parse_scheme("int8")
+    return build[s.torchao](s), (build[emb.torchao](emb) if s.embedding else None)
+
+
+def scheme_config(scheme: SchemeLike) -> tuple[Any, Any | None, Callable[[Any, str], bool]]:
+    """``(linear_config, embedding_config | None, linear_filter)`` of a scheme (:func:`torchao_configs`).
 
     ``linear_filter(module, fqn)`` selects plain ``nn.Linear`` modules whose ``in_features`` is a
     multiple of the weight group size, never a LoRA module (any ``lora_*`` path component) and
@@ -36,34 +70,9 @@ def scheme_config(scheme: str | Mapping[str, Any]) -> tuple[Any, Any | None, Cal
     ``nn.Embedding`` modules (input embedding) only.
     """
     import torch
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Float8DynamicActivationInt4WeightConfig,
-        Int4WeightOnlyConfig,
-        Int8DynamicActivationIntxWeightConfig,
-        IntxWeightOnlyConfig,
-        PerRow,
-    )
-    from torchao.quantization.granularity import PerAxis, PerGroup
 
     s = parse_scheme(scheme)
-    if s.name in GGUF_SCHEMES:
-        raise QATError(f"scheme {s.name!r} is GGUF-targeted: it trains with qat.mode merged only "
-                       "(qatforge.qat_lora) and ships as the run's GGUF, not through torchao")
-    emb_cfg = None
-    if s.name == "int4":
-        cfg = Int4WeightOnlyConfig(group_size=128)
-    elif s.name == "int8-int4":
-        cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
-        emb_cfg = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-    elif s.name == "fp8-int4":
-        cfg = Float8DynamicActivationInt4WeightConfig()
-    elif s.name == "fp8-fp8":
-        cfg = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    elif s.name == "int8":
-        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-    else:  # explicit weight-only spec
-        cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{s.weight_bits}"), granularity=PerGroup(s.group_size))
+    cfg, emb_cfg = torchao_configs(s)
     group = s.group_size or 1
 
     def linear_filter(module: Any, fqn: str) -> bool:
@@ -118,7 +127,7 @@ def count_fake_quantized(model: Any) -> int:
 
 def prepare_qat(
     model: Any,
-    scheme: str | Mapping[str, Any],
+    scheme: SchemeLike,
     *,
     log: Callable[[str], None] | None = None,
     skip: Callable[[str], bool] | None = None,
@@ -135,7 +144,7 @@ def prepare_qat(
     from torchao.quantization.qat import QATConfig
 
     s = parse_scheme(scheme)
-    cfg, emb_cfg, linear_filter = scheme_config(s.name)
+    cfg, emb_cfg, linear_filter = scheme_config(s)
     chosen = linear_filter if skip is None else (lambda m, fqn: linear_filter(m, fqn) and not skip(fqn))
     before = count_fake_quantized(model)
     if emb_cfg is not None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import types
 from typing import Any, Callable
 
+from qatforge.qat_schemes import Scheme, SchemeLike, parse_scheme
+
 MODES = ("merged", "unsloth")
 
 
@@ -62,7 +64,7 @@ def _gguf_fake_quant(qtype: str) -> Any:
     return GGUFFakeQuantizer()
 
 
-def fake_quantizers(scheme: str, weight_type: str | None = None) -> tuple[Any | None, Any]:
+def fake_quantizers(scheme: Scheme, weight_type: str | None = None) -> tuple[Any | None, Any]:
     """``(activation_fq | None, weight_fq)`` modules of ``scheme``'s linears: torchao's own, as its QAT
     builds them from the scheme's config, or for a GGUF scheme llama.cpp's weight type (the recipe's
     projection type, or ``weight_type``) with the recipe's activations (Q8_0: what ggml's CPU
@@ -70,14 +72,12 @@ def fake_quantizers(scheme: str, weight_type: str | None = None) -> tuple[Any | 
     from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
-    from qatforge.qat import scheme_config
-    from qatforge.qat_schemes import gguf_recipe
+    from qatforge.qat import torchao_configs
 
-    recipe = gguf_recipe(scheme)
-    if recipe:
-        return _gguf_fake_quant(recipe.activations), _gguf_fake_quant(weight_type or recipe.weights)
+    if scheme.gguf:
+        return _gguf_fake_quant(scheme.gguf.activations), _gguf_fake_quant(weight_type or scheme.gguf.weights)
 
-    cfg, _, _ = scheme_config(scheme)
+    cfg, _ = torchao_configs(scheme)
     act_cfg, w_cfg = _infer_fake_quantize_configs(cfg)
     act = FakeQuantizerBase.from_config(act_cfg) if act_cfg is not None else None
     return act, FakeQuantizerBase.from_config(w_cfg)
@@ -188,7 +188,7 @@ def lora_linears(model: Any) -> dict[str, Any]:
 
 
 def prepare_merged_qat(
-    model: Any, scheme: str, *, storage_dtype: str, log: Callable[[str], None] | None = None
+    model: Any, scheme: SchemeLike, *, storage_dtype: str, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
     """Make ``model`` (PEFT-wrapped) train merge-exact under ``scheme``; returns what was prepared.
 
@@ -200,7 +200,7 @@ def prepare_merged_qat(
     """
     import torch
 
-    from qatforge.qat import QATError, count_fake_quantized, hf_model, parse_scheme, prepare_qat
+    from qatforge.qat import QATError, count_fake_quantized, hf_model, prepare_qat
 
     s = parse_scheme(scheme)
     dtype = getattr(torch, storage_dtype)
@@ -218,7 +218,7 @@ def prepare_merged_qat(
         if drop:
             raise QATError(f"qat.mode merged needs train.lora.dropout 0 ({name} has LoRA dropout)")
         # a LoRA-adapted LM head is written as the recipe's output type, not the projections'
-        act, wfq = fake_quantizers(s.name, s.gguf.output if s.gguf and m is head else None)
+        act, wfq = fake_quantizers(s, s.gguf.output if s.gguf and m is head else None)
         m._qat_act_fq, m._qat_weight_fq, m._qat_round = act, wfq, round_fn
         m.forward = types.MethodType(_forward, m)
     lora_bases = {f"{n}.base_layer" for n in layers}
@@ -235,7 +235,7 @@ def prepare_merged_qat(
     else:
         outside = {}
         before = count_fake_quantized(model)
-        prepare_qat(model, s.name, log=None, skip=lambda fqn: fqn in lora_bases, require=False)
+        prepare_qat(model, s, log=None, skip=lambda fqn: fqn in lora_bases, require=False)
         others = count_fake_quantized(model) - before
     info = {"mode": "merged", "scheme": s.name, "storage_dtype": storage_dtype,
             "merged_linears": sorted(layers), "fake_quantized_other": others}

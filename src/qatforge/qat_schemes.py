@@ -1,7 +1,9 @@
 """QAT / torchao scheme names, parsing and device support: pure, no torch import.
 
-Imported by the config validator at Snakefile parse time, so everything here must answer from
-the scheme name, the given CUDA capability and ``importlib.util.find_spec`` alone.
+Imported by the config validator at Snakefile parse time and by jobs whose env has no torch, so
+everything here must answer from the scheme name, the given CUDA capability and
+``importlib.util.find_spec`` alone. Each scheme names its torchao config class;
+:func:`qatforge.qat.torchao_configs` builds it from the scheme's fields.
 
 Names are Unsloth's (``_prepare_model_for_qat``, torchao 0.18): ``int4``, ``int8-int4`` (alias
 ``phone-deployment``), ``fp8-int4``, ``fp8-fp8``, ``int8``; plus explicit weight-only specs
@@ -19,7 +21,6 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-UNSLOTH_SCHEMES = ("int4", "int8-int4", "fp8-int4", "fp8-fp8", "int8")
 ALIASES = {"phone-deployment": "int8-int4"}
 SPEC_FORMS = "int<bits>-w<group> (e.g. int2-w128), w<bits>g<group>, or {weight_dtype: int<bits>, group_size: <group>}"
 CPU_SCHEMES_HINT = "int8-int4, int8 or a weight-only spec such as int4-w32 / int2-w128"
@@ -63,6 +64,7 @@ class Scheme:
     unsloth: bool  # one of Unsloth's names
     min_cuda_capability: tuple[int, int] | None  # None: runs on CPU
     kernel_package: str | None  # extra package whose kernels the real quantization needs
+    torchao: str | None  # the linears' torchao config class (built by qatforge.qat); None: GGUF-targeted
     gguf: GGUFRecipe | None = None  # GGUF-targeted: trained merge-exact only, ships as that GGUF quant
 
     @property
@@ -70,26 +72,32 @@ class Scheme:
         return self.activation is None
 
 
-_TABLE = {
-    "int4": Scheme("int4", 4, 128, None, False, True, (0, 0), "mslk"),
-    "int8-int4": Scheme("int8-int4", 4, 32, "int8", True, True, None, None),
-    "fp8-int4": Scheme("fp8-int4", 4, 128, "fp8", False, True, FP8_MIN_CAPABILITY, "mslk"),
-    "fp8-fp8": Scheme("fp8-fp8", "fp8", None, "fp8", False, True, FP8_MIN_CAPABILITY, None),
-    "int8": Scheme("int8", 8, None, None, False, True, None, None),
-    "gguf-q4_0": Scheme("gguf-q4_0", 4, 32, "q8_0", True, False, None, None, GGUFRecipe("Q4_0", "Q8_0", "Q8_0")),
-    "gguf-q8_0": Scheme("gguf-q8_0", 8, 32, "q8_0", True, False, None, None, GGUFRecipe("Q8_0", "Q8_0", "Q8_0")),
-}
-# GGUF-targeted schemes and the type of their projections, from the table above.
-GGUF_SCHEMES = {name: s.gguf.weights for name, s in _TABLE.items() if s.gguf}
-SCHEMES = UNSLOTH_SCHEMES + tuple(GGUF_SCHEMES) + tuple(ALIASES)
+SchemeLike = str | Mapping[str, Any] | Scheme  # a name, alias or spec as configured, or a parsed Scheme
+
+_TABLE = {s.name: s for s in (
+    Scheme("int4", 4, 128, None, False, True, (0, 0), "mslk", "Int4WeightOnlyConfig"),
+    Scheme("int8-int4", 4, 32, "int8", True, True, None, None, "Int8DynamicActivationIntxWeightConfig"),
+    Scheme("fp8-int4", 4, 128, "fp8", False, True, FP8_MIN_CAPABILITY, "mslk",
+           "Float8DynamicActivationInt4WeightConfig"),
+    Scheme("fp8-fp8", "fp8", None, "fp8", False, True, FP8_MIN_CAPABILITY, None,
+           "Float8DynamicActivationFloat8WeightConfig"),
+    Scheme("int8", 8, None, None, False, True, None, None, "IntxWeightOnlyConfig"),
+    Scheme("gguf-q4_0", 4, 32, "q8_0", True, False, None, None, None, GGUFRecipe("Q4_0", "Q8_0", "Q8_0")),
+    Scheme("gguf-q8_0", 8, 32, "q8_0", True, False, None, None, None, GGUFRecipe("Q8_0", "Q8_0", "Q8_0")),
+)}
+UNSLOTH_SCHEMES = tuple(name for name, s in _TABLE.items() if s.unsloth)
+SCHEMES = tuple(_TABLE) + tuple(ALIASES)
 
 
 def _weight_only(bits: int, group: int) -> Scheme:
-    return Scheme(f"int{bits}-w{group}", bits, group, None, False, False, None, None)
+    return Scheme(f"int{bits}-w{group}", bits, group, None, False, False, None, None, "IntxWeightOnlyConfig")
 
 
-def parse_scheme(scheme: str | Mapping[str, Any]) -> Scheme:
-    """Parse a scheme name, alias or explicit weight-only spec; ``ValueError`` lists valid forms."""
+def parse_scheme(scheme: SchemeLike) -> Scheme:
+    """Parse a scheme name, alias or explicit weight-only spec (a ``Scheme`` is returned as it is);
+    ``ValueError`` lists the valid forms."""
+    if isinstance(scheme, Scheme):
+        return scheme
     if isinstance(scheme, Mapping):
         unknown = set(scheme) - {"weight_dtype", "group_size"}
         if unknown:
@@ -114,25 +122,25 @@ def parse_scheme(scheme: str | Mapping[str, Any]) -> Scheme:
     )
 
 
-def gguf_type(scheme: str | Mapping[str, Any]) -> str | None:
+def gguf_type(scheme: SchemeLike) -> str | None:
     """The llama.cpp type a GGUF-targeted scheme trains its projections for (``Q4_0``), None for torchao schemes."""
     recipe = parse_scheme(scheme).gguf
     return recipe.weights if recipe else None
 
 
-def gguf_recipe(scheme: str | Mapping[str, Any]) -> GGUFRecipe | None:
+def gguf_recipe(scheme: SchemeLike) -> GGUFRecipe | None:
     """The GGUF mix a GGUF-targeted scheme trains under and ships as, None for torchao schemes."""
     return parse_scheme(scheme).gguf
 
 
-def matched_artifact(scheme: str | Mapping[str, Any]) -> tuple[str, str]:
+def matched_artifact(scheme: SchemeLike) -> tuple[str, str]:
     """The (format, variant) a QAT run of ``scheme`` trains for: its TorchAO checkpoint, or for a
     GGUF scheme the GGUF quant named after its type (``gguf.quants.Q4_0``)."""
-    t = gguf_type(scheme)
-    return ("gguf", t) if t else ("torchao", canonical(scheme))
+    s = parse_scheme(scheme)
+    return ("gguf", s.gguf.weights) if s.gguf else ("torchao", s.name)
 
 
-def canonical(scheme: str | Mapping[str, Any]) -> str:
+def canonical(scheme: SchemeLike) -> str:
     """The canonical (file-name safe) name of a scheme: aliases resolved, specs normalised."""
     return parse_scheme(scheme).name
 
@@ -145,7 +153,7 @@ def _has_package(name: str) -> bool:
 
 
 def device_support(
-    scheme: str | Mapping[str, Any], cuda_capability: tuple[int, int] | None = None
+    scheme: SchemeLike, cuda_capability: tuple[int, int] | None = None
 ) -> tuple[bool, str]:
     """Whether ``scheme`` can be trained and really quantized on a device, and why not.
 
@@ -181,7 +189,7 @@ def device_support(
     return True, "ok"
 
 
-def problems(scheme: str | Mapping[str, Any], cuda_capability: tuple[int, int] | None = None) -> list[str]:
+def problems(scheme: SchemeLike, cuda_capability: tuple[int, int] | None = None) -> list[str]:
     """Config-validator form of :func:`device_support`: an empty list when the scheme is usable."""
     ok, reason = device_support(scheme, cuda_capability)
     return [] if ok else [reason]

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from qatforge.train.settings import TrainSettings
+
 METRICS = ("accuracy", "eval_loss")
 TEACHER_METRIC = "teacher_kld"  # distilled QAT runs: dev KLD to the teacher at the answer positions
 
@@ -136,16 +138,12 @@ def select_best(
     dev_parquet: str | os.PathLike,
     out_json: str | os.PathLike,
     *,
+    settings: TrainSettings,
     metric: str = "accuracy",
     pinned: str | int | None = None,
     n_prompts: int = 100,
     max_new_tokens: int = 24,
-    qat_scheme: str | None = None,
-    qat_mode: str | None = None,
-    step0: bool = False,
     n_eval: int | None = None,
-    max_len: int = 256,
-    threads: int | None = None,
     trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -154,10 +152,11 @@ def select_best(
     The scores are the NLL of the dev conversations (the first ``n_eval``; None: all) and greedy
     exact match on the prompts of the first ``n_prompts`` of them; a dev split smaller than
     ``n_prompts`` gives all its conversations (the number used is recorded as ``n_prompts``).
-    The test split is never read here. QAT runs are scored as they trained: with the scheme's
-    fake quantization in ``qat_mode`` (None: ``TrainSettings``' default). The base model (adapters
-    disabled) is scored too, for reference; with ``step0`` (a distilled QAT run, whose base is the
-    teacher) it is a candidate, ``checkpoint: null``: fake-quantized, it is PTQ of the teacher.
+    The test split is never read here. ``settings`` are the run's training settings: a QAT run is
+    scored as it trained, with its scheme's fake quantization in its ``qat_mode``, at ``max_len``
+    tokens on ``threads`` threads. The base model (adapters disabled) is scored too, for reference;
+    for a distilled QAT run (``distill``: its base is the teacher) it is a candidate,
+    ``checkpoint: null``: fake-quantized, it is PTQ of the teacher.
     Such a run is selected by ``teacher_kld`` (dev KLD to the teacher at the answer positions,
     whatever ``metric`` says): the checkpoint that gets furthest below PTQ.
     Returns the record written.
@@ -168,7 +167,7 @@ def select_best(
     from qatforge.data import prompts_from_parquet, read_conversations
     from qatforge.io import write_json
     from qatforge.model import load_causal_lm, load_tokenizer
-    from qatforge.train import TrainSettings, apply_qat
+    from qatforge.train import apply_qat
 
     if metric not in METRICS:
         raise SelectError(f"unknown select metric {metric!r}; choose one of {', '.join(METRICS)}")
@@ -179,8 +178,8 @@ def select_best(
             f"pinned checkpoint-{pin} not found in {checkpoints_dir}; available: "
             + ", ".join(p.name for _, p in ckpts)
         )
-    if threads:
-        torch.set_num_threads(threads)
+    qat_scheme, max_len, step0 = settings.qat_scheme, settings.max_len, settings.distill
+    torch.set_num_threads(settings.threads)
     t0 = time.perf_counter()
     tok = load_tokenizer(base_dir, trust_remote_code=trust_remote_code)
     convs = read_conversations(dev_parquet)[: n_eval or None]
@@ -199,8 +198,7 @@ def select_best(
         name = f"step{step}"
         if model is None:
             model = PeftModel.from_pretrained(base, str(path), adapter_name=name, is_trainable=False)
-            if qat_scheme:
-                apply_qat(model, TrainSettings(qat_scheme=qat_scheme, qat_mode=qat_mode or TrainSettings.qat_mode), log)
+            apply_qat(model, settings, log)
         else:
             model.load_adapter(str(path), adapter_name=name, is_trainable=False)
         model.set_adapter(name)
@@ -230,7 +228,7 @@ def select_best(
         "base": base_scores,
         "adapted_modules": _adapted(checkpoints_dir),
         "qat_scheme": qat_scheme,
-        "qat_mode": qat_mode if qat_scheme else None,
+        "qat_mode": settings.qat_mode if qat_scheme else None,
         "scored_with_fake_quant": bool(qat_scheme),
         "n_prompts": len(prompts),
         "n_prompts_asked": n_prompts,

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 
 from qatforge.capabilities import family
 from qatforge.config import ConfigError
+from qatforge.qat_schemes import Scheme, parse_scheme
 
 
-def quantizable_modules(model: Any, scheme: str) -> int:
+def quantizable_modules(model: Any, scheme: Scheme) -> int:
     """How many modules of ``model`` torchao quantizes with ``scheme``: those its linear filter
     selects (``qatforge.qat.scheme_config``), plus the input embeddings when the scheme quantizes them."""
     from qatforge.qat import embedding_filter, scheme_config
@@ -30,16 +31,15 @@ def check_torchao_schemes(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qatforge.qat_schemes import parse_scheme
-
     if not uses:
         return {}
     cfg = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    counts = {s: quantizable_modules(model, s) for s in dict.fromkeys(s for _, s in uses)}
+    schemes = {s: parse_scheme(s) for _, s in uses}
+    counts = {s: quantizable_modules(model, scheme) for s, scheme in schemes.items()}
     fam = family(cfg.to_dict())
-    groups = {s: parse_scheme(s).group_size or 1 for s in counts}
+    groups = {s: scheme.group_size or 1 for s, scheme in schemes.items()}
     bad = [f"{key}: torchao scheme {s!r} quantizes no module of {fam}: no plain nn.Linear"
            + (f" with in_features divisible by its group size {groups[s]}" if groups[s] > 1 else "")
            for key, s in uses if not counts[s]]

@@ -25,7 +25,7 @@ from qatforge.io import (MANIFEST, atomic_dir, check_free_space, package_version
                          write_manifest)
 from qatforge.qat import (QATError, count_fake_quantized, embedding_filter, hf_model, scheme_config, strip_fake_quant,
                           untie_embeddings)
-from qatforge.qat_schemes import detect_cuda_capability, device_support, parse_scheme
+from qatforge.qat_schemes import Scheme, SchemeLike, detect_cuda_capability, device_support, parse_scheme
 
 
 def _is_quantized_weight(w: Any) -> bool:
@@ -44,7 +44,7 @@ def quantized_modules(model: Any) -> dict[str, str]:
     return out
 
 
-def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str, Any]:
+def quantize_for_deploy(model: Any, scheme: SchemeLike) -> dict[str, Any]:
     """Really quantize a plain (merged, non-PEFT) model in place with ``scheme`` (fake quantizers are
     stripped first), untying the embedding first when the scheme quantizes it or a tied LM head.
     Returns ``{"scheme", "untied", "modules": {fqn: tensor class}}``; zero modules raises."""
@@ -53,12 +53,12 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     from qatforge.model import release_freed_memory
 
     s = parse_scheme(scheme)
-    ok, reason = device_support(s.name, detect_cuda_capability())
+    ok, reason = device_support(s, detect_cuda_capability())
     if not ok:
         raise QATError(reason)
     if count_fake_quantized(model):
         strip_fake_quant(model)
-    cfg, emb_cfg, linear_filter = scheme_config(s.name)
+    cfg, emb_cfg, linear_filter = scheme_config(s)
     hf = hf_model(model)
     head, emb = hf.get_output_embeddings(), hf.get_input_embeddings()
     tied = head is not None and emb is not None and head.weight is emb.weight
@@ -78,7 +78,7 @@ def quantize_for_deploy(model: Any, scheme: str | Mapping[str, Any]) -> dict[str
     return {"scheme": s.name, "untied": untied, "modules": mods}
 
 
-def _fqn_config(model: Any, scheme: str | Mapping[str, Any]) -> Any:
+def _fqn_config(model: Any, scheme: Scheme) -> Any:
     """A ``ModuleFqnToConfig`` naming exactly the modules :func:`quantize_for_deploy` quantized."""
     import torch
     from torchao.quantization import ModuleFqnToConfig
@@ -95,7 +95,7 @@ def save_torchao(
     model: Any,
     tokenizer: Any,
     out_dir: str | Path,
-    scheme: str | Mapping[str, Any],
+    scheme: SchemeLike,
     *,
     provenance: Mapping[str, Any] | None = None,
     check_prompt: str = "Hello",
@@ -119,7 +119,7 @@ def save_torchao(
         raise QATError("save_torchao: the model has no quantized modules (call quantize_for_deploy first)")
     has_emb = any(isinstance(m, torch.nn.Embedding) and _is_quantized_weight(m.weight) for m in model.modules())
     model.config.quantization_config = TorchAoConfig(
-        _fqn_config(model, s.name), include_input_output_embeddings=has_emb, untie_embedding_weights=has_emb
+        _fqn_config(model, s), include_input_output_embeddings=has_emb, untie_embedding_weights=has_emb
     )
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def _check_ids(tokenizer: Any, prompt: str) -> Any:
 def quantize_checkpoint(
     merged_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    scheme: str | Mapping[str, Any],
+    scheme: SchemeLike,
     *,
     provenance: Callable[[Mapping[str, Any]], Mapping[str, Any]],
     threads: int | None = None,
@@ -201,23 +201,23 @@ def quantize_checkpoint(
     merged_dir = Path(merged_dir)
     if not (merged_dir / "config.json").is_file():
         raise FileNotFoundError(f"{merged_dir} is not an HF checkpoint (no config.json)")
-    name = parse_scheme(scheme).name  # unknown scheme -> ValueError listing the valid ones
+    s = parse_scheme(scheme)  # unknown scheme -> ValueError listing the valid ones
     if threads:
         torch.set_num_threads(threads)
     check_free_space(out_dir, size_bytes(merged_dir))
     t0 = time.perf_counter()
     tok = load_tokenizer(merged_dir, trust_remote_code=trust_remote_code)
     model = load_upcast(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    q = quantize_for_deploy(model, name)
-    log(f"{name}: {len(q['modules'])} modules quantized (untied embeddings: {q['untied']})")
-    info = save_torchao(model, tok, out_dir, name, provenance=provenance(q), log=log)
+    q = quantize_for_deploy(model, s)
+    log(f"{s.name}: {len(q['modules'])} modules quantized (untied embeddings: {q['untied']})")
+    info = save_torchao(model, tok, out_dir, s, provenance=provenance(q), log=log)
     return info | {"untied_embeddings": q["untied"], "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def ptq(
     merged_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    scheme: str,
+    scheme: SchemeLike,
     *,
     threads: int | None = None,
     trust_remote_code: bool = False,
@@ -250,7 +250,7 @@ def ptq(
 def qat_convert(
     merged_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    scheme: str | Mapping[str, Any],
+    scheme: SchemeLike,
     *,
     provenance: Mapping[str, Any] | None = None,
     trust_remote_code: bool = False,

@@ -70,13 +70,15 @@ def apply_qat(model: Any, settings: TrainSettings, log: Callable[[str], None]) -
     from qatforge.merge import STORAGE_DTYPE
     from qatforge.qat import prepare_qat
     from qatforge.qat_lora import prepare_merged_qat
+    from qatforge.qat_schemes import parse_scheme
 
     if not settings.qat_scheme:
         return 0
+    scheme = parse_scheme(settings.qat_scheme)
     if settings.qat_mode == "merged":
-        info = prepare_merged_qat(model, settings.qat_scheme, storage_dtype=STORAGE_DTYPE, log=log)
+        info = prepare_merged_qat(model, scheme, storage_dtype=STORAGE_DTYPE, log=log)
         return len(info["merged_linears"]) + info["fake_quantized_other"]
-    return prepare_qat(model, settings.qat_scheme, log=log)
+    return prepare_qat(model, scheme, log=log)
 
 
 def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], None]) -> tuple[Any, Any, int]:
@@ -84,7 +86,7 @@ def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], 
     from unsloth import FastLanguageModel  # must come before transformers/trl patch points are used
 
     from qatforge.qat import count_fake_quantized
-    from qatforge.qat_schemes import UNSLOTH_SCHEMES
+    from qatforge.qat_schemes import parse_scheme
 
     dtype, _ = dtype_for_device()
     model, tok = FastLanguageModel.from_pretrained(
@@ -96,8 +98,8 @@ def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], 
         trust_remote_code=False,
     )
     # merged mode: Unsloth's PEFT model gets the same merged-forward modules as the hf backend
-    unsloth_scheme = (settings.qat_scheme if settings.qat_scheme in UNSLOTH_SCHEMES and settings.qat_mode == "unsloth"
-                      else None)
+    unsloth_scheme = (settings.qat_scheme if settings.qat_scheme and parse_scheme(settings.qat_scheme).unsloth
+                      and settings.qat_mode == "unsloth" else None)
     model = FastLanguageModel.get_peft_model(
         model,
         r=settings.lora_r,
