@@ -817,8 +817,8 @@ def bench_qat_modes(proj: Path, work: Path, cores: str) -> dict[str, Any]:
     with the same PTQ artifact on the same test set."""
     import yaml
 
-    from qatforge import config as qcfg
-    from qatforge.qat_schemes import gguf_type
+    from qatforge.spec import config as qcfg
+    from qatforge.spec.schemes import gguf_type
 
     cfg_path = proj / "config" / "config.yaml"
     original = cfg_path.read_text()
@@ -852,7 +852,7 @@ def bench_qat_modes(proj: Path, work: Path, cores: str) -> dict[str, Any]:
 def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from qatforge import config as qcfg
+    from qatforge.spec import config as qcfg
 
     cfg = yaml.safe_load((proj / "config" / "config.yaml").read_text())
     if not qcfg.baseline_runs(cfg):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from qatforge import config as qcfg
+from qatforge.spec import config as qcfg
 
 import perf
 

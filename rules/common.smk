@@ -3,10 +3,10 @@
 import os
 import re
 
-from qatforge import config as qcfg
-from qatforge.config import sorted_keys
-from qatforge.formats import BASE_DIR, FORMATS, artifact_path, is_deployment_artifact, lookup, merged_dir, run_dir
-from qatforge.qat_schemes import detect_cuda_capability
+from qatforge.spec import config as qcfg
+from qatforge.spec.config import sorted_keys
+from qatforge.spec.formats import BASE_DIR, FORMATS, artifact_path, is_deployment_artifact, lookup, merged_dir, run_dir
+from qatforge.spec.schemes import detect_cuda_capability
 
 qcfg.check(config, workflow.basedir, cuda_capability=detect_cuda_capability())
 

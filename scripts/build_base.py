@@ -1,6 +1,6 @@
 from qatforge.base import build
-from qatforge.config import torchao_scheme_uses
 from qatforge.runlog import logged
+from qatforge.spec.config import torchao_scheme_uses
 
 with logged(snakemake) as log:
     p = snakemake.params

@@ -33,7 +33,7 @@ def _imatrix_entries(path: Path) -> tuple[dict[str, np.ndarray], list[str], int 
 def quantize_with_bindings(src: Path, out: Path, qtype: str, imatrix: Path | None = None, threads: int = 2) -> None:
     import llama_cpp
 
-    from qatforge.export.quant_types import QUANT_FTYPES
+    from qatforge.spec.quant_types import QUANT_FTYPES
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()

@@ -1,4 +1,4 @@
-"""The capability check of the configured base: GGUF and ONNX at parse time (qatforge.capabilities,
+"""The capability check of the configured base: GGUF and ONNX at parse time (qatforge.spec.capabilities,
 from the facts `make install` writes), TorchAO in the build_base job (qatforge.base), and
 formats.on_unsupported (error / skip) through config.check, artifacts, snakemake -n and the report."""
 
@@ -16,11 +16,11 @@ import pytest
 
 from conftest import ROOT, copy_project, read_config, snakemake, write_config
 from families import FAMILIES
-from qatforge import capabilities as cap
-from qatforge import config as qcfg
 from qatforge.capabilities.install import set_vocab_requirement
 from qatforge.capabilities.torchao import check_torchao_schemes
-from qatforge.llamacpp_paths import ARCHITECTURES, share_dir
+from qatforge.spec import capabilities as cap
+from qatforge.spec import config as qcfg
+from qatforge.spec.llamacpp_paths import ARCHITECTURES, share_dir
 
 FAMILY_ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama3": "LlamaForCausalLM",
                 "llama-spm": "LlamaForCausalLM", "llama2-spm": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}

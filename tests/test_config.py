@@ -14,7 +14,7 @@ import yaml
 from snakemake.utils import validate
 
 from conftest import ROOT, copy_project
-from qatforge import config as qcfg
+from qatforge.spec import config as qcfg
 
 SCHEMA = str(ROOT / "config" / "schema.yaml")
 
@@ -90,7 +90,7 @@ def test_imatrix_types_need_an_imatrix(cfg):
 def test_schema_gguf_keys_are_quant_types_facts():
     """The schema cannot import Python: its gguf.outtype enum and a quant's options (besides type and
     imatrix) must be quant_types' OUTTYPES and QUANT_OPTIONS, each option typed as its kind."""
-    from qatforge.export.quant_types import OUTTYPES, QUANT_OPTIONS
+    from qatforge.spec.quant_types import OUTTYPES, QUANT_OPTIONS
 
     gguf = yaml.safe_load(Path(SCHEMA).read_text())["properties"]["gguf"]["properties"]
     assert gguf["outtype"]["enum"] == list(OUTTYPES)
@@ -146,7 +146,7 @@ def test_model_base_missing_or_not_causal_lm(cfg, tmp_path):
 
 def test_architecture_the_gguf_converter_lacks_is_refused_up_front(cfg, tmp_path):
     """The names come from the installed convert_hf_to_gguf.py's ModelBase.register(...) calls."""
-    from qatforge.llamacpp_paths import known_architectures
+    from qatforge.spec.llamacpp_paths import known_architectures
 
     known = known_architectures()
     assert {"Qwen3ForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM", "Gemma3ForCausalLM"} <= set(known)

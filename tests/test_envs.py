@@ -128,7 +128,7 @@ def qatforge_file(module: str) -> Path | None:
 def registry_imports(path: Path) -> set[str]:
     """Modules a file imports by name through the format registry (``formats.resolve`` of a
     record's ``runtime``, ``exporter`` or ``support``): every format's, since the format is data."""
-    from qatforge.formats import FORMATS
+    from qatforge.spec.formats import FORMATS
 
     text = path.read_text()
     if "resolve(" not in text:

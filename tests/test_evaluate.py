@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from qatforge import reference
-from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
 from qatforge.evaluate.run import run_eval, speed
+from qatforge.spec.columns import REPORT_COLUMNS, SPEED_COLUMNS
 
 from conftest import ROOT
 from export_helpers import reverse_task_checkpoint

@@ -8,8 +8,8 @@ import pytest
 from export_helpers import parity_corpus, synthetic_conversations, tiny_checkpoint
 
 from qatforge.export import gguf
-from qatforge.export.quant_types import check_quant
 from qatforge.io import read_json
+from qatforge.spec.quant_types import check_quant
 
 THREADS = 2
 
@@ -58,7 +58,7 @@ def test_quant_names_match_llama_cpp_bindings():
     import llama_cpp
     from gguf import GGMLQuantizationType  # gguf-py (this module's `gguf` is qatforge.export.gguf)
 
-    from qatforge.export.quant_types import GGML_TYPES, NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
+    from qatforge.spec.quant_types import GGML_TYPES, NEEDS_IMATRIX, QUANT_FTYPES, QUANT_NAMES, TENSOR_TYPE_NAMES
 
     prefix = "LLAMA_FTYPE_MOSTLY_"
     ftypes = {"F32": llama_cpp.LLAMA_FTYPE_ALL_F32}

@@ -108,7 +108,7 @@ def stage_cells(work: Path) -> dict[str, str]:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_runs_every_stage_with_parity(name, replicas, tmp_path_factory):
     work = built(name, replicas, tmp_path_factory)
-    from qatforge import config as qcfg
+    from qatforge.spec import config as qcfg
 
     report = pl.read_csv(work / "results" / "report.csv")
     got = {(r["run"], r["format"], r["variant"]) for r in report.iter_rows(named=True)}

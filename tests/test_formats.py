@@ -7,10 +7,11 @@ import yaml
 from snakemake.utils import validate
 
 from conftest import ROOT
-from qatforge import config as qcfg
-from qatforge import formats, parity
-from qatforge.capabilities import BaseInfo, Facts, unsupported
-from qatforge.formats import FORMATS, Format, artifact_path, lookup, merged_dir, run_dir
+from qatforge import parity
+from qatforge.spec import config as qcfg
+from qatforge.spec import formats
+from qatforge.spec.capabilities import BaseInfo, Facts, unsupported
+from qatforge.spec.formats import FORMATS, Format, artifact_path, lookup, merged_dir, run_dir
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_layout(cfg):
 def test_a_new_record_is_all_config_paths_and_parity_need(cfg, monkeypatch):
     tflite = Format(name="tflite", variants=lambda config, scheme: [] if scheme else ["int8"],
                     path="{run_dir}/tflite/{variant}.tflite", exporter="x", runtime="y", eval_mem_mb=1000,
-                    thresholds={"default": {"kld_mean": 0.1}}, support="qatforge.capabilities:onnx_reason")
+                    thresholds={"default": {"kld_mean": 0.1}}, support="qatforge.spec.capabilities:onnx_reason")
     monkeypatch.setitem(FORMATS, "tflite", tflite)
     assert ("baseline", "tflite", "int8") in qcfg.artifacts(cfg)
     assert not [a for a in qcfg.artifacts(cfg) if a[0] != "baseline" and a[1] == "tflite"]  # formats: matched

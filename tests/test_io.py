@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from qatforge import io, verify
-from qatforge.formats import ArtifactError, check_gguf
+from qatforge.spec.formats import ArtifactError, check_gguf
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qatforge import parity
-from qatforge.formats import lookup
+from qatforge.spec.formats import lookup
 
 
 def test_kld_zero_for_identical_and_shift_invariant():

@@ -13,10 +13,10 @@ import polars as pl
 import pytest
 
 from conftest import read_config, snakemake
-from qatforge import config as qcfg
-from qatforge.columns import LOSS_COLUMNS, REPORT_COLUMNS
-from qatforge.formats import BASE_ARTIFACT
 from qatforge.io import sha256_path
+from qatforge.spec import config as qcfg
+from qatforge.spec.columns import LOSS_COLUMNS, REPORT_COLUMNS
+from qatforge.spec.formats import BASE_ARTIFACT
 from qatforge.verify import verify
 
 COLUMNS = list(REPORT_COLUMNS)

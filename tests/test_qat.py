@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_qwen3_base
-from qatforge import qat_schemes
+from qatforge.spec import schemes
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,49 +21,49 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def test_scheme_names_are_unsloths():
-    assert qat_schemes.UNSLOTH_SCHEMES == ("int4", "int8-int4", "fp8-int4", "fp8-fp8", "int8")
-    assert qat_schemes.canonical("phone-deployment") == "int8-int4"
-    assert qat_schemes.canonical("int2-w128") == "int2-w128"
-    assert qat_schemes.canonical("w2g128") == "int2-w128"
-    assert qat_schemes.canonical({"weight_dtype": "int2", "group_size": 128}) == "int2-w128"
-    s = qat_schemes.parse_scheme("int8-int4")
+    assert schemes.UNSLOTH_SCHEMES == ("int4", "int8-int4", "fp8-int4", "fp8-fp8", "int8")
+    assert schemes.canonical("phone-deployment") == "int8-int4"
+    assert schemes.canonical("int2-w128") == "int2-w128"
+    assert schemes.canonical("w2g128") == "int2-w128"
+    assert schemes.canonical({"weight_dtype": "int2", "group_size": 128}) == "int2-w128"
+    s = schemes.parse_scheme("int8-int4")
     assert (s.weight_bits, s.group_size, s.activation, s.embedding) == (4, 32, "int8", True)
-    assert qat_schemes.gguf_type("gguf-q4_0") == "Q4_0" and qat_schemes.gguf_type("int8-int4") is None
-    assert qat_schemes.matched_artifact("gguf-q8_0") == ("gguf", "Q8_0")
-    assert qat_schemes.matched_artifact("phone-deployment") == ("torchao", "int8-int4")
+    assert schemes.gguf_type("gguf-q4_0") == "Q4_0" and schemes.gguf_type("int8-int4") is None
+    assert schemes.matched_artifact("gguf-q8_0") == ("gguf", "Q8_0")
+    assert schemes.matched_artifact("phone-deployment") == ("torchao", "int8-int4")
 
 
 @pytest.mark.parametrize("bad", ["int9", "int4-w0", "bogus", {"weight_dtype": "float2", "group_size": 8},
                                  {"weight_dtype": "int2", "group_size": 0}, {"weight_dtype": "int2", "gs": 1}])
 def test_unknown_scheme_rejected_with_valid_list(bad):
-    ok, reason = qat_schemes.device_support(bad, None)
+    ok, reason = schemes.device_support(bad, None)
     assert not ok
     with pytest.raises(ValueError):
-        qat_schemes.parse_scheme(bad)
+        schemes.parse_scheme(bad)
     if isinstance(bad, str):
         assert repr(bad) in reason and "int8-int4" in reason and "int2-w128" in reason
 
 
 def test_device_support_cpu_and_gpu():
     for name in ("int8-int4", "phone-deployment", "int8", "int2-w128", "int4-w32"):
-        assert qat_schemes.device_support(name, None) == (True, "ok")
+        assert schemes.device_support(name, None) == (True, "ok")
     for name in ("int4", "fp8-int4", "fp8-fp8"):
-        ok, reason = qat_schemes.device_support(name, None)
+        ok, reason = schemes.device_support(name, None)
         assert not ok and "CPU" in reason and "int8-int4" in reason, reason
-    ok, reason = qat_schemes.device_support("fp8-fp8", (8, 0))
+    ok, reason = schemes.device_support("fp8-fp8", (8, 0))
     assert not ok and "8.9" in reason and "8.0" in reason
-    assert qat_schemes.device_support("fp8-fp8", (9, 0)) == (True, "ok")
-    ok, reason = qat_schemes.device_support("int4", (9, 0))  # the kernel package is not installable here
+    assert schemes.device_support("fp8-fp8", (9, 0)) == (True, "ok")
+    ok, reason = schemes.device_support("int4", (9, 0))  # the kernel package is not installable here
     assert not ok and "mslk" in reason
-    assert qat_schemes.problems("int8", None) == []
-    assert qat_schemes.problems("fp8-fp8", None) and "fp8-fp8" in qat_schemes.problems("fp8-fp8", None)[0]
+    assert schemes.problems("int8", None) == []
+    assert schemes.problems("fp8-fp8", None) and "fp8-fp8" in schemes.problems("fp8-fp8", None)[0]
 
 
 def test_scheme_check_is_fast_and_torch_free():
     """The config validator calls this at Snakefile parse time: no torch import, well under 5 s."""
     code = (
         "import sys, time; t=time.perf_counter();"
-        "from qatforge import qat_schemes as q;"
+        "from qatforge.spec import schemes as q;"
         "[q.parse_scheme(n) for n in q.SCHEMES];"
         "r=q.device_support('fp8-fp8', q.detect_cuda_capability());"
         "print(r[0], 'torch' in sys.modules, time.perf_counter()-t)"
@@ -83,8 +83,8 @@ def test_torchao_configs_from_the_scheme():
 
     from qatforge import qat
 
-    s = qat_schemes.parse_scheme("phone-deployment")
-    assert qat_schemes.parse_scheme(s) is s
+    s = schemes.parse_scheme("phone-deployment")
+    assert schemes.parse_scheme(s) is s
     assert qat.torchao_configs(s) == (
         Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)),
         IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
@@ -95,12 +95,12 @@ def test_torchao_configs_from_the_scheme():
 
 def test_capability_override(monkeypatch):
     monkeypatch.setenv("QATFORGE_CUDA_CAPABILITY", "8.9")
-    assert qat_schemes.detect_cuda_capability() == (8, 9)
+    assert schemes.detect_cuda_capability() == (8, 9)
     monkeypatch.setenv("QATFORGE_CUDA_CAPABILITY", "none")
-    assert qat_schemes.detect_cuda_capability() is None
+    assert schemes.detect_cuda_capability() is None
     monkeypatch.setenv("QATFORGE_CUDA_CAPABILITY", "eight")
     with pytest.raises(ValueError, match="QATFORGE_CUDA_CAPABILITY"):
-        qat_schemes.detect_cuda_capability()
+        schemes.detect_cuda_capability()
 
 
 # ----------------------------------------------------------------------------- torchao on a tiny Qwen3
@@ -261,7 +261,7 @@ def test_qat_convert_saves_reloads_and_generates(tiny, tmp_path, scheme):
     assert (out / "pytorch_model.bin").is_file() and not list(out.glob(".*tmp*"))
     assert not list(tmp_path.glob(".qat_converted.tmp-*"))
     manifest = read_json(out / "export.json")
-    assert manifest["provenance"]["run"] == "test" and manifest["provenance"]["scheme"] == qat_schemes.canonical(scheme)
+    assert manifest["provenance"]["run"] == "test" and manifest["provenance"]["scheme"] == schemes.canonical(scheme)
     cfg = read_json(out / "config.json")
     assert cfg["quantization_config"]["quant_method"] == "torchao"
     # An independent reload through the public API generates tokens from quantized weights.

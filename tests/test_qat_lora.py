@@ -175,7 +175,7 @@ def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_pat
     from qatforge.export import gguf
     from qatforge.model import load_causal_lm
     from qatforge.qat_lora import prepare_merged_qat
-    from qatforge.qat_schemes import gguf_recipe
+    from qatforge.spec.schemes import gguf_recipe
 
     d, tok, rows = tiny
     if tied:

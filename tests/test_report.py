@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from qatforge import report
-from qatforge.columns import LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS
+from qatforge.spec.columns import LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS
 
 N_PROMPTS = 100
 N_SEQ = 20

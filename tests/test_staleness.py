@@ -11,7 +11,7 @@ import yaml
 from snakemake.utils import validate
 
 from conftest import ROOT, read_config, snakemake, write_config
-from qatforge import config as qcfg
+from qatforge.spec import config as qcfg
 
 RUN_OTHER = "qat-int8-int4"
 

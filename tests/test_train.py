@@ -277,7 +277,7 @@ def test_unsupported_scheme_fails_before_training(env):
 def test_settings_from_config_and_backend():
     import yaml
 
-    from qatforge import config as qcfg
+    from qatforge.spec import config as qcfg
 
     cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
     s = T.TrainSettings.from_config(qcfg.train_settings(cfg, "qat-int8-int4"), threads=2, max_len=256)

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from qatforge.capabilities.torchao import check_torchao_schemes
-from qatforge.builtin import BUILTIN_PREFIX
 from qatforge.io import atomic_dir, read_json, write_manifest
+from qatforge.spec.builtin import BUILTIN_PREFIX
 
 
 def builtin_recipe(builtin: dict[str, Any], seed: int, max_tokens: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qatforge.llamacpp_paths import (  # noqa: F401  (re-exported)
+from qatforge.spec.llamacpp_paths import (  # noqa: F401  (re-exported)
     ARCHITECTURES,
     ENV_DIR,
     PRE_TOKENIZERS,

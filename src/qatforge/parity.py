@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qatforge.formats import lookup
+from qatforge.spec.formats import lookup
 
 UPPER_BOUNDS = ("kld_mean", "kld_max", "max_abs_diff")
 LOWER_BOUNDS = ("top1_agree", "gen_match", "accuracy")

@@ -1,6 +1,6 @@
 """Quantization-aware training with torchao and Unsloth's scheme mapping.
 
-Schemes live in :mod:`qatforge.qat_schemes` (torch-free); this module builds the torchao config
+Schemes live in :mod:`qatforge.spec.schemes` (torch-free); this module builds the torchao config
 each names (:func:`torchao_configs`) and the filters of the modules it applies to
 (:func:`scheme_config`, which deploy-time quantization in :mod:`qatforge.export.torchao` applies
 too), and fake-quantizes with them. torch/torchao/transformers
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from qatforge.qat_schemes import Scheme, SchemeLike, parse_scheme
+from qatforge.spec.schemes import Scheme, SchemeLike, parse_scheme
 
 
 class QATError(RuntimeError):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import types
 from typing import Any, Callable
 
-from qatforge.qat_schemes import Scheme, SchemeLike, parse_scheme
+from qatforge.spec.schemes import Scheme, SchemeLike, parse_scheme
 
 MODES = ("merged", "unsloth")
 

@@ -1,4 +1,4 @@
-"""Install-time facts for :mod:`qatforge.capabilities`: ``python -m qatforge.capabilities write``.
+"""Install-time facts for :mod:`qatforge.spec.capabilities`: ``python -m qatforge.capabilities write``.
 
 Imports llama.cpp's converter (its own registry and MRO: torch, the vendored gguf-py) and optimum,
 so it runs once, in its own process, at ``make install``; nothing at parse time imports it.
@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from qatforge.capabilities import ONNX_JSON, SENTENCEPIECE_JSON, SPM_FILE, onnx_versions, share_dir
+from qatforge.spec.capabilities import ONNX_JSON, SENTENCEPIECE_JSON, SPM_FILE, onnx_versions, share_dir
 
 _SPM_METHODS = ("_set_vocab_sentencepiece", "_create_vocab_sentencepiece")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from qatforge.capabilities import family
-from qatforge.config import ConfigError
-from qatforge.qat_schemes import Scheme, parse_scheme
+from qatforge.spec.capabilities import family
+from qatforge.spec.config import ConfigError
+from qatforge.spec.schemes import Scheme, parse_scheme
 
 
 def quantizable_modules(model: Any, scheme: Scheme) -> int:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qatforge.chat import strip_bos_text
-from qatforge.formats import check_gguf
+from qatforge.spec.formats import check_gguf
 
 GGML_TYPE_F32 = 0
 

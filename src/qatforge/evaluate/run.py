@@ -2,7 +2,7 @@
 
 ``run_eval`` opens the artifact in its format's runtime (``formats.Format.runtime``: transformers
 for hf/torchao, llama.cpp for gguf, onnxruntime for onnx), in the calling process, and writes one
-JSON holding exactly the report columns (``qatforge.columns.REPORT_COLUMNS``, then
+JSON holding exactly the report columns (``qatforge.spec.columns.REPORT_COLUMNS``, then
 ``SPEED_COLUMNS``) plus extras. Nothing here imports torch at module level: GGUF and ONNX
 evaluations run without torch/transformers.
 
@@ -26,10 +26,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
 from qatforge.decode import Runtime, greedy
-from qatforge.formats import FORMATS, REFERENCE_ONLY, is_deployment_artifact, lookup, resolve
 from qatforge.reference import Reference, check_test_data, load
+from qatforge.spec.columns import REPORT_COLUMNS, SPEED_COLUMNS
+from qatforge.spec.formats import FORMATS, REFERENCE_ONLY, is_deployment_artifact, lookup, resolve
 
 
 def tokenizer_checks(ref_meta: Mapping[str, Any], special: Mapping[str, Any], ids: Sequence[Sequence[int]]) -> dict:

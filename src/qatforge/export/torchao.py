@@ -25,7 +25,7 @@ from qatforge.io import (MANIFEST, atomic_dir, check_free_space, package_version
                          write_manifest)
 from qatforge.qat import (QATError, count_fake_quantized, embedding_filter, hf_model, scheme_config, strip_fake_quant,
                           untie_embeddings)
-from qatforge.qat_schemes import Scheme, SchemeLike, detect_cuda_capability, device_support, parse_scheme
+from qatforge.spec.schemes import Scheme, SchemeLike, detect_cuda_capability, device_support, parse_scheme
 
 
 def _is_quantized_weight(w: Any) -> bool:

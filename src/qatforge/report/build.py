@@ -8,13 +8,13 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qatforge.formats import lookup
 from qatforge.io import atomic_file
 from qatforge.report.compare import add_losses, base_vs_finetuned, qat_vs_ptq, qat_vs_ptq_frame, recommend
 from qatforge.report.load import deployed, label, load_evals, to_frame
 from qatforge.report.markdown import (base_section, loss_section, markdown_table, qat_section, recommend_section,
                                       speed_section)
 from qatforge.report.plots import make_plots
+from qatforge.spec.formats import lookup
 
 log = logging.getLogger("qatforge.report")
 

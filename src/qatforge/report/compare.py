@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from qatforge.formats import BASE_ARTIFACT, FORMATS, MERGED_ARTIFACT, lookup
 from qatforge.report.load import NO_SCHEME, deployed
 from qatforge.report.stats import paired_accuracy_losses, paired_kld_losses, paired_loss, paired_nll_losses
+from qatforge.spec.formats import BASE_ARTIFACT, FORMATS, MERGED_ARTIFACT, lookup
 
 # (label, format) of each deployment target, in the recommendation's order (formats.Format.label)
 TARGETS = tuple((f.label, f.name) for f in sorted(FORMATS.values(), key=lambda f: f.rank) if f.label)
@@ -34,12 +34,12 @@ def _unquantized(r: Mapping) -> bool:
 
 
 def qat_vs_ptq(rows: Sequence[Mapping], *, seed: int = 0) -> list[dict[str, Any]]:
-    """Each QAT run's matched artifact (the quantizer it trained for, ``qat_schemes.matched_artifact``)
+    """Each QAT run's matched artifact (the quantizer it trained for, ``spec.schemes.matched_artifact``)
     against the baseline run's artifact of the same quantizer (PTQ), both measured against the
     baseline merged model: accuracy, NLL and KLD losses with recovery. The baseline run is the one
     the QAT run's rows record (``config.comparison_baseline``). Unmatched quantized artifacts of QAT
     runs come back as ``{"unmatched": ...}`` items."""
-    from qatforge.qat_schemes import matched_artifact
+    from qatforge.spec.schemes import matched_artifact
 
     out = []
     for qrun in sorted({r["run"] for r in rows if r["qat_scheme"] != NO_SCHEME}):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qatforge.formats import is_deployment_artifact
 from qatforge.io import atomic_file
+from qatforge.spec.formats import is_deployment_artifact
 
 
 def parity_gate(report_csv: str | Path, out_ok: str | Path) -> None:

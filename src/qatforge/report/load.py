@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qatforge.columns import BOOL_COLUMNS, FLOAT_COLUMNS, LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS, STR_COLUMNS
-from qatforge.formats import FORMATS, is_deployment_artifact, lookup
 from qatforge.io import read_json
+from qatforge.spec.columns import BOOL_COLUMNS, FLOAT_COLUMNS, LOSS_COLUMNS, REPORT_COLUMNS, SPEED_COLUMNS, STR_COLUMNS
+from qatforge.spec.formats import FORMATS, is_deployment_artifact, lookup
 
 EXTRA_COLUMNS = ("threads", "n_prompts", "failures")
 FORMAT_ORDER = {f: i for i, f in enumerate(FORMATS)}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from qatforge.columns import REPORT_COLUMNS, SPEED_COLUMNS
-from qatforge.formats import BASE_ARTIFACT, MERGED_ARTIFACT, REFERENCE_ONLY
 from qatforge.report.compare import UNMATCHED
 from qatforge.report.load import FORMAT_ORDER, deployed, label
 from qatforge.report.stats import BOOTSTRAP
+from qatforge.spec.columns import REPORT_COLUMNS, SPEED_COLUMNS
+from qatforge.spec.formats import BASE_ARTIFACT, MERGED_ARTIFACT, REFERENCE_ONLY
 
 
 def _fmt(v: Any, col: str) -> str:

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from qatforge.formats import FORMATS
 from qatforge.io import atomic_dir
 from qatforge.report.load import FORMAT_ORDER, deployed, label
+from qatforge.spec.formats import FORMATS
 
 PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown")
 

@@ -183,7 +183,7 @@ def train_run(
 
     from qatforge.data import read_conversations
     from qatforge.io import atomic_dir, package_versions, write_json
-    from qatforge.qat_schemes import detect_cuda_capability, device_support
+    from qatforge.spec.schemes import detect_cuda_capability, device_support
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     train_parquet, eval_parquet = Path(train_parquet), Path(eval_parquet)

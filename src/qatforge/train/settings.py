@@ -71,7 +71,7 @@ class TrainSettings:
         if self.backend not in BACKENDS:
             raise ValueError(f"train.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.qat_scheme is not None:
-            from qatforge.qat_schemes import canonical
+            from qatforge.spec.schemes import canonical
 
             self.qat_scheme = canonical(self.qat_scheme)
         from qatforge.distill import POSITIONS
@@ -87,7 +87,7 @@ class TrainSettings:
 
     @classmethod
     def from_config(cls, train: Mapping[str, Any], **extra: Any) -> "TrainSettings":
-        """From ``qatforge.config.train_settings(config, run)`` (nested ``lora:``); unknown keys ignored."""
+        """From ``qatforge.spec.config.train_settings(config, run)`` (nested ``lora:``); unknown keys ignored."""
         lora = dict(train.get("lora") or {})
         kw: dict[str, Any] = {k: v for k, v in train.items() if k in _FIELDS and k != "lora"}
         for src, dst in (("r", "lora_r"), ("alpha", "lora_alpha"), ("dropout", "lora_dropout"),

@@ -70,7 +70,7 @@ def apply_qat(model: Any, settings: TrainSettings, log: Callable[[str], None]) -
     from qatforge.merge import STORAGE_DTYPE
     from qatforge.qat import prepare_qat
     from qatforge.qat_lora import prepare_merged_qat
-    from qatforge.qat_schemes import parse_scheme
+    from qatforge.spec.schemes import parse_scheme
 
     if not settings.qat_scheme:
         return 0
@@ -86,7 +86,7 @@ def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], 
     from unsloth import FastLanguageModel  # must come before transformers/trl patch points are used
 
     from qatforge.qat import count_fake_quantized
-    from qatforge.qat_schemes import parse_scheme
+    from qatforge.spec.schemes import parse_scheme
 
     dtype, _ = dtype_for_device()
     model, tok = FastLanguageModel.from_pretrained(

@@ -15,9 +15,9 @@ from qatforge.export.gguf.read import embedding_tie, gguf_metadata, tensor_type_
 from qatforge.export.gguf.tokenizer import (default_parity_texts, prefix_space_rule, starts_with_special,
                                             tokenizer_parity)
 from qatforge.export.gguf.tools import run_tool, tool_info
-from qatforge.export.quant_types import OUTTYPES
 from qatforge.export.record import Log, as_log, source_record, write_export_record
 from qatforge.io import atomic_file, check_free_space, size_bytes
+from qatforge.spec.quant_types import OUTTYPES
 
 
 def _converter_env() -> dict[str, str]:

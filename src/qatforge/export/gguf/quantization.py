@@ -16,9 +16,9 @@ from typing import Any, Iterable, Mapping
 
 from qatforge.export.gguf.read import imatrix_info, tensor_type_histogram, tensor_types
 from qatforge.export.gguf.tools import run_tool, tool_info
-from qatforge.export.quant_types import FULL_PRECISION_TYPES, QUANT_OPTIONS, check_quant
 from qatforge.export.record import as_log, write_export_record
 from qatforge.io import atomic_file, check_free_space
+from qatforge.spec.quant_types import FULL_PRECISION_TYPES, QUANT_OPTIONS, check_quant
 
 
 QK_K = 256  # super-block size of the K- and most IQ-quants
@@ -42,7 +42,7 @@ def check_trained_types(tensors: Mapping[str, str], scheme: str, target_modules:
     ``output`` at theirs (a tied ``token_embd`` at the output's, as llama-quantize writes it).
     Returns ``{scheme, trained: {tensor: type}, other, unmapped_targets}``; raises ``ValueError``
     naming the tensors written in another type."""
-    from qatforge.qat_schemes import gguf_recipe
+    from qatforge.spec.schemes import gguf_recipe
 
     recipe = gguf_recipe(scheme)
     if recipe is None:

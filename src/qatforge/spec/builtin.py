@@ -1,5 +1,5 @@
 """The builtin bases (``model.base: builtin:<name>``, built by :mod:`qatforge.tiny`): names only,
-no imports, read at parse time by :mod:`qatforge.config` and :mod:`qatforge.capabilities`."""
+no imports, read at parse time by :mod:`qatforge.spec.config` and :mod:`qatforge.spec.capabilities`."""
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-qwen3",)

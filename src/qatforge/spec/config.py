@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from qatforge.builtin import BUILTIN_MODELS, BUILTIN_NAME, BUILTIN_PREFIX
-from qatforge.capabilities import unsupported_formats
-from qatforge.export.quant_types import check_quant
-from qatforge.formats import BASE_ARTIFACT, BASE_DIR, FORMATS, MERGED_ARTIFACT, lookup, merged_dir, outtype_name
-from qatforge.llamacpp_paths import known_pre_tokenizers
+from qatforge.spec.builtin import BUILTIN_MODELS, BUILTIN_NAME, BUILTIN_PREFIX
+from qatforge.spec.capabilities import unsupported_formats
+from qatforge.spec.formats import BASE_ARTIFACT, BASE_DIR, FORMATS, MERGED_ARTIFACT, lookup, merged_dir, outtype_name
+from qatforge.spec.llamacpp_paths import known_pre_tokenizers
+from qatforge.spec.quant_types import check_quant
 
 SAFE_NAME = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 TRAIN_KEYS = ("max_steps", "save_steps", "batch_size", "grad_accum", "lr", "lora")
@@ -105,7 +105,7 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
 
 def matched_gguf_quant(config: dict, run: str) -> str | None:
     """The GGUF quant a GGUF-targeted QAT run trained for (``gguf.quants.<type>``), else None."""
-    from qatforge.qat_schemes import gguf_type
+    from qatforge.spec.schemes import gguf_type
 
     scheme = qat_scheme(config, run)
     return gguf_type(scheme) if scheme else None
@@ -115,7 +115,7 @@ def gguf_check_plan(config: dict) -> dict[str, dict[str, Any]]:
     """What the ``gguf_check`` job checks of a GGUF-targeted QAT run on the base before training:
     ``{run: {"quant", "spec", "scheme", "targets"}}`` (the ``gguf.quants`` entry it ships as,
     without its unset options, and its LoRA targets)."""
-    from qatforge.qat_schemes import canonical
+    from qatforge.spec.schemes import canonical
 
     plan = {}
     for run in qat_runs(config):
@@ -132,7 +132,7 @@ def gguf_check_plan(config: dict) -> dict[str, dict[str, Any]]:
 def modelfile_quant(config: dict, run: str, workdir: str | Path = ".") -> str | None:
     """The GGUF quant a run's Ollama Modelfile points at (a GGUF scheme's own type, else
     gguf.default_quant), or None when the run exports no such GGUF (or GGUF is skipped)."""
-    from qatforge.qat_schemes import gguf_type
+    from qatforge.spec.schemes import gguf_type
 
     scheme = qat_scheme(config, run)
     q = (gguf_type(scheme) if scheme else None) or config["gguf"]["default_quant"]
@@ -186,7 +186,7 @@ def artifacts(config: dict, workdir: str | Path = ".") -> list[tuple[str, str, s
 def _configured_artifacts(config: dict) -> list[tuple[str, str, str]]:
     """:func:`artifacts` before any format is skipped: each format's variants of each run (a run
     with ``formats: matched``: its merged model and the artifact of its quantizer)."""
-    from qatforge.qat_schemes import matched_artifact
+    from qatforge.spec.schemes import matched_artifact
 
     base_run, out = baseline_run(config), []
     for run in runs(config):
@@ -244,12 +244,12 @@ def _check_base(config: dict, workdir: Path) -> list[str]:
 
 
 def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> list[str]:
-    from qatforge import qat_schemes
+    from qatforge.spec import schemes
 
     def recipe(scheme: Any) -> Any:
         """The GGUF recipe of a valid scheme; None for a torchao one, or an invalid one (reported)."""
         try:
-            return qat_schemes.parse_scheme(scheme).gguf
+            return schemes.parse_scheme(scheme).gguf
         except ValueError:
             return None
 
@@ -257,9 +257,9 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
     for run in runs(config):
         scheme = qat_scheme(config, run)
         if scheme is not None:
-            problems += [f"runs.{run}.qat_scheme: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
+            problems += [f"runs.{run}.qat_scheme: {p}" for p in schemes.problems(scheme, cuda_capability)]
     for scheme in config["torchao"]["schemes"]:
-        problems += [f"torchao.schemes: {p}" for p in qat_schemes.problems(scheme, cuda_capability)]
+        problems += [f"torchao.schemes: {p}" for p in schemes.problems(scheme, cuda_capability)]
     for scheme in config["torchao"]["schemes"]:
         if recipe(scheme):
             problems.append(f"torchao.schemes: {scheme!r} is a GGUF-targeted QAT scheme, not a torchao one")
@@ -347,7 +347,7 @@ def _check_names(config: dict) -> list[str]:
 def _check_formats(config: dict, workdir: Path) -> list[str]:
     """Each configured format the base cannot be exported to (``formats.on_unsupported: error``);
     under ``skip``, a GGUF-targeted QAT run whose only purpose, the GGUF, is skipped."""
-    from qatforge.qat_schemes import problems as scheme_problems
+    from qatforge.spec.schemes import problems as scheme_problems
 
     if on_unsupported(config) == "skip":
         reason = skipped_formats(config, workdir).get("gguf")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from qatforge.export.quant_types import FULL_PRECISION_TYPES
+from qatforge.spec.quant_types import FULL_PRECISION_TYPES
 
 # The base model, built by the build_base rule; each run's files live under run_dir(run).
 BASE_DIR = "results/base"
@@ -73,7 +73,7 @@ def outtype_name(config: Mapping[str, Any]) -> str:
 def _torchao_variants(config: Mapping[str, Any], scheme: str | None) -> list[str]:
     """PTQ schemes for a baseline run, a QAT run's own scheme (none for a GGUF-targeted one, whose
     artifact is the GGUF quant of its type)."""
-    from qatforge.qat_schemes import gguf_type
+    from qatforge.spec.schemes import gguf_type
 
     if scheme is None:
         return list(config["torchao"]["schemes"])
@@ -138,7 +138,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
             "default": {"kld_mean": 0.2, "top1_agree": 0.85, "gen_match": 0.5},
         },
         label="llama.cpp / Ollama", rank=1, unquantized=frozenset(FULL_PRECISION_TYPES),
-        support="qatforge.capabilities:gguf_reason", also_skipped="the Ollama Modelfile",
+        support="qatforge.spec.capabilities:gguf_reason", also_skipped="the Ollama Modelfile",
     ),
     Format(
         name="onnx", variants=lambda config, scheme: list(config["onnx"]["variants"]), path="{run_dir}/onnx/{variant}",
@@ -149,7 +149,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
             "int8": {"kld_mean": 0.03, "top1_agree": 0.90, "gen_match": 0.7},
             "default": {"kld_mean": 0.03, "top1_agree": 0.90, "gen_match": 0.7},
         },
-        label="ONNX Runtime", rank=3, unquantized=frozenset({"fp32"}), support="qatforge.capabilities:onnx_reason",
+        label="ONNX Runtime", rank=3, unquantized=frozenset({"fp32"}), support="qatforge.spec.capabilities:onnx_reason",
     ),
 )}
 
