@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qatforge.chat import strip_bos_text
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -125,10 +124,11 @@ class OnnxRuntime:
         text = render_chat(
             self.template, messages, True, **{k: v for k, v in self.special_tokens.items() if v is not None}
         )
-        if self.add_bos:
-            text = strip_bos_text(text, self.special_tokens["bos_token"])
+        # As HF does (chat.encode): the template's BOS text, if any, is parsed as the BOS token (so a
+        # tokenizer that prefixes only a text's start sees no start after it), and one is prepended
+        # when the template wrote none.
         ids = list(self.tokenizer.encode(text, add_special_tokens=False).ids)
-        return [self.bos_id, *ids] if self.add_bos and ids else ids
+        return [self.bos_id, *ids] if self.add_bos and ids and ids[0] != self.bos_id else ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
