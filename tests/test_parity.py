@@ -46,7 +46,8 @@ def test_compare_answers_scores_only_answer_positions():
     m = parity.compare_answers([ref1, ref2], [test1, test2], [ids1, ids2], [mask1, mask2])
     k = math.log(32 / 27) / 3  # KL(uniform || (1/4, 1/2, 1/4))
     assert m["kld_mean"] == pytest.approx(k / 3, rel=1e-12) and m["kld_max"] == pytest.approx(k, rel=1e-12)
-    assert m["top1_agree"] == pytest.approx(2 / 3)  # argmax 0 vs 1 at seq 1's position 1
+    # a uniform reference has no top-1: its three positions are ties, none is counted
+    assert (m["top1_positions"], m["top1_ties"], m["top1_agree"]) == (0, 3, 1.0)
     assert m["max_abs_diff"] == pytest.approx(math.log(2))
     # test's -log p of ids1[1]=0, ids1[2]=1 and ids2[2]=1
     assert m["per_seq_nll_sum"] == pytest.approx([math.log(3) + math.log(2), math.log(3)])
@@ -57,6 +58,22 @@ def test_compare_answers_scores_only_answer_positions():
         parity.compare_answers([ref1, ref2], [test1], [ids1, ids2], [mask1, mask2])
     with pytest.raises(ValueError, match="no answer positions"):
         parity.compare_answers([ref1], [test1], [ids1], [np.zeros(3, dtype=bool)])
+
+
+def test_top1_agreement_counts_only_positions_where_the_reference_has_a_top1():
+    """A flip where the reference's two best tokens are within TIE_MARGIN is rounding breaking a tie,
+    not a disagreement; a flip at a decisive position counts."""
+    tie = parity.TIE_MARGIN / 2
+    ref = np.array([[0.0, 0.0, -5.0], [tie, 0.0, -5.0], [2.0, 0.0, -5.0], [2.0, 0.0, -5.0], [0.0, 0.0, 0.0]])
+    test = np.array([[0.0, 0.0, -5.0], [0.0, tie, -5.0], [2.0, 0.0, -5.0], [0.0, 2.0, -5.0], [0.0, 0.0, 0.0]])
+    ids, mask = np.zeros(5, dtype=int), np.array([False, True, True, True, True])  # positions 0..3 scored
+    m = parity.compare_answers([ref], [test], [ids], [mask])
+    assert (m["top1_positions"], m["top1_ties"]) == (2, 2)  # positions 0 and 1 are ties
+    assert m["top1_agree"] == pytest.approx(1 / 2)  # position 3 flips a decisive top-1
+    just_over = ref.copy()
+    just_over[1, 0] = 2 * parity.TIE_MARGIN
+    m = parity.compare_answers([just_over], [test], [ids], [mask])
+    assert (m["top1_positions"], m["top1_agree"]) == (3, pytest.approx(1 / 3))
 
 
 def test_shape_and_nan_errors():
