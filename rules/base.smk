@@ -44,6 +44,7 @@ rule gguf_check:
         plan=gguf_check_plan,
         outtype=config["gguf"]["outtype"],
         pre_tokenizer=config["gguf"]["pre_tokenizer"],
+        model_name=MODEL,
     log:
         "logs/gguf_check.log",
     benchmark:

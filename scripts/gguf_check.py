@@ -9,6 +9,7 @@ with logged(snakemake) as log:
         snakemake.output[0],
         outtype=p.outtype,
         pre_tokenizer=p.pre_tokenizer,
+        model_name=p.model_name,
         runs=p.plan,
         log=log.info,
     )

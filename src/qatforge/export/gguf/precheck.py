@@ -31,6 +31,7 @@ def check_base(
     *,
     outtype: str,
     pre_tokenizer: str | None,
+    model_name: str | None,
     runs: Mapping[str, Mapping[str, Any]],
     log: Any = None,
 ) -> dict[str, Any]:
@@ -38,6 +39,8 @@ def check_base(
 
     ``runs``: ``{run: {"quant", "spec", "scheme", "targets"}}`` of the GGUF-targeted QAT runs (the
     ``gguf.quants`` entry each ships as); without any, a vocabulary-only conversion suffices.
+    ``model_name`` as ``gguf_convert`` writes it: llama.cpp sets some tokens' attributes by the
+    GGUF's ``general.name`` (Phi-3's rstrip), so the check converts exactly as the export will.
     """
     log = as_log(log)
     base_dir, out_json = Path(base_dir), Path(out_json)
@@ -48,7 +51,8 @@ def check_base(
         gguf_file = Path(tmp) / "base.gguf"
         texts = parity_texts_from_parquet(dev_parquet, base_dir)
         pre, parity = convert_checked(base_dir, gguf_file, outtype=outtype, pre_tokenizer=pre_tokenizer,
-                                      parity_texts=texts, vocab_only=not runs, log=log, name=base_dir)
+                                      model_name=model_name, parity_texts=texts, vocab_only=not runs, log=log,
+                                      name=base_dir)
         record |= {"pre_tokenizer": pre, "tokenizer_parity": {k: v for k, v in parity.items() if k != "mismatches"}}
         trained = {}
         for run, r in sorted(runs.items()):

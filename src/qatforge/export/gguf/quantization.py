@@ -31,9 +31,11 @@ class FallbackError(RuntimeError):
     """Quantization silently substituted another tensor type and ``on_fallback`` is ``fail``."""
 
 
-# HF projection names → llama.cpp tensor names (blk.<i>.<name>.weight), for GGUF-targeted QAT runs.
+# HF projection names → llama.cpp tensor names (blk.<i>.<name>.weight), for GGUF-targeted QAT runs
+# (Phi-3's fused qkv_proj and gate_up_proj are written as attn_qkv and ffn_up).
 GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+                    "qkv_proj": "attn_qkv", "gate_up_proj": "ffn_up"}
 
 
 def check_trained_types(tensors: Mapping[str, str], scheme: str, target_modules: str | Iterable[str]) -> dict[str, Any]:
