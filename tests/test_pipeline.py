@@ -133,10 +133,13 @@ def test_qat_runs_distill_from_the_baseline_and_ship_only_their_quantizer(pipeli
         assert best["metric"] == "teacher_kld" and best["candidates"][0]["step"] == 0
         assert best["best"]["teacher_kld"] == min(c["teacher_kld"] for c in best["candidates"])
     assert not (res / "runs/qat-int8-int4/gguf").exists() and not (res / "runs/qat-gguf-q4_0/torchao").exists()
-    # the GGUF-targeted run's own file: every tensor trained under the Q4_0 fake quantizer is Q4_0
+    # the GGUF-targeted run's own file: every tensor is stored in the type it trained under
     rec = json.loads((res / "runs/qat-gguf-q4_0/gguf/TinyQwen3-Q4_0.gguf.json").read_text())
     qt = rec["provenance"]["qat_tensor_types"]
-    assert qt["type"] == "Q4_0" and "token_embd.weight" in qt["trained"] and len(qt["trained"]) == 1 + 7 * 4
+    # llama.cpp's QAT mix: the projections at Q4_0, token_embd and the (untied) output at Q8_0
+    assert qt["scheme"] == "gguf-q4_0" and len(qt["trained"]) == 2 + 7 * 4
+    assert qt["trained"]["token_embd.weight"] == qt["trained"]["output.weight"] == "Q8_0"
+    assert {t for n, t in qt["trained"].items() if n.startswith("blk.")} == {"Q4_0"}
     assert "\nFROM ./TinyQwen3-Q4_0.gguf\n" in (res / "runs/qat-gguf-q4_0/gguf/Modelfile").read_text()
     df = pl.read_csv(res / "qat_vs_ptq.csv")
     assert set(zip(df["qat_run"], df["format"], df["variant"])) == {
