@@ -195,9 +195,12 @@ def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replica
         prompts.append(msgs[:last])
     hf = [prompt_ids(tok, p) for p in prompts]
     policy = bos_policy(tok)
-    if tok.bos_token_id is not None:  # exactly one BOS, first, when the family uses one
-        assert all(ids.count(tok.bos_token_id) == int(policy["add_bos"]) for ids in hf)
+    if tok.bos_token_id is not None:  # one leading BOS when the family uses one, never two
         assert all((ids[0] == tok.bos_token_id) == policy["add_bos"] for ids in hf)
+        assert all(ids[:2] != [tok.bos_token_id] * 2 for ids in hf)
+        for p, ids in zip(prompts, hf):  # and any other only where the template writes one (Llama-2's [INST] turns)
+            text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            assert ids.count(tok.bos_token_id) == max(int(policy["add_bos"]), text.count(tok.bos_token))
 
     gguf_file = next((res / "gguf").glob("*-Q4_K_M.gguf"))
     gg = LlamaCppRuntime(gguf_file, n_ctx=512, threads=1)
