@@ -122,7 +122,7 @@ def gguf_check_plan(config: dict) -> dict[str, dict[str, Any]]:
         quant = matched_gguf_quant(config, run)
         if quant is None or quant not in config["gguf"]["quants"]:
             continue
-        spec = {k: v for k, v in config["gguf"]["quants"][quant].items() if v not in (None, False, {})}
+        spec = set_options(config["gguf"]["quants"][quant])
         targets = train_settings(config, run)["lora"]["target_modules"]
         plan[run] = {"quant": quant, "spec": spec, "scheme": canonical(qat_scheme(config, run)),
                      "targets": targets if isinstance(targets, str) else sorted(targets)}
@@ -294,9 +294,14 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
     return problems
 
 
+def set_options(spec: dict) -> dict:
+    """A ``gguf.quants`` entry without its unset options (the schema fills them with None, false, {})."""
+    return {k: v for k, v in spec.items() if v not in (None, False, {})}
+
+
 def _same_quant(spec: dict | None, want: dict[str, str]) -> bool:
     """Whether a ``gguf.quants`` entry writes exactly ``want`` (unset and false options aside)."""
-    return spec is not None and {k: v for k, v in spec.items() if v not in (None, False, {})} == want
+    return spec is not None and set_options(spec) == want
 
 
 def _check_gguf(config: dict) -> list[str]:
