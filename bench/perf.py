@@ -52,8 +52,11 @@ SIZES: dict[str, dict[str, int]] = {
     "4M": dict(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2, head_dim=64),
     "50M": dict(hidden=512, intermediate=1536, layers=16, heads=8, kv_heads=4, head_dim=64),
     "500M": dict(hidden=1024, intermediate=3072, layers=40, heads=16, kv_heads=8, head_dim=64),
+    # Qwen3-0.6B's shape: 596M parameters with its 151,936-token vocabulary, tied (fp32 graph > 2 GB)
+    "0.6B": dict(hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936,
+                 tied=1),
 }
-STAGES = ("merge", "gguf_bf16", "gguf_q4_k_m", "onnx", "torchao")
+STAGES = ("merge", "gguf_bf16", "gguf_q4_k_m", "onnx", "onnx_int4", "torchao")
 DAG_QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
                    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL")
 DAG_VARIANTS = (("", {}), ("-pure", {"pure": True}), ("-lot", {"leave_output_tensor": True}),
@@ -538,9 +541,15 @@ def _setup(d: Path, dims: Mapping[str, int], data: Path, seed: int = 0) -> dict[
 
     rows = load_rows(data)
     tok = build_tokenizer(t for r in rows for m in r["messages"] for t in (m["role"] + "\n", m["content"]))
-    model = build_model(tok, seed=seed, **dims)
+    shape = {k: v for k, v in dims.items() if k not in ("vocab", "tied")}
+    model = build_model(tok, seed=seed, **shape)
+    if dims.get("vocab"):  # a real model's vocabulary: rows past the tokenizer's are never looked up
+        model.resize_token_embeddings(dims["vocab"])
+    if dims.get("tied"):
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters())
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(DEFAULT_TARGETS),
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=DEFAULT_TARGETS,
                                                   task_type="CAUSAL_LM"))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # non-zero B, so the merge really changes every targeted weight
@@ -640,10 +649,11 @@ def _stage_call(stage: str, d: Path, *, size: str | None, data: Path | None, thr
 
         return quantize(d / "gguf" / "Model-BF16.gguf", d / "gguf" / "Model-Q4_K_M.gguf", qtype="Q4_K_M",
                         threads=threads, log=print)
-    if stage == "onnx":
+    if stage in ("onnx", "onnx_int4"):  # ONNX Runtime GenAI's model builder, fp32 and int4 (block 32)
         from qatforge.export.onnx import export
 
-        return export(d / "merged", d / "onnx" / "fp32", threads=threads, log=print)
+        settings = {"precision": "fp32"} if stage == "onnx" else {"precision": "int4", "block_size": 32}
+        return export(d / "merged", d / "onnx" / settings["precision"], settings, threads=threads, log=print)
     if stage == "torchao":
         from qatforge.export.torchao import ptq
 
@@ -734,7 +744,7 @@ def environment() -> dict[str, Any]:
     return {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
             "cpus": os.cpu_count(), "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(),
-            "versions": package_versions("snakemake", "torch", "transformers", "torchao", "optimum",
+            "versions": package_versions("snakemake", "torch", "transformers", "torchao", "onnxruntime-genai",
                                          "onnxruntime", "llama_cpp_python", "gguf")}
 
 

@@ -2,11 +2,13 @@ rule onnx_export:
     input:
         merged=merged_dir("{run}"),
     output:
-        directory(artifact_path("{run}", "onnx", "fp32")),
+        directory(artifact_path("{run}", "onnx", "{variant}")),
+    params:
+        settings=lambda w: sorted_keys(config["onnx"]["variants"][w.variant]),
     log:
-        "logs/onnx_export/{run}.log",
+        "logs/onnx_export/{run}/{variant}.log",
     benchmark:
-        "benchmarks/onnx_export/{run}.tsv"
+        "benchmarks/onnx_export/{run}/{variant}.tsv"
     threads: 1
     resources:
         mem_mb=6000,
@@ -15,22 +17,3 @@ rule onnx_export:
         "../envs/export.yaml"
     script:
         "../scripts/onnx_export.py"
-
-
-rule onnx_int8:
-    input:
-        fp32=artifact_path("{run}", "onnx", "fp32"),
-    output:
-        directory(artifact_path("{run}", "onnx", "int8")),
-    log:
-        "logs/onnx_int8/{run}.log",
-    benchmark:
-        "benchmarks/onnx_int8/{run}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../envs/export.yaml"
-    script:
-        "../scripts/onnx_int8.py"

@@ -7,7 +7,10 @@ Gemma and Phi-3 styles. Each carries its family's special tokens and a chat temp
 style (BOS in the template for Llama-3 and Gemma, added by the tokenizer for the SentencePiece Llama,
 system folded into the first user turn for Gemma). As in the instruct checkpoints, Gemma's EOS is
 ``<eos>`` and Phi-3's ``<|endoftext|>``, with the turn end (``<end_of_turn>``, ``<|end|>``) listed
-in generation_config. Nothing is downloaded; the same seed gives the same files.
+in generation_config. The 2026 families (Qwen3.5, Gemma 4, Ministral 3) are saved in their published
+multimodal form, a *ForConditionalGeneration with a tiny random vision tower around the text model
+(Qwen3.5 with its ``mtp.*`` tensors); the base stage extracts the text model
+(``qatforge.base.write_text_model``). Nothing is downloaded; the same seed gives the same files.
 
     python tests/families.py OUT_DIR [FAMILY ...]
 """
@@ -15,6 +18,7 @@ in generation_config. Nothing is downloaded; the same seed gives the same files.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +34,11 @@ WARMUP_STEPS, WARMUP_ROWS = 60, 1000
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_SPLIT = (  # Mistral's Tekken tokenizer (llama.cpp's "tekken" pre-tokenizer)
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -83,6 +92,22 @@ PHI3 = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
 )
+GEMMA4 = (  # Gemma-4's shape: BOS in the template, <|turn>role ... <turn|>, a native system turn, "model"
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<|turn>' + role + '\\n' + message['content'] + '<turn|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|turn>model\\n' }}{%- endif %}"
+)
+MINISTRAL3 = (  # Ministral-3's shape: BOS in the template, [SYSTEM_PROMPT] block, [INST] turns, EOS after answers
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + message['content'] + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,13 @@ class Family:
     legacy: bool = True  # SentencePiece: a "▁" after every special token (False: only at the text's start)
     config: dict = field(default_factory=dict)
     note: str = ""
+    # The published multimodal form: the replica is saved as ``wrapper_model`` (a
+    # *ForConditionalGeneration) whose ``text_config`` is ``config_class`` and whose vision tower is
+    # ``vision`` (tiny, random); None: saved as ``model_class`` (the text CausalLM).
+    wrapper_config: str | None = None
+    wrapper_model: str | None = None
+    vision: dict = field(default_factory=dict)
+    wrapper_args: dict = field(default_factory=dict)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -130,6 +162,50 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("phi3", "Phi3Config", "Phi3ForCausalLM", "spm", PHI3, "<|endoftext|>", "<|endoftext|>", "<s>", False,
            ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), tied=False,
            note="fused qkv_proj / gate_up_proj"),
+    # The 2026 families, published as multimodal checkpoints: fine-tuned and exported as their text model.
+    Family("qwen3_5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "bpe", CHATML, "<|im_end|>", "<|endoftext|>", None,
+           False, ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+           tied=True, pre_tokenizer="qwen35", split=QWEN2_SPLIT,
+           config={"head_dim": HEAD_DIM, "layer_types": ["linear_attention", "full_attention"],
+                   "linear_num_key_heads": 4, "linear_num_value_heads": 8, "linear_key_head_dim": 32,
+                   "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4, "mtp_num_hidden_layers": 1,
+                   "mtp_use_dedicated_embeddings": False,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0,
+                                       "partial_rotary_factor": 0.25, "mrope_section": [3, 3, 2],
+                                       "mrope_interleaved": True}},
+           wrapper_config="Qwen3_5Config", wrapper_model="Qwen3_5ForConditionalGeneration",
+           vision={"depth": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                   "out_hidden_size": HIDDEN, "num_position_embeddings": 64},
+           wrapper_args={"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                         "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"},
+           note="Gated-DeltaNet linear attention + gated full attention, MTP declared, tied, "
+                "Qwen3_5ForConditionalGeneration with a vision tower (Qwen3.5-0.8B)"),
+    Family("gemma4", "Gemma4TextConfig", "Gemma4ForCausalLM", "spm", GEMMA4, "<eos>", "<pad>", "<bos>", True,
+           ("<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>"), tied=True,
+           config={"head_dim": HEAD_DIM, "global_head_dim": 2 * HEAD_DIM, "sliding_window": 128,
+                   "layer_types": ["sliding_attention", "full_attention"], "hidden_size_per_layer_input": 64,
+                   "final_logit_softcapping": 30.0},
+           wrapper_config="Gemma4Config", wrapper_model="Gemma4ForConditionalGeneration",
+           vision={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "num_key_value_heads": 2, "head_dim": 32, "position_embedding_size": 256},
+           wrapper_args={"boi_token_id": "<|image>", "eoi_token_id": "<image|>", "image_token_id": "<|image|>",
+                         "video_token_id": None, "boa_token_id": None, "eoa_token_index": None,
+                         "audio_token_id": None},
+           note="sliding + full attention (wider global heads), per-layer input embeddings, soft-capped "
+                "logits, tied, Gemma4ForConditionalGeneration with a vision tower (Gemma-4-E2B)"),
+    Family("ministral3", "Ministral3Config", "Ministral3ForCausalLM", "bpe", MINISTRAL3, "</s>", "<pad>", "<s>",
+           True, ("<unk>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"), tied=True,
+           pre_tokenizer="tekken", split=TEKKEN_SPLIT,
+           config={"head_dim": HEAD_DIM, "rope_parameters": {
+               "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0, "original_max_position_embeddings": 1024,
+               "max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
+               "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
+           wrapper_config="Mistral3Config", wrapper_model="Mistral3ForConditionalGeneration",
+           vision={"model_type": "pixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "head_dim": 32, "patch_size": 14, "image_size": 56},
+           wrapper_args={"image_token_index": "[IMG]", "spatial_merge_size": 2},
+           note="YaRN + Llama-4 attention scaling, Tekken BPE, BOS in the template, tied, "
+                "Mistral3ForConditionalGeneration with a Pixtral tower (Ministral-3-3B)"),
 )}
 
 
@@ -202,10 +278,15 @@ def _spm_tokenizer(fam: Family, convs: list[list[dict]], work: Path) -> Any:
     # Llama-2/TinyLlama and Phi-3 tokenizer.json files are "legacy": a "▁" is always prepended, as
     # SentencePiece (and llama.cpp) do; Gemma adds no dummy prefix; with legacy: false only the text's
     # start gets one (none after a special token).
-    slow = cls(vocab_file=str(work / "spm.model"), bos_token=fam.bos, eos_token="<eos>" if gemma else "</s>",
-               unk_token="<unk>", pad_token=fam.pad if gemma else None, add_bos_token=fam.add_bos,
-               add_eos_token=False, legacy=fam.legacy and not gemma, sp_model_kwargs={},
-               clean_up_tokenization_spaces=False)
+    # transformers 5 builds the (tokenizers-backed) tokenizer from a tokenizer.model only in
+    # from_pretrained; constructing the class with vocab_file= gives an empty vocabulary.
+    spm_dir = work / "spm"
+    spm_dir.mkdir()
+    shutil.copyfile(work / "spm.model", spm_dir / "tokenizer.model")
+    slow = cls.from_pretrained(spm_dir, bos_token=fam.bos, eos_token="<eos>" if gemma else "</s>",
+                               unk_token="<unk>", pad_token=fam.pad if gemma else None, add_bos_token=fam.add_bos,
+                               add_eos_token=False, legacy=fam.legacy and not gemma, sp_model_kwargs={},
+                               clean_up_tokenization_spaces=False)
     extra = [t for t in (fam.pad, fam.eos, *fam.specials) if t and t not in slow.get_vocab()]
     if extra:  # Phi-3's chat tokens and <|endoftext|> are added tokens on top of the SentencePiece vocab,
         # its role and end tokens with rstrip (the "\n" a template writes after them is dropped)
@@ -237,14 +318,22 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         tok = _bpe_tokenizer(fam, convs) if fam.tokenizer == "bpe" else _spm_tokenizer(fam, convs, Path(work))
         bos = tok.convert_tokens_to_ids(fam.bos) if fam.bos else None
         eos, pad = tok.convert_tokens_to_ids(fam.eos), tok.convert_tokens_to_ids(fam.pad)
-        cfg = getattr(transformers, fam.config_class)(
+        text_args = dict(
             vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
             num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
             max_position_embeddings=4096, tie_word_embeddings=fam.tied, bos_token_id=bos,
-            eos_token_id=eos, pad_token_id=pad, torch_dtype="bfloat16", **fam.config,
-        )
+            eos_token_id=eos, pad_token_id=pad, torch_dtype="bfloat16",
+        ) | fam.config
+        if fam.name.startswith("gemma4"):  # the per-layer input embeddings cover the whole vocabulary
+            text_args["vocab_size_per_layer_input"] = len(tok)
+        cfg = getattr(transformers, fam.config_class)(**text_args)
+        if fam.wrapper_config:  # the published form: the text model inside a *ForConditionalGeneration
+            ids = {k: tok.convert_tokens_to_ids(v) if isinstance(v, str) else v for k, v in fam.wrapper_args.items()}
+            cfg = getattr(transformers, fam.wrapper_config)(
+                text_config=cfg.to_dict(), vision_config=dict(fam.vision), tie_word_embeddings=fam.tied,
+                torch_dtype="bfloat16", **ids)
         torch.manual_seed(seed)
-        model = getattr(transformers, fam.model_class)(cfg)
+        model = getattr(transformers, fam.wrapper_model or fam.model_class)(cfg)
         # A short full-parameter warm-up, so that the replica predicts with some confidence as a
         # pretrained checkpoint does (a random init's flat logits turn quantization noise into
         # top-1 flips that say nothing about the export).
@@ -255,7 +344,37 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
                                                    do_sample=False)
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
+    if getattr(cfg.get_text_config(), "mtp_num_hidden_layers", 0):
+        _add_mtp_weights(out_dir, seed)
     return out_dir
+
+
+def _add_mtp_weights(out_dir: Path, seed: int) -> None:
+    """Qwen3.5's published checkpoints carry their multi-token-prediction block as ``mtp.*`` tensors
+    (``mtp_num_hidden_layers`` in the text config), which transformers does not load: write them as
+    the real files have them, a full-attention layer (a copy of the replica's) plus the fc that
+    reads [embedding; hidden] and three norms."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = out_dir / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    cfg = json.loads((out_dir / "config.json").read_text())["text_config"]
+    full = cfg["layer_types"].index("full_attention")
+    prefix = f"model.language_model.layers.{full}."
+    gen = torch.Generator().manual_seed(seed + 1)
+    hidden = cfg["hidden_size"]
+    for n in range(cfg["mtp_num_hidden_layers"]):
+        for k, v in list(tensors.items()):
+            if k.startswith(prefix):
+                tensors[f"mtp.layers.{n}.{k[len(prefix):]}"] = v.clone()
+    tensors["mtp.fc.weight"] = (torch.randn(hidden, 2 * hidden, generator=gen) * 0.02).to(torch.bfloat16)
+    for norm in ("norm", "pre_fc_norm_embedding", "pre_fc_norm_hidden"):
+        tensors[f"mtp.{norm}.weight"] = torch.zeros(hidden, dtype=torch.bfloat16)  # (1 + w) RMSNorm
+    save_file(tensors, str(path), metadata=metadata)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ FAMILY_ARCHS = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama
 @pytest.fixture(scope="module")
 def replicas(family_replicas, tmp_path_factory) -> dict[str, Path]:
     """The family replicas (tests/families.py), plus variants: ``phi3-nospm`` (tokenizer.model
-    deleted), ``qwen3-notok`` (tokenizer.json deleted) and ``qwen3-unlisted`` (a model_type optimum lacks)."""
+    deleted), ``qwen3-notok`` (tokenizer.json deleted) and ``qwen3-moe`` (an architecture llama.cpp converts and
+    ONNX Runtime GenAI's model builder does not build: Qwen3MoeForCausalLM)."""
     root = tmp_path_factory.mktemp("families")
     out = dict(family_replicas)
 
@@ -40,14 +41,14 @@ def replicas(family_replicas, tmp_path_factory) -> dict[str, Path]:
 
     (variant("phi3-nospm", "phi3") / "tokenizer.model").unlink()
     (variant("qwen3-notok", "qwen3") / "tokenizer.json").unlink()
-    cfg_path = variant("qwen3-unlisted", "qwen3") / "config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "qwen3_unlisted"}))
+    cfg_path = variant("qwen3-moe", "qwen3") / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "architectures": ["Qwen3MoeForCausalLM"]}))
     return out
 
 
 @pytest.fixture(scope="module")
 def derived(tmp_path_factory) -> cap.Facts:
-    """Facts derived afresh from the installed converter and optimum (``capabilities write`` in its
+    """Facts derived afresh from the installed converter and model builder (``capabilities write`` in its
     own process), next to the installed architectures.json."""
     d = tmp_path_factory.mktemp("facts")
     proc = subprocess.run([sys.executable, "-m", "qatforge.capabilities", "write", "--gguf-dir", str(d),
@@ -61,7 +62,7 @@ def derived(tmp_path_factory) -> cap.Facts:
 def installed() -> cap.Facts:
     """The venv's own facts, which snakemake reads at parse time."""
     facts = cap.installed_facts()
-    if facts.sentencepiece is None or facts.onnx_model_types is None:
+    if facts.sentencepiece is None or facts.onnx_architectures is None:
         pytest.fail("the capability facts are not installed: run `make install` "
                     "(or `python -m qatforge.capabilities write`)")
     return facts
@@ -90,8 +91,12 @@ def test_sentencepiece_architectures_come_from_the_converter(derived):
     assert spm["GemmaForCausalLM"]["class"] == "GemmaModel" and spm["Gemma2ForCausalLM"]["class"] == "Gemma2Model"
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"):
         assert arch not in spm
-    assert {"qwen2", "qwen3", "llama", "gemma3_text", "phi3"} <= derived.onnx_model_types
-    assert derived.onnx_task == "text-generation-with-past" and derived.onnx_tool.startswith("optimum ")
+    # the ONNX facts are the builder's own dispatch on config.json's first architecture
+    assert {"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+            "Qwen3_5ForConditionalGeneration", "Gemma4ForConditionalGeneration",
+            "Mistral3ForConditionalGeneration"} <= derived.onnx_architectures
+    assert "Qwen3MoeForCausalLM" not in derived.onnx_architectures
+    assert derived.onnx_tool.startswith("onnxruntime-genai ")
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -128,17 +133,17 @@ def test_set_vocab_requirement_follows_super():
 
 
 def test_absent_or_stale_facts_mean_not_checked(replicas, derived, tmp_path):
-    """An existing venv without the JSONs (or an ONNX one of other optimum versions) checks nothing
+    """An existing venv without the JSONs (or an ONNX one of another onnxruntime-genai) checks nothing
     it has no fact for."""
     none = cap.installed_facts(tmp_path / "empty", tmp_path / "empty")
-    assert none.architectures is none.sentencepiece is none.onnx_model_types is None
-    for name in ("phi3-nospm", "qwen3-unlisted"):
+    assert none.architectures is none.sentencepiece is none.onnx_architectures is None
+    for name in ("phi3-nospm", "qwen3-moe"):
         assert cap.unsupported(cap.base_info(_cfg(replicas[name])), none) == {}
     stale = tmp_path / "stale"
     stale.mkdir()
-    onnx = {"task": derived.onnx_task, "versions": {"optimum": "0.0.1", "optimum-onnx": None}, "model_types": []}
+    onnx = {"versions": {"onnxruntime-genai": "0.0.1"}, "architectures": []}
     (stale / cap.ONNX_JSON).write_text(json.dumps(onnx))
-    assert cap.installed_facts(stale, stale).onnx_model_types is None
+    assert cap.installed_facts(stale, stale).onnx_architectures is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,14 +174,14 @@ def test_base_without_tokenizer_files_is_refused_for_gguf(replicas, derived):
     assert "qwen3 (Qwen3ForCausalLM)" in reason["gguf"] and "no tokenizer.json, no tokenizer.model" in reason["gguf"]
 
 
-def test_model_type_optimum_lacks_is_refused_for_onnx(replicas, derived):
-    reason = cap.unsupported(cap.base_info(_cfg(replicas["qwen3-unlisted"])), derived)
+def test_architecture_the_builder_lacks_is_refused_for_onnx(replicas, derived):
+    reason = cap.unsupported(cap.base_info(_cfg(replicas["qwen3-moe"])), derived)
     assert list(reason) == ["onnx"]
-    assert "model_type 'qwen3_unlisted'" in reason["onnx"] and "text-generation-with-past" in reason["onnx"]
-    assert derived.onnx_tool in reason["onnx"]
-    # the pure function on a fake list: phi3 is not in it
-    fake = cap.Facts(architectures=None, sentencepiece=None, onnx_model_types=frozenset({"llama"}), onnx_tool="x 1")
-    assert "model_type 'phi3'" in cap.unsupported(cap.base_info(_cfg(replicas["phi3"])), fake)["onnx"]
+    assert "no exporter for Qwen3MoeForCausalLM" in reason["onnx"] and derived.onnx_tool in reason["onnx"]
+    # the pure function on a fake list: Phi3ForCausalLM is not in it
+    fake = cap.Facts(architectures=None, sentencepiece=None, onnx_architectures=frozenset({"LlamaForCausalLM"}),
+                     onnx_tool="x 1")
+    assert "Phi3ForCausalLM" in cap.unsupported(cap.base_info(_cfg(replicas["phi3"])), fake)["onnx"]
 
 
 def test_builtin_and_hub_bases_are_not_checked_here():
@@ -191,12 +196,15 @@ def test_error_lists_each_unsupported_format(replicas, installed, tmp_path):
     both = tmp_path / "both"
     shutil.copytree(replicas["phi3-nospm"], both)
     cfg_path = both / "config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "phi3_unlisted"}))
+    # the builder dispatches on the first architecture (one it lacks), the converter on any it has
+    archs = ["Phi3ForTokenClassification", "Phi3ForCausalLM"]
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "architectures": archs}))
     with pytest.raises(qcfg.ConfigError) as e:
         qcfg.check(_cfg(both), ROOT)
     msg = str(e.value)
-    assert "model.base: no gguf export: phi3_unlisted (Phi3ForCausalLM)" in msg and "tokenizer.model" in msg
-    assert "model.base: no onnx export" in msg and "'phi3_unlisted'" in msg
+    assert "model.base: no gguf export: phi3 (Phi3ForTokenClassification, Phi3ForCausalLM)" in msg
+    assert "tokenizer.model" in msg
+    assert "model.base: no onnx export" in msg and "no exporter for Phi3ForTokenClassification" in msg
     assert msg.count("formats.on_unsupported: error") == 2
 
 
@@ -238,10 +246,10 @@ def test_snakemake_skip_plans_no_gguf_jobs(replicas, installed, tmp_path):
     proc = snakemake(work, "-n", "--cores", "1", timeout=120)
     jobs = {line.split()[0] for line in proc.stdout.split("Job stats:")[1].split("total")[0].splitlines()[3:]
             if line.strip()}
-    assert {"build_base", "train", "torchao_ptq", "onnx_export", "onnx_int8", "report"} <= jobs
+    assert {"build_base", "train", "torchao_ptq", "onnx_export", "report"} <= jobs
     assert not {j for j in jobs if j.startswith("gguf") or j == "ollama_modelfile"}
-    # and ONNX too for a base optimum cannot export
-    work = _project(tmp_path / "u", replicas["qwen3-unlisted"], "skip", drop_gguf_run=False)
+    # and ONNX too for a base the ONNX model builder cannot build
+    work = _project(tmp_path / "u", replicas["qwen3-moe"], "skip", drop_gguf_run=False)
     proc = snakemake(work, "-n", "--cores", "1", timeout=120)
     assert "onnx_export" not in proc.stdout and "gguf_convert" in proc.stdout
 

@@ -34,9 +34,9 @@ def problems_of(c, workdir=ROOT, cuda=None):
 
 def test_default_config_is_valid(cfg):
     qcfg.check(cfg, ROOT)
-    # baseline: hf, the base, BF16, 6 quants, 2 onnx, 2 PTQ torchao schemes; each QAT run (formats:
+    # baseline: hf, the base, BF16, 6 quants, 3 onnx, 2 PTQ torchao schemes; each QAT run (formats:
     # matched): its merged model and the artifact of its quantizer
-    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 2 + 2) + 2 * 2
+    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 3 + 2) + 2 * 2
     assert {a for a in qcfg.artifacts(cfg) if a[0].startswith("qat-")} == {
         ("qat-int8-int4", "hf", "merged"), ("qat-int8-int4", "torchao", "int8-int4"),
         ("qat-gguf-q4_0", "hf", "merged"), ("qat-gguf-q4_0", "gguf", "Q4_0")}
@@ -162,7 +162,7 @@ def test_architecture_the_gguf_converter_lacks_is_refused_up_front(cfg, tmp_path
     (m / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
     qcfg.check(cfg, ROOT)
     cfg["formats"]["on_unsupported"] = "skip"  # skip: nothing unsupported, nothing skipped
-    assert qcfg.skipped_formats(cfg, ROOT) == {} and len(qcfg.artifacts(cfg, ROOT)) == 17
+    assert qcfg.skipped_formats(cfg, ROOT) == {} and len(qcfg.artifacts(cfg, ROOT)) == 18
 
 
 def test_tokenizer_without_chat_template_or_eos(cfg, tmp_path):

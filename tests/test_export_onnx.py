@@ -1,4 +1,4 @@
-"""ONNX export through optimum-onnx (fp32, validated) and onnxruntime dynamic int8, on the tiny model."""
+"""ONNX Runtime GenAI folders written by its model builder (fp32, int4, int8) from the tiny model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from export_helpers import tiny_checkpoint
 
 from qatforge.export import onnx as onnx_export
 
+VARIANTS = {"fp32": {"precision": "fp32"}, "int4": {"precision": "int4", "block_size": 32},
+            "int8": {"precision": "int8", "block_size": 32}}
+
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
@@ -17,64 +20,92 @@ def merged(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(merged, tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("onnx")
-    fp32 = onnx_export.export(merged, root / "fp32", threads=2, source={"run": "test", "checkpoint": "tiny"})
-    int8 = onnx_export.quantize_int8(root / "fp32", root / "int8", threads=2)  # reference from the record
-    return root, fp32, int8
+    infos = {v: onnx_export.export(merged, root / v, s, source={"run": "test", "checkpoint": "tiny"})
+             for v, s in VARIANTS.items()}
+    return root, infos
 
 
-def test_fp32_export_matches_torch_and_loads_on_its_own(exported, merged):
-    root, fp32, _ = exported
+def _torch_vs_onnxruntime(onnx_dir, torch_dir, new_tokens=8):
+    """Max |logit diff| over the chat prompt and whether greedy decoding through the graph's KV cache
+    gives PyTorch's tokens."""
+    import numpy as np
+
+    from qatforge.decode import greedy
+    from qatforge.evaluate.onnx import OnnxRuntime
+    from qatforge.hf_runtime import HFRuntime
+
+    messages = [{"role": "user", "content": "What is 12 + 30?"}]
+    hf, rt = HFRuntime(torch_dir), OnnxRuntime(onnx_dir)
+    ids = hf.prompt_ids(messages)
+    assert rt.prompt_ids(messages) == ids
+    diff = float(np.abs(hf.logits(ids) - rt.logits(ids)).max())
+    same = greedy(hf, ids, new_tokens, set(), True)[0] == greedy(rt, ids, new_tokens, set(), True)[0]
+    return diff, same
+
+
+def test_fp32_folder_matches_torch_and_runs_in_onnxruntime_genai(exported, merged):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    root, infos = exported
     d = root / "fp32"
-    assert (d / "model.onnx").is_file()
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        assert (d / name).read_bytes() == (merged / name).read_bytes(), name
-    assert fp32["check"]["max_abs_logit_diff"] < 1e-4
-    assert fp32["check"]["greedy_identical"] == fp32["check"]["texts"]
+    for name in ("model.onnx", "genai_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (d / name).is_file(), name
+    assert (d / "chat_template.jinja").read_text() == (merged / "chat_template.jinja").read_text()
+    assert infos["fp32"]["check"]["prompt_ids_equal"] and infos["fp32"]["check"]["loaded"]
+    diff, same = _torch_vs_onnxruntime(d, merged)
+    assert diff < 1e-4 and same
     record = json.loads((d / "export.json").read_text())
-    assert record["provenance"]["source"]["run"] == "test"
-    assert record["provenance"]["settings"]["task"] == "text-generation-with-past"
-    assert record["provenance"]["tool"]["optimum-onnx"]
+    prov = record["provenance"]
+    assert prov["source"]["run"] == "test"
+    assert prov["settings"]["precision"] == "fp32" and prov["tool"]["onnxruntime-genai"]
+    assert "MatMulNBits" not in prov["graph"]["ops"] and "GroupQueryAttention" in prov["graph"]["ops"]
     assert record["size_bytes"] > 0 and len(record["sha256"]) == 64
 
-    # The directory alone is enough: tokenizer with chat template + ORT model, greedy generation.
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(d))
-    model = ORTModelForCausalLM.from_pretrained(d)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > enc["input_ids"].shape[1]
-
-
-def test_int8_is_quantized_loads_and_generates(exported):
-    import onnx
-    import onnxruntime as ort
-
-    root, _, int8 = exported
-    d = root / "int8"
-    graph = onnx.load(str(d / "model.onnx"))
-    ops = {n.op_type for n in graph.graph.node}
-    assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}, ops
-    assert (d / "model.onnx").stat().st_size < 0.5 * (root / "fp32" / "model.onnx").stat().st_size
-    ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert int8["sessions"]["model.onnx"]["inputs"] >= 3
-    assert 0 < int8["check"]["max_abs_logit_diff"] < 5.0  # quantized: different, but close
-    assert (d / "chat_template.jinja").is_file() and (d / "export.json").is_file()
-    record = json.loads((d / "export.json").read_text())
-    assert record["provenance"]["settings"]["weight_type"] == "QInt8"
-    assert record["provenance"]["source"]["run"] == "test"  # carried over from the fp32 record
+    # The folder alone is a deployable ONNX Runtime GenAI model: its own tokenizer and generator.
+    model = og.Model(str(d))
+    tok = og.Tokenizer(model)
+    params = og.GeneratorParams(model)
+    ids = tok.encode("What is 1 + 2?")
+    params.set_search_options(max_length=len(ids) + 5, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(ids, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) == len(ids) + 5
 
 
-def test_export_refuses_a_non_checkpoint(tmp_path):
+@pytest.mark.parametrize("variant,bits", [("int4", 4), ("int8", 8)])
+def test_quantized_folders_use_matmulnbits_block_32(exported, merged, variant, bits):
+    root, infos = exported
+    graph = infos[variant]["graph"]
+    layers = json.loads((merged / "config.json").read_text())["num_hidden_layers"]
+    # every linear layer (fused qkv, o, gate, up, down) and the LM head
+    assert graph["ops"]["MatMulNBits"] == layers * 5 + 1 and "MatMul" not in graph["ops"]
+    assert graph["matmulnbits_bits"] == [bits] and graph["matmulnbits_block_size"] == [32]
+    # the embedding lookup stays float (a Gather), so less than the 8x / 4x of the linear weights
+    assert infos["int4"]["size_bytes"] < infos["int8"]["size_bytes"] < 0.5 * infos["fp32"]["size_bytes"]
+    assert infos[variant]["check"]["prompt_ids_equal"] and infos[variant]["check"]["loaded"]
+    diff, _ = _torch_vs_onnxruntime(root / variant, merged)
+    assert 0 < diff < 5.0  # quantized: close, not equal
+
+
+def test_export_refuses_a_non_checkpoint_and_keeps_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         onnx_export.export(tmp_path, tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="no .onnx"):
-        onnx_export.quantize_int8(tmp_path, tmp_path / "out8")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out8").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_builder_failure_names_the_checkpoint_and_keeps_nothing(merged, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in merged.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeError, match="ONNX model builder failed on .*broken"):
+        onnx_export.export(broken, tmp_path / "out", {"precision": "int4"})
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".onnx-work-*"))

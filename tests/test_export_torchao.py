@@ -29,15 +29,16 @@ def test_ptq_reloads_and_generates(merged, tmp_path, scheme):
     assert prov["source"]["run"] == "baseline" and prov["source"]["merged_dir"] == str(merged)
     assert prov["duration_s"] > 0 and prov["tool"]["torchao"]
     assert info["check"]["quantized_modules"] > 0
-    assert (out / "pytorch_model.bin").is_file()  # safe_serialization=False
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))  # transformers 5: safetensors only
 
     # An independent reload: quantized tensors come back, logits are finite, generate runs.
     model = AutoModelForCausalLM.from_pretrained(out)
     qtypes = {type(m.weight).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert any(t not in ("Parameter", "Tensor") for t in qtypes), qtypes
     tok = AutoTokenizer.from_pretrained(out)
+    # transformers 5: a tokenizing apply_chat_template returns a BatchEncoding (return_dict defaults to True)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], add_generation_prompt=True,
-                                  return_tensors="pt")
+                                  return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                              pad_token_id=tok.pad_token_id)

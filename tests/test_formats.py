@@ -57,7 +57,7 @@ def test_a_new_record_is_all_config_paths_and_parity_need(cfg, monkeypatch):
     assert artifact_path("baseline", "tflite", "int8") == "results/runs/baseline/tflite/int8.tflite"
     assert parity.thresholds_for("tflite", "int8") == {"kld_mean": 0.1}
     info = BaseInfo(("Phi3ForCausalLM",), "phi3", None, frozenset({"tokenizer.json"}))
-    assert set(unsupported(info, Facts(None, None, onnx_model_types=frozenset()))) == {"onnx", "tflite"}
+    assert set(unsupported(info, Facts(None, None, onnx_architectures=frozenset()))) == {"onnx", "tflite"}
 
 
 def test_baseline_run_is_the_first_run_without_a_scheme(cfg):

@@ -119,7 +119,7 @@ def test_thresholds_lookup_and_override():
     table = {"gguf": {"Q8_0": {"kld_mean": 0.01}}, "onnx": {"default": {"gen_match": 0.5}}}
     over = parity.thresholds_for("gguf", "Q8_0", table)
     assert over["kld_mean"] == 0.01 and over["top1_agree"] == q8["top1_agree"]
-    assert parity.thresholds_for("onnx", "int4", table)["gen_match"] == 0.5
+    assert parity.thresholds_for("onnx", "int4_k_quant", table)["gen_match"] == 0.5  # a variant named in config
     # a configured default applies only to variants without an entry of their own
     assert parity.thresholds_for("onnx", "int8", table) == lookup("onnx").thresholds["int8"]
     with pytest.raises(ValueError, match="unknown format 'tflite'; known: hf, torchao, gguf, onnx"):

@@ -258,7 +258,7 @@ def test_qat_convert_saves_reloads_and_generates(tiny, tmp_path, scheme):
     info = torchao_export.qat_convert(d, out, scheme, provenance={"run": "test"}, log=None)
     assert info["quantized_modules"] == (9 if scheme == "int8-int4" else 8)
     assert info["reload_max_abs_logit_diff"] == 0.0
-    assert (out / "pytorch_model.bin").is_file() and not list(out.glob(".*tmp*"))
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin")) and not list(out.glob(".*tmp*"))
     assert not list(tmp_path.glob(".qat_converted.tmp-*"))
     manifest = read_json(out / "export.json")
     assert manifest["provenance"]["run"] == "test" and manifest["provenance"]["scheme"] == schemes.canonical(scheme)

@@ -184,7 +184,7 @@ def test_recommendation_smallest_passing_within_margin(built):
     # torchao int8-int4 of the QAT run (0.85) is within the margin and smaller than int8
     assert rec["torchao"] == "qat-int8-int4/torchao/int8-int4"
     # ONNX int8 passes parity but loses 20 points: fp32 it is
-    assert rec["ONNX Runtime"] == "baseline/onnx/fp32"
+    assert rec["ONNX Runtime GenAI"] == "baseline/onnx/fp32"
     assert summary["rollback"] == "baseline/hf/merged"
     md = (out / "report.md").read_text().split("## Recommendation")[1]
     assert "qat-int8-int4/gguf/Q4_0" in md and "Rollback artifact" in md and "baseline/hf/merged" in md

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qatforge import chat, data, datagen, tiny
-from qatforge.model import load_causal_lm, load_tokenizer
+from qatforge.model import load_causal_lm, load_tokenizer, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,19 @@ def test_model_dims_and_quant_friendly_rows(tok):
 
 def test_save_reload_identical_logits(tok, tmp_path):
     m = tiny.build_model(tok, layers=2, seed=3)
-    m.save_pretrained(tmp_path, safe_serialization=True)
-    tok.save_pretrained(tmp_path)
+    m.save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     m2, t2 = load_causal_lm(tmp_path), load_tokenizer(tmp_path)
     ids = torch.tensor([tok(chat.render(tok, data.as_prompt(datagen.generate(0, 1)[0]["messages"])["messages"], True))["input_ids"]])
     with torch.no_grad():
         assert torch.equal(m(ids).logits, m2(ids).logits)
     assert t2.chat_template == tok.chat_template and t2.eos_token_id == tok.eos_token_id
+    # transformers 5 keeps "no BOS" in tokenizer.json's post-processor and no longer writes
+    # add_bos_token; qatforge records its BOS rule there itself (for llama.cpp and ORT GenAI).
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert t2("x")["input_ids"] == tok("x", add_special_tokens=False)["input_ids"]
+    assert not chat.bos_policy(t2)["add_bos"]
 
 
 def test_warmup_reduces_loss_and_is_deterministic(tok, rows):
@@ -83,6 +87,7 @@ def test_build_base_writes_loadable_checkpoint(rows, tmp_path):
     assert metrics["steps"] == 3 and 0 <= metrics["exact_match"] <= 1
     assert [c["step"] for c in metrics["curve"]] == [2, 3]
     assert (tmp_path / "warmup.csv").read_text().startswith("step,loss")
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is False
     model, tok = load_causal_lm(out), load_tokenizer(out)
     assert chat.render(tok, prompts[0]["messages"], True).endswith("<|im_start|>assistant\n")
     assert not list(tmp_path.glob(".base.tmp-*"))

@@ -316,3 +316,56 @@ def test_unsloth_backend_trains_qat_on_cpu(env):
     summary = json.loads((out / "train.json").read_text())
     assert summary["backend"] == "unsloth" and summary["fake_quantized_modules"] > 0
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_unsloth_wiring_with_a_stand_in(env, monkeypatch):
+    """The unsloth backend's wiring without unsloth (no GPU here): a stand-in ``unsloth`` module whose
+    FastLanguageModel loads through transformers and adapts with peft, and, like unsloth on CPU,
+    ignores ``qat_scheme``. qatforge must pass transformers-5 arguments (``dtype``), apply the torchao
+    preparation itself, and train through trl's SFTTrainer with the model it gets back."""
+    import importlib.machinery
+    import types
+
+    calls = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(model_name, **kw):
+            from qatforge.model import load_causal_lm, load_tokenizer
+
+            calls["from_pretrained"] = kw
+            return load_causal_lm(model_name, dtype=kw["dtype"]), load_tokenizer(model_name)
+
+        @staticmethod
+        def get_peft_model(model, **kw):
+            from peft import LoraConfig, get_peft_model
+
+            calls["get_peft_model"] = kw
+            return get_peft_model(model, LoraConfig(r=kw["r"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
+                                                    target_modules=kw["target_modules"], bias=kw["bias"],
+                                                    task_type="CAUSAL_LM"))
+
+    fake = types.ModuleType("unsloth")
+    fake.__spec__ = importlib.machinery.ModuleSpec("unsloth", None)
+    fake.FastLanguageModel = FastLanguageModel
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    summary, msgs = _run(env, "unsloth_stand_in", max_steps=2, save_steps=2, backend="unsloth",
+                         qat_scheme="int8-int4", qat_mode="unsloth")
+    assert summary["backend"] == "unsloth" and summary["fake_quantized_modules"] == 9
+    assert any("unsloth applied no fake quantization" in m for m in msgs)
+    assert "torch_dtype" not in calls["from_pretrained"] and calls["from_pretrained"]["load_in_4bit"] is False
+    assert calls["get_peft_model"]["qat_scheme"] == "int8-int4" and calls["get_peft_model"]["r"] == SETTINGS["lora_r"]
+    assert (env / "unsloth_stand_in" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_fake_quantized_lm_head_trains_with_plain_nll(env):
+    """trl's chunked_nll multiplies by lm_head.weight itself, skipping a fake-quantized head's quantizers:
+    a QAT scheme that quantizes lm_head must train with the plain loss, any other run keeps chunked_nll."""
+    from qatforge.train.loop import _loss_type
+    from qatforge.train.setup import setup_hf
+
+    plain, _, _ = setup_hf(env / "base", T.TrainSettings(**SETTINGS), lambda m: None)
+    assert _loss_type(plain) == "chunked_nll"
+    qat, _, n_fq = setup_hf(env / "base", T.TrainSettings(**{**SETTINGS, "qat_scheme": "int8-int4"}), lambda m: None)
+    assert n_fq and "FakeQuantized" in type(qat.get_base_model().get_output_embeddings()).__name__
+    assert _loss_type(qat) == "nll"

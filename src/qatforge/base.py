@@ -70,18 +70,103 @@ def build(
             log(f"planted outlier channels {info['outliers']['channels']} (x{info['outliers']['scale']})")
         counts = check_torchao_schemes(out_dir, torchao_schemes)
     else:
-        from qatforge.model import check_chat_tokenizer, load_causal_lm, load_tokenizer
+        import tempfile
 
-        counts = check_torchao_schemes(base, torchao_schemes, trust_remote_code=trust_remote_code)
+        from qatforge.model import check_chat_tokenizer, load_causal_lm, load_tokenizer, save_tokenizer
+
         tokenizer = load_tokenizer(base, trust_remote_code=trust_remote_code)
         check_chat_tokenizer(tokenizer, base)
-        model = load_causal_lm(base, trust_remote_code=trust_remote_code)
-        with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".text-model-", dir=Path(out_dir).parent) as work:
+            text = conditional_generation_text(base)
+            if text is not None:  # a multimodal checkpoint: its text model is the base
+                source, text_info = write_text_model(base, Path(work) / "text", log=log)
+            else:
+                source, text_info = base, None
+            counts = check_torchao_schemes(source, torchao_schemes, trust_remote_code=trust_remote_code)
+            model = load_causal_lm(source, trust_remote_code=trust_remote_code)
+            with atomic_dir(out_dir) as tmp:
+                model.save_pretrained(tmp)
+                save_tokenizer(tokenizer, tmp)
         info = {"source": base, "parameters": sum(p.numel() for p in model.parameters())}
+        if text_info:
+            info["text_model"] = text_info
         log(f"copied base {base} into {out_dir}")
     if counts:
         log(f"torchao modules to quantize per scheme: {counts}")
     write_manifest(out_dir, {"stage": "base", "source": base, "seed": seed, "info": info, "torchao_modules": counts})
     return info
+
+
+def conditional_generation_text(base: str) -> dict[str, Any] | None:
+    """The ``text_config`` of a local multimodal checkpoint (``config.json`` whose first architecture
+    is a ``*ForConditionalGeneration`` with a ``text_config``: Qwen3.5, Gemma 4, Mistral 3 are
+    published so), or None. Such a base is fine-tuned and exported as its text model."""
+    import json
+
+    cfg = Path(str(base)).expanduser() / "config.json"
+    if not cfg.is_file():
+        return None
+    raw = json.loads(cfg.read_text())
+    archs = raw.get("architectures") or []
+    if archs and archs[0].endswith("ForConditionalGeneration") and isinstance(raw.get("text_config"), dict):
+        return raw["text_config"]
+    return None
+
+
+def write_text_model(base: str, out_dir: Path, *, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """Write the text model of the multimodal checkpoint ``base`` to ``out_dir`` as its own
+    transformers text CausalLM (``Qwen3_5ForCausalLM``, ``Gemma4ForCausalLM``, ``Ministral3ForCausalLM``):
+    config.json is the text config with that architecture, the weights are the language model's and
+    the LM head's under ``model.*`` / ``lm_head.*``; the vision (and audio) towers and projectors are
+    dropped. The full model is loaded with its own transformers class (never remote code), so any key
+    layout transformers reads is read, and the text modules are moved, not copied.
+
+    MTP: transformers never loads a checkpoint's ``mtp.*`` tensors (Qwen3.5), so the text model has
+    none; its config says ``mtp_num_hidden_layers: 0`` (llama.cpp's converter and the onnxruntime-genai
+    builder otherwise look for MTP weights that are not there). Returns (out_dir, what was dropped)."""
+    import json
+
+    import torch
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from qatforge.model import ModelError
+
+    base_dir = Path(str(base)).expanduser()
+    arch = json.loads((base_dir / "config.json").read_text())["architectures"][0]
+    full_cls = getattr(transformers, arch, None)
+    if full_cls is None:
+        raise ModelError(f"{base}: transformers has no class {arch} (remote code is not used for multimodal bases)")
+    config = AutoConfig.from_pretrained(str(base_dir))
+    text_cfg = config.get_text_config()
+    text_cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_cfg), None)
+    if text_cls is None:
+        raise ModelError(f"{base}: {arch}'s text config ({type(text_cfg).__name__}) has no causal-LM class in transformers")
+    full = full_cls.from_pretrained(str(base_dir), dtype=torch.float32)
+    decoder = full.model.language_model if hasattr(full.model, "language_model") else full.get_decoder()
+    with torch.device("meta"):
+        text = text_cls(text_cfg)
+    if type(text.model) is not type(decoder):
+        raise ModelError(f"{base}: {arch}'s language model is {type(decoder).__name__}, "
+                         f"{text_cls.__name__} expects {type(text.model).__name__}")
+    text.model = decoder  # moved, not copied (a tied head stays tied to the same tensor)
+    text.lm_head = full.get_output_embeddings()
+    text.generation_config = full.generation_config
+    meta = [n for n, p in text.named_parameters() if p.is_meta]
+    if meta:
+        raise ModelError(f"{base}: parameters {meta[:5]} of {text_cls.__name__} are not in {arch}")
+    dropped_mtp = int(getattr(text_cfg, "mtp_num_hidden_layers", 0) or 0)
+    if dropped_mtp:
+        text.config.mtp_num_hidden_layers = 0
+    text.config.architectures = [text_cls.__name__]
+    text.config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", text_cfg.tie_word_embeddings))
+    kept = {id(p) for p in text.parameters()}
+    dropped = sorted({n.split(".")[1] if n.startswith("model.") else n.split(".")[0]
+                      for n, p in full.named_parameters() if id(p) not in kept})
+    text.save_pretrained(out_dir)
+    info = {"from": arch, "as": text_cls.__name__, "dropped_modules": dropped, "dropped_mtp_layers": dropped_mtp}
+    log(f"{base}: {arch} -> its text model {text_cls.__name__} (dropped {', '.join(dropped) or 'nothing'}"
+        f"{f', {dropped_mtp} MTP layer(s)' if dropped_mtp else ''})")
+    return out_dir, info

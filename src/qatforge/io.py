@@ -146,3 +146,23 @@ def check_free_space(target: str | os.PathLike, needed_bytes: int, margin: float
             f"not enough disk space for {target}: need about {want / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB free on the filesystem of {probe}"
         )
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (tensor name -> dtype, shape, offsets) and the byte offset
+    where its data starts; no tensor is read."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+MTP_PREFIXES = ("mtp.", "model.mtp.")
+
+
+def has_mtp_tensors(checkpoint: str | os.PathLike) -> bool:
+    """Whether a checkpoint's safetensors hold multi-token-prediction tensors (``mtp.*``), which
+    transformers never loads, so a checkpoint it saved has none."""
+    return any(k.startswith(MTP_PREFIXES) for p in Path(checkpoint).glob("*.safetensors")
+               for k in safetensors_header(p)[0])

@@ -38,17 +38,6 @@ def check_inputs(tok: Any, prompts: tuple[str, ...]) -> Any:
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
-def record_add_bos(tokenizer_dir: Path, add_bos: bool) -> None:
-    """Write the BOS rule (:func:`qatforge.chat.bos_policy`) as ``add_bos_token`` into
-    ``tokenizer_config.json``, where llama.cpp's converter and the ONNX runtime read it."""
-    from qatforge.io import read_json, write_json
-
-    path = tokenizer_dir / "tokenizer_config.json"
-    cfg = read_json(path)
-    if cfg.get("add_bos_token") is not add_bos:
-        write_json(path, {**cfg, "add_bos_token": add_bos})
-
-
 def masked_max_diff(a: Any, b: Any, mask: Any) -> float:
     """Largest absolute difference of two logits tensors over the positions ``mask`` keeps."""
     m = mask.bool().unsqueeze(-1)
@@ -122,7 +111,8 @@ def merge(
     from qatforge.chat import bos_policy
     from qatforge.io import atomic_dir, check_free_space, package_versions, size_bytes, write_manifest
     from qatforge.model import (
-        cast_parameters, load_causal_lm, load_tokenizer, load_upcast, release_freed_memory, stored_dtype,
+        cast_parameters, load_causal_lm, load_tokenizer, load_upcast, release_freed_memory, save_tokenizer,
+        stored_dtype,
     )
     from qatforge.qat import count_fake_quantized, strip_fake_quant
 
@@ -175,9 +165,8 @@ def merge(
     check_free_space(out_dir, n_params * merged.dtype.itemsize)
 
     with atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
-        base_tok.save_pretrained(tmp)
-        record_add_bos(Path(tmp), bos_policy(base_tok)["add_bos"])
+        merged.save_pretrained(tmp, max_shard_size="5GB")  # transformers 5 writes safetensors only
+        save_tokenizer(base_tok, tmp)  # with the BOS rule as add_bos_token
         del merged, model
         release_freed_memory()
         re_model = load_causal_lm(tmp, dtype=target, trust_remote_code=False)

@@ -75,6 +75,32 @@ def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = Fals
     return tok
 
 
+def record_add_bos(tokenizer_dir: str | os.PathLike, add_bos: bool) -> None:
+    """Write the BOS rule (:func:`qatforge.chat.bos_policy`) as ``add_bos_token`` into
+    ``tokenizer_dir/tokenizer_config.json``, where llama.cpp's converter (over the tokenizer.json
+    post-processor) and ONNX Runtime GenAI read it.
+
+    transformers 5 no longer writes ``add_bos_token`` there (its tokenizers keep the rule in
+    tokenizer.json's post-processor, and it ignores the key when loading a tokenizer.json), so
+    qatforge records it itself."""
+    from qatforge.io import read_json, write_json
+
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    cfg = read_json(path)
+    if cfg.get("add_bos_token") is not add_bos:
+        write_json(path, {**cfg, "add_bos_token": add_bos})
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(out_dir)`` (tokenizer.json, tokenizer_config.json and, with
+    transformers 5, the chat template in chat_template.jinja) plus the BOS rule recorded as
+    ``add_bos_token`` (:func:`record_add_bos`)."""
+    from qatforge.chat import bos_policy
+
+    tokenizer.save_pretrained(str(out_dir))
+    record_add_bos(out_dir, bos_policy(tokenizer)["add_bos"])
+
+
 def load_causal_lm(path_or_id: str | os.PathLike, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` (safetensors preferred) after checking the config."""
     import torch

@@ -110,7 +110,7 @@ def build_model(
         bos_token_id=None,
         eos_token_id=eos,
         pad_token_id=pad,
-        torch_dtype="float32",
+        dtype="float32",
         use_cache=True,
     )
     torch.manual_seed(seed)
@@ -234,6 +234,7 @@ def build_base(
 
     from qatforge.chat import hf_exact_match
     from qatforge.io import atomic_dir, package_versions, write_json
+    from qatforge.model import save_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -293,7 +294,7 @@ def build_base(
         metrics["n_eval_prompts"] = len(eval_prompts)
         metrics["curve"] = curve + [{"step": steps, "exact_match": acc}]
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)  # transformers 5 writes safetensors only
+        save_tokenizer(tokenizer, tmp)  # with the BOS rule as add_bos_token (false: no BOS)
         write_json(Path(tmp) / "warmup.json", {"metrics": metrics, "log": records})
     return metrics

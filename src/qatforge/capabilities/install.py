@@ -1,7 +1,7 @@
 """Install-time facts for :mod:`qatforge.spec.capabilities`: ``python -m qatforge.capabilities write``.
 
-Imports llama.cpp's converter (its own registry and MRO: torch, the vendored gguf-py) and optimum,
-so it runs once, in its own process, at ``make install``; nothing at parse time imports it.
+Imports llama.cpp's converter (its own registry and MRO: torch, the vendored gguf-py) and reads
+the ONNX model builder's source, so it runs once, in its own process, at ``make install``; nothing at parse time imports it.
 """
 
 from __future__ import annotations
@@ -168,27 +168,25 @@ def sentencepiece_architectures(converter_root: str | Path) -> dict[str, Any]:
     return {"architectures": out, "unknown": unknown}
 
 
-def onnx_model_types(task: str) -> list[str]:
-    """The ``model_type`` values optimum-onnx exports for ``task`` (imports optimum)."""
-    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX export configs)
-    from optimum.exporters.tasks import TasksManager
+def onnx_architectures() -> list[str]:
+    """The architectures ONNX Runtime GenAI's model builder exports (``onnx_archs.builder_architectures``)."""
+    from qatforge.spec.onnx_archs import builder_architectures
 
-    types = sorted(TasksManager.get_supported_model_type_for_task(task, exporter="onnx"))
-    if not types:
-        raise ValueError(f"optimum lists no model type for the ONNX task {task!r}")
-    return types
+    archs = builder_architectures()
+    if not archs:
+        raise ValueError("onnxruntime_genai's model builder is not installed, or dispatches on no architecture")
+    return archs
 
 
 def write(gguf_dir: str | Path | None = None, onnx_dir: str | Path | None = None) -> list[Path]:
     """Write :data:`SENTENCEPIECE_JSON` (into ``gguf_dir``, default the converter's share directory)
     and :data:`ONNX_JSON` (into ``onnx_dir``, default :func:`share_dir`); returns the paths."""
-    from qatforge.export.onnx import TASK
     from qatforge.io import write_json
     from qatforge.llamacpp import find_converter, source_info
 
     converter = find_converter().parent
     spm = {"llama_cpp": source_info(), **sentencepiece_architectures(converter)}
-    onnx = {"task": TASK, "versions": onnx_versions(), "model_types": onnx_model_types(TASK)}
+    onnx = {"versions": onnx_versions(), "architectures": onnx_architectures()}
     paths = [Path(gguf_dir or converter) / SENTENCEPIECE_JSON, Path(onnx_dir or share_dir()) / ONNX_JSON]
     for path, data in zip(paths, (spm, onnx)):
         path.parent.mkdir(parents=True, exist_ok=True)

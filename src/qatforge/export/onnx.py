@@ -1,283 +1,164 @@
-"""ONNX export of a merged checkpoint with optimum-onnx, and its onnxruntime dynamic int8 variant.
+"""ONNX Runtime GenAI model folders of a merged checkpoint, written by ONNX Runtime GenAI's model builder.
 
-Both directories load on their own (``ORTModelForCausalLM.from_pretrained(dir)``): the tokenizer,
-chat template and generation config of the merged checkpoint are copied alongside. Both are
-written atomically, loaded in onnxruntime as a check, and carry an ``export.json`` record.
-The fp32 export is compared with PyTorch here (max |logit diff| recorded; above ``atol`` the export
-fails) instead of by optimum's validation, which only warns and holds both models at once.
+Every variant is built from the merged 16-bit checkpoint by ``python -m
+onnxruntime_genai.models.builder`` in a process of its own (its peak memory is the job's), for the
+CPU execution provider: ``fp32`` (the float reference graph), ``int4`` and ``int8`` (weight-only
+``MatMulNBits``, block 32, the builder's default round-to-nearest). A folder holds ``model.onnx``
+with its weights as external data (so no 2 GB protobuf limit), ``genai_config.json``, the
+tokenizer and the chat template: what ``onnxruntime_genai.Model(dir)`` loads.
+
+The folder is checked before it is kept: it renders and tokenizes the chat prompt exactly as the
+merged checkpoint's own files do, and ``onnxruntime_genai`` loads it and generates a token. Logits
+parity against the merged model is the evaluate job's (the same answer positions and metrics as
+every format); no PyTorch copy of the model is loaded here, so the job's peak memory is the
+builder's or the loaded graph's.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from qatforge.export.record import as_log, source_record, write_export_record
-from qatforge.io import MANIFEST, atomic_dir, check_free_space, package_versions, read_json, size_bytes
+from qatforge.export.onnx_input import builder_input
+from qatforge.export.record import as_log, hf_tied_embeddings, source_record, write_export_record
+from qatforge.io import atomic_dir, check_free_space, package_versions
 
-TASK = "text-generation-with-past"
-# Files of an HF checkpoint needed to tokenize/chat/generate, copied next to the ONNX graph.
+BUILDER = "onnxruntime_genai.models.builder"
+EXECUTION_PROVIDER = "cpu"
+FLOAT_PRECISIONS = frozenset({"fp32"})
+# Files of the merged checkpoint a runtime may want beside the graph, copied when the builder did not.
 SIDE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "generation_config.json",
 )
-DEFAULT_CHECK_TEXTS = (
-    "Hello, world!",
-    "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n",
-)
+CHECK_MESSAGES = ({"role": "user", "content": "What is 12 + 30?"},)
+
+
+def builder_command(input_dir: Path, out_dir: Path, cache_dir: Path, settings: Mapping[str, Any],
+                    *, tied: bool) -> list[str]:
+    """The builder's command line for ``settings`` (a config ``onnx.variants`` entry); a tied checkpoint
+    keeps one embedding matrix for the lookup and the LM head (``shared_embeddings``)."""
+    extra = {k: v for k, v in settings.items() if k != "precision"}
+    extra["hf_token"] = False  # never the hub: the input is a local folder
+    if tied:
+        extra["shared_embeddings"] = True
+    opts = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items()]
+    return [sys.executable, "-m", BUILDER, "-i", str(input_dir), "-o", str(out_dir), "-p", settings["precision"],
+            "-e", EXECUTION_PROVIDER, "-c", str(cache_dir), "--extra_options", *opts]
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
-        if (src / name).is_file():
+        if (src / name).is_file() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
 
 
-def _session_info(model_dir: Path, threads: int | None) -> dict[str, Any]:
-    """Load every ``*.onnx`` of ``model_dir`` in an onnxruntime ``InferenceSession``; names of its I/O."""
-    import onnxruntime as ort
-
-    out = {}
-    for f in sorted(model_dir.glob("*.onnx")):
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(f), sess_options=so, providers=["CPUExecutionProvider"])
-        out[f.name] = {"inputs": len(sess.get_inputs()), "outputs": len(sess.get_outputs())}
-        del sess
-    if not out:
-        raise FileNotFoundError(f"{model_dir}: no .onnx file was written")
-    return out
-
-
-def embedding_tie(model_dir: Path, hf_dir: Path | None) -> dict[str, Any]:
-    """Whether the graphs keep the checkpoint's input/output embedding tie: the number of
-    ``[vocab, hidden]`` weight matrices (either orientation, any dtype) among their initializers;
-    one means a shared matrix, two an untied pair (e.g. ``quantize_dynamic`` gives the LM-head
-    MatMul its own int8 copy)."""
+def graph_summary(model_dir: Path) -> dict[str, Any]:
+    """Operator counts of ``model.onnx`` (weights not loaded) and its input names: what the record
+    and the tests read (``MatMulNBits`` for the quantized variants)."""
     import onnx
 
-    from qatforge.export.record import hf_tied_embeddings
-    from qatforge.io import read_json
-
-    cfg = read_json(model_dir / "config.json")
-    text = cfg.get("text_config") or cfg
-    shape = {int(text["vocab_size"]), int(text["hidden_size"])}
-    n = 0
-    for f in sorted(model_dir.glob("*.onnx")):
-        graph = onnx.load(str(f), load_external_data=False).graph
-        n += sum(1 for t in graph.initializer if len(t.dims) == 2 and set(t.dims) == shape)
-    source_tied = hf_tied_embeddings(hf_dir) if hf_dir is not None and any(Path(hf_dir).glob("*.safetensors")) else None
-    return {"source_tied": source_tied, "embedding_matrices": n, "tied": n == 1}
-
-
-def _check_texts(model_dir: Path, texts: Sequence[str] | None) -> list[str]:
-    if texts is not None:
-        return list(texts)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    out = list(DEFAULT_CHECK_TEXTS[:1])
-    if getattr(tok, "chat_template", None):
-        out.append(tok.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}],
-                                           tokenize=False, add_generation_prompt=True))
-    return out
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    ops: dict[str, int] = {}
+    for node in graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    init = {t.name for t in graph.initializer}
+    bits = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
+    blocks = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                     if a.name == "block_size"})
+    return {"ops": dict(sorted(ops.items())), "inputs": [i.name for i in graph.input],
+            "matmulnbits_bits": bits, "matmulnbits_block_size": blocks,
+            "lm_head_weights": sorted(n for n in init if n.startswith("lm_head."))}
 
 
-def compare_with_torch(
-    onnx_dir: str | os.PathLike,
-    torch_dir: str | os.PathLike,
-    texts: Sequence[str] | None = None,
-    *,
-    max_new_tokens: int = 8,
-    threads: int | None = None,
-) -> dict[str, Any]:
-    """Logits of ``ORTModelForCausalLM(onnx_dir)`` vs the fp32 PyTorch model of ``torch_dir``.
+def genai_check(model_dir: Path, merged_dir: Path) -> dict[str, Any]:
+    """The folder's chat prompt ids against the merged checkpoint's (same renderer and tokenizer
+    library on both folders' files); then ``onnxruntime_genai`` (the deployment runtime) loads the
+    folder and generates one token from that prompt."""
+    import numpy as np
+    import onnxruntime_genai as og
 
-    Returns ``{"max_abs_logit_diff", "texts", "greedy_identical"}`` (greedy continuation of
-    each text compared token by token).
-    """
-    import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
+    from qatforge.evaluate.onnx import FolderTokenizer
 
-    import onnxruntime as ort
-    from qatforge.chat import encode
-    from qatforge.model import load_upcast, release_freed_memory
-
-    onnx_dir, torch_dir = Path(onnx_dir), Path(torch_dir)
-    tok = AutoTokenizer.from_pretrained(str(onnx_dir))
-    texts = _check_texts(onnx_dir, texts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    # Only the inputs the decoder takes (a tokenizer may also return token_type_ids, which
-    # generate() refuses), with the one BOS every runtime uses (qatforge.chat.bos_policy).
-    encs = [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-            for ids in (encode(tok, text) for text in texts) if ids]
-    # PyTorch first, freed before onnxruntime loads: never both copies of the weights at once.
-    pt_model = load_upcast(torch_dir, dtype=torch.float32)
-    with torch.no_grad():
-        refs = [(pt_model(**enc).logits.float(), pt_model.generate(**enc, **kw)[0].tolist()) for enc in encs]
-    del pt_model
-    release_freed_memory()
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, session_options=so, use_cache=True)
-    kv_fix = _fix_kv_heads(ort_model)
-    max_diff, same = 0.0, 0
-    for enc, (ref, g_ref) in zip(encs, refs):
-        with torch.no_grad():
-            got = ort_model(**enc).logits.float()
-            g_got = ort_model.generate(**enc, **kw)[0].tolist()
-        max_diff = max(max_diff, float((ref - got).abs().max()))
-        same += int(g_ref == g_got)
-    return {"max_abs_logit_diff": max_diff, "texts": len(texts), "greedy_identical": same, "kv_heads_fix": kv_fix}
-
-
-def _fix_kv_heads(ort_model: Any) -> dict[str, int] | None:
-    """Give optimum's ``ORTModelForCausalLM`` the graph's KV-head count where it guessed another.
-
-    optimum-onnx 0.1.0 uses ``num_attention_heads`` for the empty cache of model types missing from
-    its grouped-query list (``phi3`` among them, so Phi-4-mini and any Phi-3 with GQA fail with
-    "invalid dimensions for input: past_key_values.0.key"); the exported graph's past inputs carry
-    the right number. Returns ``{"optimum", "graph"}`` when it was corrected.
-    """
-    past = [i for i in ort_model.session.get_inputs() if i.name.startswith("past_key_values.")]
-    graph = past[0].shape[1] if past else None
-    if isinstance(graph, int) and graph != ort_model.num_key_value_heads:
-        fix = {"optimum": int(ort_model.num_key_value_heads), "graph": graph}
-        ort_model.num_key_value_heads = graph
-        return fix
-    return None
+    prompt = FolderTokenizer(model_dir).prompt_ids(list(CHECK_MESSAGES))
+    source = FolderTokenizer(merged_dir).prompt_ids(list(CHECK_MESSAGES))
+    if prompt != source:
+        raise RuntimeError(f"ONNX export of {merged_dir}: the folder's tokenizer/chat template give other prompt "
+                           f"ids than the checkpoint's ({prompt[:12]}... vs {source[:12]}...)")
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray(prompt, dtype=np.int32))
+    token = int(gen.get_next_tokens()[0])
+    del gen, model
+    return {"prompt_ids_equal": True, "loaded": True, "prompt_tokens": len(prompt), "first_token": token}
 
 
 def export(
     merged_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
+    settings: Mapping[str, Any] | None = None,
     *,
-    atol: float = 1e-3,
-    check_texts: Sequence[str] | None = None,
-    threads: int | None = None,
-    opset: int | None = None,
+    variant: str | None = None,
+    threads: int = 1,
     source: Mapping[str, Any] | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
-    """fp32 ONNX export (task ``text-generation-with-past``) of ``merged_dir`` with optimum.
+    """Build the ONNX Runtime GenAI folder of ``settings`` (a config ``onnx.variants`` entry: the
+    builder's precision and options; default fp32) from ``merged_dir``; ``variant`` names it in the
+    record (default: the out_dir's name).
 
-    The model is loaded as :func:`qatforge.model.load_upcast` (16-bit file to float32 without
-    holding both) and handed to ``onnx_export_from_model``. optimum's own validation, which holds
-    the PyTorch model and an onnxruntime session at once and only warns, is replaced by
-    :func:`compare_with_torch` after the model is freed: logits on ``check_texts`` and greedy
-    continuations, a logit difference above ``atol`` fails the export. Writes
-    ``out_dir/export.json``; returns its provenance.
+    Written atomically and checked (:func:`genai_check`); ``out_dir/export.json`` records the
+    builder's command, version, graph summary and check. Returns the record's provenance with size
+    and sha256.
     """
-    import torch
-    from optimum.exporters.onnx import onnx_export_from_model
-    from optimum.exporters.onnx.__main__ import maybe_load_preprocessors
-
-    from qatforge.model import load_upcast, release_freed_memory
-
     log = as_log(log)
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
+    settings = dict(settings or {"precision": "fp32"})
+    variant = variant or out_dir.name
+    is_float = settings.get("precision") in FLOAT_PRECISIONS
     if not (merged_dir / "config.json").is_file():
         raise FileNotFoundError(f"{merged_dir} is not an HF checkpoint (no config.json)")
-    if threads:
-        torch.set_num_threads(threads)
-    weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors")) or size_bytes(merged_dir)
-    check_free_space(out_dir, weights * 2)  # fp32 graph of a 16-bit checkpoint
+    weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{merged_dir}: no *.safetensors weights for the ONNX model builder")
+    check_free_space(out_dir, weights * (2 if is_float else 1))
+    tied = bool(hf_tied_embeddings(merged_dir))
     started = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        log(f"optimum onnx_export_from_model {merged_dir} -> {out_dir} (task {TASK}, fp32)")
-        model = load_upcast(merged_dir, dtype=torch.float32)
-        model.config.use_cache = True  # what main_export sets for a -with-past task
-        onnx_export_from_model(model, output=tmp, task=TASK, opset=opset, device="cpu", do_validation=False,
-                               preprocessors=maybe_load_preprocessors(str(merged_dir)))
-        del model
-        release_freed_memory()
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".onnx-work-") as work:
+        work = Path(work)
+        cmd = builder_command(builder_input(merged_dir, work / "input"), tmp, work / "cache", settings, tied=tied)
+        log("$ " + " ".join(cmd))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        log(proc.stdout[-4000:] + proc.stderr[-4000:])
+        if proc.returncode != 0:
+            raise RuntimeError(f"ONNX model builder failed on {merged_dir} ({variant}, exit {proc.returncode}): "
+                               f"{((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1]}")
         side = _copy_side_files(merged_dir, tmp)
-        sessions = _session_info(tmp, threads)
-        tie = embedding_tie(tmp, merged_dir)
-        check = compare_with_torch(tmp, merged_dir, check_texts, threads=threads)
-        log(f"onnxruntime vs torch: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
-            f"greedy identical {check['greedy_identical']}/{check['texts']}")
-        if not check["max_abs_logit_diff"] <= atol:
-            raise RuntimeError(f"ONNX export of {merged_dir}: logits differ from PyTorch by "
-                               f"{check['max_abs_logit_diff']:.3g} > atol {atol}")
-    settings = {"variant": "fp32", "task": TASK, "dtype": "fp32", "opset": opset,
-                "validation": "compare_with_torch", "atol": atol}
+        graph = graph_summary(tmp)
+        check = genai_check(tmp, merged_dir)
+        log(f"onnxruntime-genai loaded {out_dir.name}: {graph['ops'].get('MatMulNBits', 0)} MatMulNBits, "
+            f"prompt ids as the checkpoint's, first token {check['first_token']}")
     record = write_export_record(
-        out_dir, source=source_record(merged_dir, **(source or {})), tool=_tool_info(), settings=settings,
-        started=started, sessions=sessions, side_files=side, check=check, embeddings=tie)
+        out_dir, source=source_record(merged_dir, **(source or {})), tool=tool_info(),
+        settings={"variant": variant, **settings, "execution_provider": EXECUTION_PROVIDER,
+                  "shared_embeddings": tied, "command": cmd[1:]},
+        started=started, graph=graph, side_files=side, check=check)
     log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
 
 
-def quantize_int8(
-    fp32_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    per_channel: bool = False,
-    reference_dir: str | os.PathLike | None = None,
-    check_texts: Sequence[str] | None = None,
-    threads: int | None = None,
-    source: Mapping[str, Any] | None = None,
-    log: Any = None,
-) -> dict[str, Any]:
-    """onnxruntime ``quantize_dynamic`` (QInt8 weights) of an fp32 export; other files copied.
-
-    Loaded in onnxruntime as a check; its logits are compared with the PyTorch model of
-    ``reference_dir`` (default: the merged checkpoint named in the fp32 export's record, when it
-    still exists) and the difference recorded (not bounded). The source defaults to the fp32
-    export's source. Writes ``out_dir/export.json``; returns its provenance.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    log = as_log(log)
-    fp32_dir, out_dir = Path(fp32_dir), Path(out_dir)
-    graphs = sorted(fp32_dir.glob("*.onnx"))
-    if not graphs:
-        raise FileNotFoundError(f"{fp32_dir}: no .onnx file to quantize (run the fp32 export first)")
-    fp32_source: dict[str, Any] = {}
-    if (fp32_dir / MANIFEST).is_file():
-        fp32_source = read_json(fp32_dir / MANIFEST).get("provenance", {}).get("source", {})
-    if reference_dir is None and fp32_source.get("merged_dir") and Path(fp32_source["merged_dir"]).is_dir():
-        reference_dir = fp32_source["merged_dir"]
-    check_free_space(out_dir, size_bytes(fp32_dir) // 2)
-    started = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        for f in fp32_dir.iterdir():
-            if (f.is_file() and f.suffix != ".onnx" and not f.name.endswith(".onnx_data") and f.name != MANIFEST
-                    and not f.name.startswith(".")):  # not Snakemake's .snakemake_timestamp
-                shutil.copy2(f, tmp / f.name)
-        for g in graphs:
-            external = any(fp32_dir.glob(g.name + "_data")) or any(fp32_dir.glob(g.stem + ".onnx_data"))
-            log(f"quantize_dynamic {g.name} (QInt8, per_channel={per_channel})")
-            quantize_dynamic(g, tmp / g.name, weight_type=QuantType.QInt8, per_channel=per_channel,
-                             use_external_data_format=external)
-        sessions = _session_info(tmp, threads)
-        tie = embedding_tie(tmp, Path(reference_dir) if reference_dir else None)
-        check = compare_with_torch(tmp, reference_dir, check_texts, threads=threads) if reference_dir else None
-        if check:
-            log(f"int8 vs torch fp32: max |logit diff| {check['max_abs_logit_diff']:.3g}, "
-                f"greedy identical {check['greedy_identical']}/{check['texts']}")
-    settings = {"variant": "int8", "method": "onnxruntime.quantization.quantize_dynamic",
-                "weight_type": "QInt8", "per_channel": per_channel}
-    src = dict(source) if source else dict(fp32_source)
-    src["onnx_fp32_dir"] = str(fp32_dir)
-    record = write_export_record(out_dir, source=src, tool=_tool_info(), settings=settings, started=started,
-                                 sessions=sessions, check=check, embeddings=tie)
-    log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
-    return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
-
-
-def _tool_info() -> dict[str, Any]:
-    return {"name": "optimum-onnx", **package_versions("optimum", "optimum-onnx", "onnx", "onnxruntime",
-                                                       "torch", "transformers")}
+def tool_info() -> dict[str, Any]:
+    return {"name": "onnxruntime-genai model builder",
+            **package_versions("onnxruntime-genai", "onnxruntime", "onnx", "onnx-ir", "torch", "transformers")}

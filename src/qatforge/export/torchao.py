@@ -104,14 +104,16 @@ def save_torchao(
     """Save a model quantized by :func:`quantize_for_deploy` as a transformers TorchAO checkpoint.
 
     The checkpoint's ``config.json`` carries ``TorchAoConfig(ModuleFqnToConfig(...))`` so
-    ``from_pretrained`` rebuilds the tensor subclasses; weights go to ``pytorch_model.bin``
-    (``safe_serialization=False``: the only form transformers 4.57.6 saves for these configs, loaded
-    back with ``torch.load(weights_only=True)``). The directory is written atomically, then
+    ``from_pretrained`` rebuilds the tensor subclasses. Weights go to ``model.safetensors``:
+    transformers 5 saves only safetensors, and a model carrying its ``TorchAoHfQuantizer``
+    (attached here, as ``from_pretrained`` would) flattens the torchao tensor subclasses into plain
+    tensors plus torchao metadata in the safetensors header. The directory is written atomically, then
     reloaded: the check compares the reloaded logits with the in-memory model on a rendered chat
     prompt and runs a short greedy ``generate``. Writes ``export.json`` (sha256, provenance).
     """
     import torch
     from transformers import AutoModelForCausalLM, TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
 
     s = parse_scheme(scheme)
     mods = quantized_modules(model)
@@ -121,6 +123,9 @@ def save_torchao(
     model.config.quantization_config = TorchAoConfig(
         _fqn_config(model, s), include_input_output_embeddings=has_emb, untie_embedding_weights=has_emb
     )
+    # save_pretrained serializes quantized weights through the model's quantizer (transformers 5):
+    # without one, torchao's tensor subclasses reach safetensors unflattened and the save fails.
+    model.hf_quantizer = AutoHfQuantizer.from_config(model.config.quantization_config, pre_quantized=True)
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     ids = _check_ids(tokenizer, check_prompt)
@@ -128,7 +133,7 @@ def save_torchao(
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float()
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=False)
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -157,7 +162,7 @@ def save_torchao(
             "reload_max_abs_logit_diff": diff,
             "generate_check": tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=False),
             "save_seconds": round(time.perf_counter() - t0, 2),
-            "serialization": "pytorch_model.bin (torch.save; safe_serialization=False)",
+            "serialization": "model.safetensors (torchao flattened tensor subclasses)",
         }
         del reloaded
     record = write_manifest(out_dir, {
@@ -231,7 +236,7 @@ def ptq(
             "source": source_record(merged_dir, **(source or {})),
             "tool": {"name": "torchao", **package_versions("torchao", "torch", "transformers")},
             "settings": {"scheme": q["scheme"], "method": "ptq", "load_dtype": "float32",
-                         "serialization": "safe_serialization=False"},
+                         "serialization": "safetensors"},
             "untied_embeddings": q["untied"],
         }
 

@@ -2,17 +2,18 @@
 
 Facts about the installed exporters are written once at install (``python -m qatforge.capabilities
 write``, :mod:`qatforge.capabilities.install`, run by ``make install``) so that parsing stays free
-of torch/transformers/optimum (this module imports the standard library only, even lazily):
+of torch/transformers/onnxruntime-genai (this module imports the standard library only, even lazily):
 
 * GGUF: llama.cpp's converter needs a model class for one of ``config.json``'s ``architectures``
   (``architectures.json``, written by ``qatforge.llamacpp install``) and the tokenizer files its
   ``set_vocab`` reads: :data:`SENTENCEPIECE_JSON` (next to it) lists the architectures whose
   ``set_vocab`` reads ``tokenizer.model`` with no fallback, derived from the converter's own
   classes; every other vocabulary path loads ``tokenizer.json`` (or converts ``tokenizer.model``).
-* ONNX: optimum-onnx needs an export config for ``config.json``'s ``model_type`` and the export
-  task (:data:`ONNX_JSON` in ``<sys.prefix>/share/qatforge``).
+* ONNX: ONNX Runtime GenAI's model builder dispatches on ``config.json``'s first architecture; the
+  architectures it builds are read off its own dispatch (:data:`ONNX_JSON` in
+  ``<sys.prefix>/share/qatforge``).
 
-A fact file that is absent, or (ONNX) written for other optimum versions, means "not checked",
+A fact file that is absent, or (ONNX) written for another onnxruntime-genai, means "not checked",
 never a failure; ``qatforge.llamacpp install`` replaces the converter's directory as a whole, so its
 file is either derived from that converter or absent. TorchAO needs torch to count the modules a
 scheme quantizes: :mod:`qatforge.capabilities.torchao`, run by the build_base job.
@@ -22,16 +23,17 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from qatforge.spec import llamacpp_paths
+from qatforge.spec import llamacpp_paths, onnx_archs
 from qatforge.spec.builtin import BUILTIN_PREFIX
 from qatforge.spec.formats import FORMATS, resolve
 
 SENTENCEPIECE_JSON = "sentencepiece_architectures.json"  # in llamacpp_paths.share_dir()
-ONNX_JSON = "onnx_model_types.json"  # in share_dir()
+ONNX_JSON = "onnx_architectures.json"  # in share_dir()
+ONNX_TOOL = "onnxruntime-genai"  # the distribution whose model builder writes the ONNX exports
 SPM_FILE = "tokenizer.model"
 # What the converter's other vocabulary paths load (AutoTokenizer): a fast tokenizer file, a
 # SentencePiece model, or a BPE vocabulary pair (which qatforge's base rule re-saves as tokenizer.json).
@@ -64,9 +66,9 @@ class Facts:
 
     architectures: frozenset[str] | None
     sentencepiece: Mapping[str, Mapping[str, Any]] | None
-    onnx_model_types: frozenset[str] | None
-    onnx_tool: str = "optimum"
-    onnx_task: str = ""  # the export task the model types were listed for
+    onnx_architectures: frozenset[str] | None
+    onnx_tool: str = ONNX_TOOL
+    onnx_versions: Mapping[str, str | None] = field(default_factory=dict)  # what the ONNX facts were read off
 
 
 def family(hf_config: Mapping[str, Any]) -> str:
@@ -117,14 +119,20 @@ def gguf_reason(info: BaseInfo, facts: Facts) -> str | None:
 
 
 def onnx_reason(info: BaseInfo, facts: Facts) -> str | None:
-    """Why optimum cannot export the base to ONNX (its ``model_type``), or None."""
-    if facts.onnx_model_types is None:
+    """Why ONNX Runtime GenAI's model builder cannot build the base (its first architecture, or the
+    multimodal one it registers a text model under: ``onnx_archs``), or None."""
+    if facts.onnx_architectures is None:
         return None
-    if not info.model_type:
-        return f"{info.family}: config.json has no model_type, which optimum's ONNX export looks its config up by"
-    if info.model_type not in facts.onnx_model_types:
-        return (f"{info.family}: {facts.onnx_tool} has no ONNX export config for model_type {info.model_type!r}"
-                + (f" (task {facts.onnx_task})" if facts.onnx_task else ""))
+    if not info.architectures:
+        return f"{info.family}: config.json has no architectures, which the ONNX model builder dispatches on"
+    arch = info.architectures[0]
+    target = arch if arch in facts.onnx_architectures else onnx_archs.builder_architecture(arch)
+    if target not in facts.onnx_architectures:
+        return (f"{info.family}: {facts.onnx_tool}'s model builder has no exporter for {arch} "
+                "(it dispatches on config.json's first architecture)")
+    failure = onnx_archs.BUILDER_FAILURES.get((facts.onnx_versions.get(ONNX_TOOL) or "", target))
+    if failure:
+        return f"{info.family}: {facts.onnx_tool}'s model builder fails on {target}: {failure}"
     return None
 
 
@@ -159,27 +167,27 @@ def _version(dist: str) -> str | None:
 
 
 def onnx_versions() -> dict[str, str | None]:
-    """The installed optimum and optimum-onnx versions (None: not installed)."""
-    return {"optimum": _version("optimum"), "optimum-onnx": _version("optimum-onnx")}
+    """The installed onnxruntime-genai version (None: not installed)."""
+    return {ONNX_TOOL: _version(ONNX_TOOL)}
 
 
 def installed_facts(llama_cpp_dir: str | Path | None = None, onnx_dir: str | Path | None = None) -> Facts:
     """The facts in ``llama_cpp_dir`` (default: the converter's share directory: architectures.json,
     :data:`SENTENCEPIECE_JSON`) and ``onnx_dir`` (default :func:`share_dir`); each None when absent,
-    the ONNX one also when recorded for other optimum versions."""
+    the ONNX one also when recorded for another onnxruntime-genai."""
     gguf = Path(llama_cpp_dir or llamacpp_paths.share_dir())
     arch = _read(gguf / llamacpp_paths.ARCHITECTURES)
     spm = _read(gguf / SENTENCEPIECE_JSON)
     onnx = _read(Path(onnx_dir or share_dir()) / ONNX_JSON)
     if onnx is not None and onnx.get("versions") != onnx_versions():
         onnx = None
-    tool = ", ".join(f"{k} {v}" for k, v in (onnx or {}).get("versions", {}).items() if v) or "optimum"
+    tool = ", ".join(f"{k} {v}" for k, v in (onnx or {}).get("versions", {}).items() if v) or ONNX_TOOL
     return Facts(
         architectures=None if arch is None else frozenset(arch),
         sentencepiece=None if spm is None else spm["architectures"],
-        onnx_model_types=None if onnx is None else frozenset(onnx["model_types"]),
+        onnx_architectures=None if onnx is None else frozenset(onnx["architectures"]),
         onnx_tool=tool,
-        onnx_task=(onnx or {}).get("task", ""),
+        onnx_versions=(onnx or {}).get("versions", {}),
     )
 
 

@@ -29,11 +29,20 @@ def _is_oom(e: BaseException) -> bool:
 
 def _loss_type(model: Any) -> str:
     """trl's default ``chunked_nll`` (the LM head on answer tokens only, in chunks), or plain
-    ``nll`` where that path cannot find the decoder: it runs ``base_model``, which on transformers 4.x
-    is the causal LM itself for classes whose ``base_model_prefix`` names no attribute (e.g.
-    ``Gemma3ForCausalLM``: "language_model" vs ``.model``)."""
+    ``nll`` where that path would compute something else:
+
+    * it cannot find the decoder: it runs ``base_model``, which is the causal LM itself for classes
+      whose ``base_model_prefix`` names no attribute (e.g. ``Gemma3ForCausalLM`` on transformers 4.x:
+      "language_model" vs ``.model``);
+    * the LM head is fake-quantized (a QAT scheme that quantizes ``lm_head``): the chunked path
+      multiplies by ``lm_head.weight`` itself, so it would skip the head's fake quantizers and train
+      against a float head the export then quantizes.
+    """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "nll" if inner.base_model is inner else "chunked_nll"
+    head = inner.get_output_embeddings()
+    if inner.base_model is inner or (head is not None and "FakeQuantized" in type(head).__name__):
+        return "nll"
+    return "chunked_nll"
 
 
 def build_trainer(
@@ -100,7 +109,6 @@ def build_trainer(
         completion_only_loss=False,
         gradient_checkpointing=False,
         remove_unused_columns=True,
-        save_safetensors=True,
         loss_type=_loss_type(model),
     )
     trainer_cls, extra = SFTTrainer, {}

@@ -82,6 +82,17 @@ def convert(
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
 
 
+def mtp_options(hf_dir: Path) -> list[str]:
+    """``--no-mtp`` for a checkpoint whose config declares multi-token-prediction layers
+    (``mtp_num_hidden_layers``, Qwen3.5) but that holds no ``mtp.*`` tensors, as every checkpoint
+    transformers saves: llama.cpp's converter would otherwise look for them (or, at 0 layers, stop
+    on an assertion), and a GGUF that declares them does not load."""
+    from qatforge.io import has_mtp_tensors, read_json
+
+    declared = "mtp_num_hidden_layers" in read_json(hf_dir / "config.json")
+    return ["--no-mtp"] if declared and not has_mtp_tensors(hf_dir) else []
+
+
 def convert_checked(
     hf_dir: Path, out: Path, *, outtype: str, pre_tokenizer: str | None, model_name: str | None = None,
     parity_texts: Sequence[str] | None = None, vocab_only: bool = False, log: Log, name: Any = None,
@@ -103,7 +114,7 @@ def convert_checked(
     if rule:
         cmd += ["--add-space-prefix", "false"]
         log(f"tokenizer.ggml.add_space_prefix = false: {rule['reason']}")
-    cmd += ["--", str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    cmd += ["--", str(hf_dir), "--outfile", str(out), "--outtype", outtype, *mtp_options(hf_dir)]
     if model_name:
         cmd += ["--model-name", model_name]
     if vocab_only:
