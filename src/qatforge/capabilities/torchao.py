@@ -34,8 +34,8 @@ def check_torchao_schemes(
     if not uses:
         return {}
     cfg = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # a multimodal base is trained as its text model (base.write_text_model)
+        model = AutoModelForCausalLM.from_config(cfg.get_text_config(), trust_remote_code=trust_remote_code)
     schemes = {s: parse_scheme(s) for _, s in uses}
     counts = {s: quantizable_modules(model, scheme) for s, scheme in schemes.items()}
     fam = family(cfg.to_dict())
