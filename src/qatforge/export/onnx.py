@@ -135,7 +135,10 @@ def export(
     check_free_space(out_dir, weights * (2 if is_float else 1))
     tied = bool(hf_tied_embeddings(merged_dir))
     started = time.perf_counter()
-    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".onnx-work-") as work:
+    # the builder's scratch is a temp sibling too (made after atomic_dir removed stale ones), so a
+    # killed job's is removed by the next one
+    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(
+            dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-work-") as work:
         work = Path(work)
         cmd = builder_command(builder_input(merged_dir, work / "input"), tmp, work / "cache", settings, tied=tied)
         log("$ " + " ".join(cmd))
