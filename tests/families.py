@@ -342,8 +342,11 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
         # generation_config lists the template's turn end beside the EOS (Gemma-3-it and Phi-3 do)
         model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=stop_ids(tok), pad_token_id=pad,
                                                    do_sample=False)
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
+        if fam.tokenizer == "spm":  # shipped beside tokenizer.json, as the published checkpoints do
+            # (transformers 5 saves only tokenizer.json; llama.cpp's converter reads tokenizer.model)
+            shutil.copyfile(Path(work) / "spm.model", out_dir / "tokenizer.model")
     if getattr(cfg.get_text_config(), "mtp_num_hidden_layers", 0):
         _add_mtp_weights(out_dir, seed)
     return out_dir

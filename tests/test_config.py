@@ -141,7 +141,7 @@ def test_model_base_missing_or_not_causal_lm(cfg, tmp_path):
     enc.mkdir()
     (enc / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
     cfg["model"]["base"] = str(enc)
-    assert "is not a causal LM" in problems_of(cfg)
+    assert "is neither a causal LM nor a *ForConditionalGeneration" in problems_of(cfg)
 
 
 def test_architecture_the_gguf_converter_lacks_is_refused_up_front(cfg, tmp_path):

@@ -91,14 +91,26 @@ def record_add_bos(tokenizer_dir: str | os.PathLike, add_bos: bool) -> None:
         write_json(path, {**cfg, "add_bos_token": add_bos})
 
 
+# A SentencePiece model: transformers 5's tokenizers-backed classes save only tokenizer.json, but
+# llama.cpp's converter reads tokenizer.model for the SentencePiece families (Llama-2, Gemma, Phi-3).
+SOURCE_ONLY_FILES = ("tokenizer.model",)
+
+
 def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike) -> None:
     """``tokenizer.save_pretrained(out_dir)`` (tokenizer.json, tokenizer_config.json and, with
     transformers 5, the chat template in chat_template.jinja) plus the BOS rule recorded as
-    ``add_bos_token`` (:func:`record_add_bos`)."""
+    ``add_bos_token`` (:func:`record_add_bos`) and the source files transformers 5 no longer
+    writes (:data:`SOURCE_ONLY_FILES`), copied from the folder the tokenizer was loaded from."""
+    import shutil
+
     from qatforge.chat import bos_policy
 
     tokenizer.save_pretrained(str(out_dir))
     record_add_bos(out_dir, bos_policy(tokenizer)["add_bos"])
+    source = Path(str(getattr(tokenizer, "name_or_path", "") or "")).expanduser()
+    for name in SOURCE_ONLY_FILES:
+        if source.is_dir() and (source / name).is_file() and not (Path(out_dir) / name).exists():
+            shutil.copy2(source / name, Path(out_dir) / name)
 
 
 def load_causal_lm(path_or_id: str | os.PathLike, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:

@@ -32,7 +32,8 @@ from qatforge.io import atomic_dir, check_free_space, package_versions
 BUILDER = "onnxruntime_genai.models.builder"
 EXECUTION_PROVIDER = "cpu"
 FLOAT_PRECISIONS = frozenset({"fp32"})
-# Files of the merged checkpoint a runtime may want beside the graph, copied when the builder did not.
+# The merged checkpoint's tokenizer files, copied over the builder's re-saved ones (transformers 5
+# drops the BOS rule qatforge records as add_bos_token, which runtimes read), and its generation config.
 SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "generation_config.json",
@@ -56,7 +57,7 @@ def builder_command(input_dir: Path, out_dir: Path, cache_dir: Path, settings: M
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in SIDE_FILES:
-        if (src / name).is_file() and not (dst / name).exists():
+        if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied

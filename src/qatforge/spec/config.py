@@ -230,9 +230,14 @@ def _check_base(config: dict, workdir: Path) -> list[str]:
     cfg = path / "config.json"
     if not cfg.is_file():
         return [f"model.base: {base!r} has no config.json, so it is not a Hugging Face model directory"]
-    archs = json.loads(cfg.read_text()).get("architectures") or []
-    if not any(a.endswith("ForCausalLM") for a in archs):
-        return [f"model.base: {base!r} is not a causal LM (architectures: {archs or 'none'})"]
+    raw = json.loads(cfg.read_text())
+    archs = raw.get("architectures") or []
+    # a multimodal checkpoint (Qwen3.5, Gemma 4, Mistral 3) is trained and exported as its text model
+    multimodal = bool(archs) and archs[0].endswith("ForConditionalGeneration") and isinstance(
+        raw.get("text_config"), dict)
+    if not multimodal and not any(a.endswith("ForCausalLM") for a in archs):
+        return [f"model.base: {base!r} is neither a causal LM nor a *ForConditionalGeneration with a text_config "
+                f"(architectures: {archs or 'none'})"]
     problems = []  # (which formats it can be exported to: _check_formats)
     tok_cfg = path / "tokenizer_config.json"
     tok = json.loads(tok_cfg.read_text()) if tok_cfg.is_file() else {}
