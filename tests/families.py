@@ -302,6 +302,34 @@ def _spm_tokenizer(fam: Family, convs: list[list[dict]], work: Path) -> Any:
     return fast
 
 
+def _as_published(tok: Any, out_dir: Path, spm_model: Path | None, *, legacy_spm: bool) -> None:
+    """The tokenizer files as the published checkpoints ship them (written by transformers 4), which
+    transformers 5 no longer writes: tokenizer.model beside tokenizer.json, tokenizer_config.json
+    with ``added_tokens_decoder`` and ``add_bos_token``, and for a legacy SentencePiece tokenizer
+    (Llama-2/TinyLlama, Phi-3) the normalizer that prepends "▁" to every text between special
+    tokens (transformers 5 converts to a Metaspace pre-tokenizer that skips texts starting with a
+    space)."""
+    from qatforge.chat import bos_policy
+
+    if spm_model is not None:
+        shutil.copyfile(spm_model, out_dir / "tokenizer.model")
+    if legacy_spm:
+        tj_path = out_dir / "tokenizer.json"
+        tj = json.loads(tj_path.read_text())
+        tj["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        tj["pre_tokenizer"] = None
+        tj_path.write_text(json.dumps(tj, ensure_ascii=False))
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    added = json.loads((out_dir / "tokenizer.json").read_text())["added_tokens"]
+    cfg["added_tokens_decoder"] = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip",
+                                                                       "single_word", "special")} for t in added}
+    cfg["add_bos_token"] = bos_policy(tok)["add_bos"]
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
     """Write the ``name`` replica (config, safetensors, tokenizer files, template) to ``out_dir``."""
     import torch
@@ -344,9 +372,8 @@ def build(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
                                                    do_sample=False)
         model.save_pretrained(out_dir)
         tok.save_pretrained(out_dir)
-        if fam.tokenizer == "spm":  # shipped beside tokenizer.json, as the published checkpoints do
-            # (transformers 5 saves only tokenizer.json; llama.cpp's converter reads tokenizer.model)
-            shutil.copyfile(Path(work) / "spm.model", out_dir / "tokenizer.model")
+        _as_published(tok, out_dir, Path(work) / "spm.model" if fam.tokenizer == "spm" else None,
+                      legacy_spm=fam.tokenizer == "spm" and fam.legacy and not fam.name.startswith("gemma"))
     if getattr(cfg.get_text_config(), "mtp_num_hidden_layers", 0):
         _add_mtp_weights(out_dir, seed)
     return out_dir

@@ -59,14 +59,34 @@ def check_chat_tokenizer(tokenizer: Any, source: str) -> None:
         raise ModelError(f"tokenizer of {source} has no eos token")
 
 
-def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained`` plus chat checks; pad falls back to eos when missing."""
+def auto_tokenizer(path_or_id: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained`` that tokenizes as the checkpoint's tokenizer.json says.
+
+    transformers 5 rebuilds the normalizer, pre-tokenizer and decoder of some classes from their
+    own settings instead of reading them from tokenizer.json (``LlamaTokenizer``: a Metaspace from
+    ``legacy``, which TinyLlama-style files set false while their tokenizer.json prepends "▁" after
+    every special token). llama.cpp's converter, ONNX Runtime GenAI and ``tokenizers`` read the
+    file, and it is what the checkpoint was trained with: the file's pipeline is put back."""
     from transformers import AutoTokenizer
 
+    tok = AutoTokenizer.from_pretrained(str(path_or_id), **kwargs)
+    file = Path(str(path_or_id)).expanduser() / "tokenizer.json"
+    backend = getattr(tok, "backend_tokenizer", None)
+    if file.is_file() and backend is not None:
+        from tokenizers import Tokenizer
+
+        written = Tokenizer.from_file(str(file))
+        for part in ("normalizer", "pre_tokenizer", "decoder"):
+            setattr(backend, part, getattr(written, part))
+    return tok
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` plus chat checks; pad falls back to eos when missing."""
     if _is_local(path_or_id):
         _check_local_dir(Path(str(path_or_id)).expanduser())
     try:
-        tok = AutoTokenizer.from_pretrained(str(path_or_id), trust_remote_code=trust_remote_code)
+        tok = auto_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a tokenizer from {path_or_id}: {e}") from e
     check_chat_tokenizer(tok, str(path_or_id))
@@ -91,26 +111,31 @@ def record_add_bos(tokenizer_dir: str | os.PathLike, add_bos: bool) -> None:
         write_json(path, {**cfg, "add_bos_token": add_bos})
 
 
-# A SentencePiece model: transformers 5's tokenizers-backed classes save only tokenizer.json, but
-# llama.cpp's converter reads tokenizer.model for the SentencePiece families (Llama-2, Gemma, Phi-3).
-SOURCE_ONLY_FILES = ("tokenizer.model",)
+# The tokenizer files of a checkpoint, kept byte for byte from the folder a tokenizer was loaded
+# from: transformers 5 re-saves only some of them and drops what other tools read (tokenizer.model,
+# which llama.cpp's converter reads for the SentencePiece families; tokenizer_config.json's
+# added_tokens_decoder, which tells it the control tokens; add_bos_token).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
 
 
 def save_tokenizer(tokenizer: Any, out_dir: str | os.PathLike) -> None:
-    """``tokenizer.save_pretrained(out_dir)`` (tokenizer.json, tokenizer_config.json and, with
-    transformers 5, the chat template in chat_template.jinja) plus the BOS rule recorded as
-    ``add_bos_token`` (:func:`record_add_bos`) and the source files transformers 5 no longer
-    writes (:data:`SOURCE_ONLY_FILES`), copied from the folder the tokenizer was loaded from."""
+    """``tokenizer.save_pretrained(out_dir)``, then the :data:`TOKENIZER_FILES` of the local folder
+    the tokenizer was loaded from copied over it unchanged, then the BOS rule recorded as
+    ``add_bos_token`` in tokenizer_config.json (:func:`record_add_bos`)."""
     import shutil
 
     from qatforge.chat import bos_policy
 
     tokenizer.save_pretrained(str(out_dir))
-    record_add_bos(out_dir, bos_policy(tokenizer)["add_bos"])
     source = Path(str(getattr(tokenizer, "name_or_path", "") or "")).expanduser()
-    for name in SOURCE_ONLY_FILES:
-        if source.is_dir() and (source / name).is_file() and not (Path(out_dir) / name).exists():
-            shutil.copy2(source / name, Path(out_dir) / name)
+    if source.is_dir() and source.resolve() != Path(out_dir).resolve():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, Path(out_dir) / name)
+    record_add_bos(out_dir, bos_policy(tokenizer)["add_bos"])
 
 
 def load_causal_lm(path_or_id: str | os.PathLike, *, dtype: Any = None, trust_remote_code: bool = False) -> Any:

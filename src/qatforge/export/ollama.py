@@ -282,11 +282,11 @@ def modelfile(
     Returns ``{"path", "from", "template", "stop", "template_bos_stripped"}`` (the last: the HF
     template writes BOS, which the TEMPLATE leaves to the runtime's tokenizer).
     """
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
     if "/" in gguf_filename or "\\" in gguf_filename:
         raise ValueError(f"gguf_filename must be a bare file name next to the Modelfile, got {gguf_filename!r}")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = auto_tokenizer(tokenizer_dir)
     template = translate_chat_template(tok)
     if '"""' in template:
         raise TemplateError('the translated template contains """ and cannot be quoted in a Modelfile')

@@ -104,7 +104,7 @@ def convert_checked(
     leading special token) are counted, not compared."""
     import json
 
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
     rule = prefix_space_rule(hf_dir)
     report = out.with_name(out.name + ".pre.json")
@@ -127,7 +127,7 @@ def convert_checked(
     texts = list(parity_texts) if parity_texts is not None else default_parity_texts(hf_dir)
     not_compared = 0
     if rule:
-        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        tok = auto_tokenizer(hf_dir)
         kept = [t for t in texts if starts_with_special(t, tok)]
         not_compared, texts = len(texts) - len(kept), kept
     parity = tokenizer_parity(out, hf_dir, texts)

@@ -19,9 +19,9 @@ def write_calibration_text(
     conversations: Iterable[Sequence[Mapping[str, str]]], tokenizer_dir: str | os.PathLike, out_file: str | os.PathLike
 ) -> dict[str, Any]:
     """Render chats with the model's chat template into one calibration text file (atomically)."""
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = auto_tokenizer(tokenizer_dir)
     n, chars = 0, 0
     with atomic_file(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for conv in conversations:

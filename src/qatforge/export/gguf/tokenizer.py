@@ -21,11 +21,11 @@ def tokenizer_parity(
     ``{"n": N, "identical": k, "add_bos": bool, "mismatches": [{"index", "text", "hf", "llama"}...]}``.
     """
     import llama_cpp
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
     from qatforge.chat import encode, strip_bos_text
 
-    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    hf = auto_tokenizer(tokenizer_dir)
     llm = llama_cpp.Llama(model_path=str(gguf_file), vocab_only=True, verbose=False)
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
     try:
@@ -45,9 +45,9 @@ def tokenizer_parity(
 
 def default_parity_texts(tokenizer_dir: str | os.PathLike) -> list[str]:
     """A small built-in corpus: edge-case strings plus a rendered multi-turn chat."""
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = auto_tokenizer(tokenizer_dir)
     texts = [
         "Hello, world!", "  two  spaces and a tab\t", "line one\nline two\r\n\n", "123 4567 89.5 1,000",
         "don't can't I'll we've", "Ünïcödé café — 日本語 🚀🦙", "", " ", "a" * 300,
@@ -69,11 +69,11 @@ def parity_texts_from_parquet(
     parquet: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, limit: int = 1000
 ) -> list[str]:
     """Tokenizer-parity corpus: up to ``limit`` rendered chats of a prepared split, plus edge cases."""
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
     from qatforge.data import read_conversations
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = auto_tokenizer(tokenizer_dir)
     convs = read_conversations(parquet)[:limit]
     texts = [tok.apply_chat_template(list(c), tokenize=False) for c in convs]
     return texts + default_parity_texts(tokenizer_dir)
@@ -92,7 +92,7 @@ def prefix_space_rule(tokenizer_dir: str | os.PathLike) -> dict[str, Any] | None
     """
     import json
 
-    from transformers import AutoTokenizer
+    from qatforge.model import auto_tokenizer
 
     from qatforge.chat import render
 
@@ -110,7 +110,7 @@ def prefix_space_rule(tokenizer_dir: str | os.PathLike) -> dict[str, Any] | None
     spec = json.loads(path.read_text(encoding="utf-8"))
     if not first_only([spec.get("pre_tokenizer"), spec.get("normalizer")]):
         return None
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = auto_tokenizer(tokenizer_dir)
     if not getattr(tok, "chat_template", None):
         return None
     probe = render(tok, [{"role": "user", "content": "x"}], add_generation_prompt=True)
