@@ -109,3 +109,20 @@ def test_builder_failure_names_the_checkpoint_and_keeps_nothing(merged, tmp_path
         onnx_export.export(broken, tmp_path / "out", {"precision": "int4"})
     assert not (tmp_path / "out").exists()
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no builder work dir either
+
+
+def test_builder_gets_transformers_4s_rope_layout_for_per_layer_type_rope():
+    """Gemma 3 under transformers 5 keeps RoPE per layer type; the builder reads the flat layout."""
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    from qatforge.export.onnx_builder import transformers4_rope
+
+    cfg = Gemma3TextConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    assert set(cfg.rope_parameters) == {"full_attention", "sliding_attention"}
+    full, sliding = dict(cfg.rope_parameters["full_attention"]), cfg.rope_parameters["sliding_attention"]
+    transformers4_rope(cfg)
+    assert cfg.rope_parameters == full and cfg.rope_parameters["rope_type"] == "default"
+    assert cfg.rope_local_base_freq == sliding["rope_theta"] != full["rope_theta"]
+    flat = Qwen3Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    before = dict(flat.rope_parameters)
+    assert transformers4_rope(flat).rope_parameters == before  # a flat layout is left alone

@@ -29,7 +29,7 @@ from qatforge.export.onnx_input import builder_input
 from qatforge.export.record import as_log, hf_tied_embeddings, source_record, write_export_record
 from qatforge.io import atomic_dir, check_free_space, package_versions
 
-BUILDER = "onnxruntime_genai.models.builder"
+BUILDER = "qatforge.export.onnx_builder"  # the builder, with transformers 5's RoPE layout restated
 EXECUTION_PROVIDER = "cpu"
 FLOAT_PRECISIONS = frozenset({"fp32"})
 # The merged checkpoint's tokenizer files, copied over the builder's re-saved ones (transformers 5
@@ -44,9 +44,13 @@ CHECK_MESSAGES = ({"role": "user", "content": "What is 12 + 30?"},)
 def builder_command(input_dir: Path, out_dir: Path, cache_dir: Path, settings: Mapping[str, Any],
                     *, tied: bool) -> list[str]:
     """The builder's command line for ``settings`` (a config ``onnx.variants`` entry); a tied checkpoint
-    keeps one embedding matrix for the lookup and the LM head (``shared_embeddings``)."""
+    keeps one embedding matrix for the lookup and the LM head (``shared_embeddings``). Sliding-window
+    layers get a KV cache of the full length (``windowed_kv_cache=false``): the builder's windowed
+    cache is a fixed-capacity buffer that only ONNX Runtime GenAI's generator feeds, and parity is
+    measured with onnxruntime on the graph that ships."""
     extra = {k: v for k, v in settings.items() if k != "precision"}
     extra["hf_token"] = False  # never the hub: the input is a local folder
+    extra["windowed_kv_cache"] = False
     if tied:
         extra["shared_embeddings"] = True
     opts = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items()]
