@@ -1,8 +1,9 @@
 """ONNX Runtime GenAI model folders of a merged checkpoint, written by ONNX Runtime GenAI's model builder.
 
-Every variant is built from the merged 16-bit checkpoint by ``python -m
-onnxruntime_genai.models.builder`` in a process of its own (its peak memory is the job's), for the
-CPU execution provider: ``fp32`` (the float reference graph), ``int4`` and ``int8`` (weight-only
+Every variant is built from the merged 16-bit checkpoint (or the view of it the builder registers:
+:mod:`qatforge.export.onnx_input`) by the builder in a process of its own, through
+:mod:`qatforge.export.onnx_builder` (its peak memory is the job's), for the CPU execution provider
+(settings: a config ``onnx.variants`` entry): ``fp32`` (the float reference graph), ``int4`` and ``int8`` (weight-only
 ``MatMulNBits``, block 32, the builder's default round-to-nearest). A folder holds ``model.onnx``
 with its weights as external data (so no 2 GB protobuf limit), ``genai_config.json``, the
 tokenizer and the chat template: what ``onnxruntime_genai.Model(dir)`` loads.
