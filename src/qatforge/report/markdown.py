@@ -170,7 +170,8 @@ def speed_section(rows: Sequence[Mapping]) -> list[str]:
     md = ["## Speed", "",
           "Measured after the parity pass, on a second runtime instance with deployment settings: llama.cpp with "
           "its default KV cache type and batch, last logits only, its own greedy sampler and perf counters; "
-          "onnxruntime on the graph with past key values and default session options; transformers with "
+          "ONNX Runtime GenAI's Generator on the folder as the builder wrote it (its genai_config.json, the "
+          "thread count overlaid); transformers with "
           "use_cache (merged model in fp32, the reference format; TorchAO in its quantized tensors). Every prompt "
           "generates exactly max_new_tokens (EOS ignored) after one warm-up pass. Figures: median tokens/s over "
           "repeats × prompts, [25th, 75th percentile] (min and max below 4 runs). RSS: peak during the speed "
