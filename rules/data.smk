@@ -13,14 +13,14 @@ rule prepare_data:
         test_fraction=config["data"]["test_fraction"],
         max_tokens=config["data"]["max_tokens"],
         on_bad_rows=config["data"]["on_bad_rows"],
+        data_format=config["data"]["format"],
     log:
         "logs/prepare_data.log",
     benchmark:
         "benchmarks/prepare_data.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **rule_resources("prepare_data"),
     conda:
         "../envs/train.yaml"
     script:

@@ -1,4 +1,7 @@
-"""Loading, validating and splitting chat datasets (``messages`` format) into train/dev/test Parquet.
+"""Loading, validating and splitting chat datasets into train/dev/test Parquet of ``messages``.
+
+Rows may be ``messages``, ShareGPT or Alpaca (one format per file, :mod:`qatforge.data_formats`);
+each is normalised to ``messages`` before it is checked.
 
 A conversation's split follows from a sha256 of its final user message (the question it answers),
 so a question lands in the same split whatever the row order or seed. Train fits the model, dev
@@ -13,11 +16,14 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from qatforge import data_formats
+
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "dev", "test")
 ACCEPTED = "JSONL (.jsonl/.ndjson, or .json lines or array), Parquet (.parquet) or a local `datasets` save_to_disk directory"
 CHARS_PER_TOKEN = 4  # bound used for the over-length check when no tokenizer is given
 MESSAGE_OVERHEAD_TOKENS = 4  # role header + end-of-turn tokens per message (ChatML)
+DROP_REASONS = ("malformed", "over-length")
 
 
 class DataError(ValueError):
@@ -76,9 +82,8 @@ def load_rows(path: str | os.PathLike) -> list[dict]:
     return _load_with_locations(path)[0]
 
 
-def _row_problem(row: Any, max_chars: int | None, tokenizer: Any, max_tokens: int | None) -> str | None:
-    if not isinstance(row, dict):
-        return f"row is a {type(row).__name__}, not an object"
+def _row_problem(row: dict) -> str | None:
+    """What makes a ``messages`` row unusable (None: nothing)."""
     msgs = row.get("messages")
     if msgs is None:
         return "missing 'messages'"
@@ -100,6 +105,11 @@ def _row_problem(row: Any, max_chars: int | None, tokenizer: Any, max_tokens: in
         return f"conversation ends with a {msgs[-1]['role']!r} turn, not an assistant turn"
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         return "no non-empty assistant turn"
+    return None
+
+
+def _length_problem(msgs: Sequence[dict], max_chars: int | None, tokenizer: Any, max_tokens: int | None) -> str | None:
+    """Over-length in tokens (with a tokenizer and ``max_tokens``) or else in characters (None: fits)."""
     if tokenizer is not None and max_tokens is not None:
         from qatforge.chat import encode, render
 
@@ -113,6 +123,39 @@ def _row_problem(row: Any, max_chars: int | None, tokenizer: Any, max_tokens: in
     return None
 
 
+def _check(row: Any, fmt: data_formats.Format, max_chars: int | None, tokenizer: Any,
+           max_tokens: int | None) -> tuple[dict | None, str | None, str | None]:
+    """``(conversation, reason, problem)``: the row as ``{"messages", "task"?}``, or the reason
+    (``malformed`` or ``over-length``) and the problem that makes it unusable."""
+    try:
+        row = fmt.normalise(row)
+    except data_formats.RowError as e:
+        return None, "malformed", str(e)
+    problem = _row_problem(row)
+    if problem is not None:
+        return None, "malformed", problem
+    msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    problem = _length_problem(msgs, max_chars, tokenizer, max_tokens)
+    if problem is not None:
+        return None, "over-length", problem
+    conv = {"messages": msgs}
+    if "task" in row:
+        conv["task"] = row["task"] or ""
+    return conv, None, None
+
+
+def detect_format(rows: Sequence[Any], source: str, data_format: str = data_formats.AUTO,
+                  locations: Sequence[str] | None = None) -> str:
+    """The one format (``data_formats.FORMATS``) of a file's rows, or ``data_format`` when forced;
+    ``DataError`` naming the file and the first row of another or unknown shape."""
+    if locations is None:
+        locations = [f"row {i + 1}" for i in range(len(rows))]
+    try:
+        return data_formats.detect(rows, locations, data_format)
+    except data_formats.FormatError as e:
+        raise DataError(f"{source}: {e}") from e
+
+
 def validate_rows(
     rows: Sequence[Any],
     source: str,
@@ -122,31 +165,37 @@ def validate_rows(
     locations: Sequence[str] | None = None,
     tokenizer: Any = None,
     max_tokens: int | None = None,
+    data_format: str = data_formats.AUTO,
 ) -> tuple[list[dict], list[dict]]:
-    """Check every row; raise ``DataError`` on the first bad row, or drop bad rows.
+    """Normalise every row to ``messages`` and check it; raise ``DataError`` on the first bad row,
+    or drop bad rows.
 
-    With ``on_bad_rows="drop"`` returns ``(good_rows, problems)`` where each problem is
-    ``{"location": "line 7", "problem": "..."}``. A row's optional ``task`` (a string) is kept.
-    Over-length is judged in tokens when a tokenizer and ``max_tokens`` are given, else in
-    characters against ``max_tokens_chars``.
+    The file's format is ``detect_format`` (a row of another or unknown shape always raises). With
+    ``on_bad_rows="drop"`` returns ``(good_rows, problems)`` where each problem is
+    ``{"location": "line 7", "reason": "malformed" | "over-length", "problem": "..."}``. A row's
+    optional ``task`` (a string) is kept. Over-length is judged in tokens when a tokenizer and
+    ``max_tokens`` are given, else in characters against ``max_tokens_chars``.
     """
     if on_bad_rows not in ("error", "drop"):
         raise ValueError(f"on_bad_rows must be 'error' or 'drop', not {on_bad_rows!r}")
     if locations is None:
         locations = [f"row {i + 1}" for i in range(len(rows))]
+    fmt = data_formats.FORMATS[detect_format(rows, source, data_format, locations)]
     good, problems = [], []
     for row, loc in zip(rows, locations):
-        problem = _row_problem(row, max_tokens_chars, tokenizer, max_tokens)
-        if problem is None:
-            conv = {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
-            if "task" in row:
-                conv["task"] = row["task"] or ""
+        conv, reason, problem = _check(row, fmt, max_tokens_chars, tokenizer, max_tokens)
+        if conv is not None:
             good.append(conv)
         elif on_bad_rows == "error":
             raise DataError(f"{source}: {loc}: {problem} (set data.on_bad_rows: drop to skip bad rows)")
         else:
-            problems.append({"location": loc, "problem": problem})
+            problems.append({"location": loc, "reason": reason, "problem": problem})
     return good, problems
+
+
+def dropped_by_reason(problems: Sequence[dict]) -> dict[str, int]:
+    """Count of dropped rows per reason (every reason listed, 0 when none)."""
+    return {reason: sum(p["reason"] == reason for p in problems) for reason in DROP_REASONS}
 
 
 def _messages_frame(convs: Sequence[dict], with_task: bool = False) -> Any:
@@ -199,14 +248,17 @@ def prepare(
     n_prompts: int | None = None,
     n_nll: int | None = None,
     tokenizer: Any = None,
+    data_format: str = data_formats.AUTO,
 ) -> dict:
     """Validate a dataset and write its train/dev/test split (``split_of`` the final question).
 
-    Leakage is removed after the split: train and dev lose every conversation with a user turn
-    that is a test conversation's final question, train also those with a dev one. Raises
+    The rows are normalised to ``messages`` from the file's one format (``detect_format``, or
+    ``data_format`` when not ``auto``). Leakage is removed after the split: train and dev lose
+    every conversation with a user turn that is a test conversation's final question, train also
+    those with a dev one. Raises
     ``DataError`` when a split is empty or the test split holds fewer than ``n_prompts``
     (eval.n_prompts) or ``n_nll`` (eval.n_nll) conversations. Writes nothing when it fails.
-    Returns a summary (counts per split, rows dropped as bad or for leakage).
+    Returns a summary (format, counts per split, rows dropped as bad (by reason) or for leakage).
     """
     for key, f in (("dev_fraction", dev_fraction), ("test_fraction", test_fraction)):
         if not 0 < f < 1:
@@ -216,9 +268,10 @@ def prepare(
     rows, locs = _load_with_locations(path)
     if not rows:
         raise DataError(f"{path}: dataset is empty")
+    fmt = detect_format(rows, str(path), data_format, locs)
     good, problems = validate_rows(
         rows, str(path), max_tokens * CHARS_PER_TOKEN, on_bad_rows,
-        locations=locs, tokenizer=tokenizer, max_tokens=max_tokens,
+        locations=locs, tokenizer=tokenizer, max_tokens=max_tokens, data_format=fmt,
     )
     split: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for conv in good:
@@ -246,9 +299,11 @@ def prepare(
         _write_parquet(_messages_frame(split[name], with_task), out)
     return {
         "source": str(path),
+        "format": fmt,
         "rows_read": len(rows),
         "rows_kept": len(good),
         "rows_dropped": len(problems),
+        "dropped_by_reason": dropped_by_reason(problems),
         "problems": problems,
         **{f"{name}_rows": counts[name] for name in SPLITS},
         "leakage_dropped": leaked,
