@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.reference import build
 from qatforge.runlog import logged
 
@@ -11,6 +12,8 @@ with logged(snakemake) as log:
         n_nll=p.n_nll,
         max_new_tokens=p.max_new_tokens,
         max_len=p.max_tokens,
+        top_k=p.top_k,
+        tail_samples=p.tail_samples,
         threads=snakemake.threads,
     )
     log.info("reference: %s", info)

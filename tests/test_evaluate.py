@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qatforge import reference
+from qatforge.parity import exact_dists
 from qatforge.evaluate.run import run_eval, speed
 from qatforge.spec.columns import REPORT_COLUMNS, SPEED_COLUMNS
 
@@ -126,7 +127,7 @@ def test_metrics_at_answer_positions_for_two_runtimes():
         meta={"max_new_tokens": 4, "stop_token_ids": [3], "bos_token_id": None, "eos_token_id": 3,
               "chat_template": "T", "prompts": [{"messages": [{"role": "user", "content": "q"}], "answer": ""}]},
         prompt_ids=[np.array([0, 1])], gen_ids=[np.array([], dtype=np.int32)],
-        nll_ids=[ids], nll_mask=[mask], nll_logits=[ref_logits],
+        nll_ids=[ids], nll_mask=[mask], nll_dists=[exact_dists(ref_logits, mask)],
     )
     # by hand: KL(p || q) = 0, ln(2)/4, ln(4/3)/4; argmax 2=2, 2!=3, 3=3; -ln q[next] = ln 2, ln 4, ln 2
     want = {"kld_mean": ln(8 / 3) / 12, "kld_max": ln(2) / 4, "top1_agree": 2 / 3, "nll": 4 * ln(2) / 3,
@@ -141,7 +142,7 @@ def test_metrics_at_answer_positions_for_two_runtimes():
     # Against a second (baseline) reference on the same ids: its own KLD, the run's parity unchanged.
     import dataclasses
 
-    base_ref = dataclasses.replace(ref, nll_logits=[same_elsewhere])  # the runtime's own logits: KLD 0
+    base_ref = dataclasses.replace(ref, nll_dists=[exact_dists(same_elsewhere, mask)])  # the runtime's own logits: KLD 0
     out = evaluate_runtime(_FixedLogits(ids, same_elsewhere), ref, format="hf", variant="merged", max_new_tokens=4,
                            thresholds=None, baseline_ref=base_ref)
     assert out["vs_baseline_kld_mean"] == pytest.approx(0.0, abs=1e-9) and out["vs_baseline_top1_agree"] == 1.0
@@ -163,7 +164,7 @@ def test_base_model_gets_every_metric_but_no_parity_verdict():
         meta={"max_new_tokens": 4, "stop_token_ids": [3], "bos_token_id": None, "eos_token_id": 3,
               "chat_template": "T", "prompts": [{"messages": [{"role": "user", "content": "q"}], "answer": ""}]},
         prompt_ids=[np.array([0, 1])], gen_ids=[np.array([], dtype=np.int32)],
-        nll_ids=[ids], nll_mask=[mask], nll_logits=[logits],
+        nll_ids=[ids], nll_mask=[mask], nll_dists=[exact_dists(logits, mask)],
     )
     th = {"hf": {"default": {"kld_mean": -1.0}, "merged": {"kld_mean": -1.0}}}
     kw = dict(format="hf", max_new_tokens=4, thresholds=th)

@@ -54,7 +54,7 @@ def test_compare_answers_scores_only_answer_positions():
     assert m["per_seq_tokens"] == [2, 1]
     assert m["nll"] == pytest.approx((2 * math.log(3) + math.log(2)) / 3, rel=1e-12)
     assert m["nll"] == pytest.approx(parity.mean_nll([test1, test2], [ids1, ids2], [mask1, mask2]), rel=1e-12)
-    with pytest.raises(ValueError, match="2 reference, 1 test"):
+    with pytest.raises(ValueError, match="2 reference sequences but 1 test"):
         parity.compare_answers([ref1, ref2], [test1], [ids1, ids2], [mask1, mask2])
     with pytest.raises(ValueError, match="no answer positions"):
         parity.compare_answers([ref1], [test1], [ids1], [np.zeros(3, dtype=bool)])

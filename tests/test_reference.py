@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from qatforge import reference
+from qatforge import parity, reference
 from qatforge.io import sha256_path
 
 from export_helpers import reverse_task_checkpoint
@@ -32,20 +32,27 @@ def test_reference_contents_match_the_model(tiny_ref):
     assert sorted(p.name for p in ref_dir.iterdir()) == ["reference.json", "reference.npz"]
     ref = reference.load(ref_dir)
     assert len(ref.prompt_ids) == len(ref.gen_ids) == 6 and len(ref.nll_ids) == 4
-    assert all(isinstance(a, np.ndarray) for a in ref.prompt_ids + ref.nll_logits)
+    assert all(isinstance(a, np.ndarray) for a in ref.prompt_ids + ref.nll_ids)
     # prompt ids: the chat template with the generation prompt, tokenized without extra specials
     text = render(tok, ref.prompts[0], add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
     assert ref.prompt_ids[0].tolist() == tok(text, add_special_tokens=False)["input_ids"]
-    # full fp32 logits and the assistant mask of the test conversations
+    # the assistant mask of the test conversations, and the model's distribution at their answer positions
     conv = read_conversations(t["parquet"])[1]
     enc = encode_for_training(tok, conv, 64)
     assert ref.nll_ids[1].tolist() == enc["input_ids"]
     assert ref.nll_mask[1].tolist() == [lab != IGNORE_INDEX for lab in enc["labels"]]
     with torch.no_grad():
         want = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0].numpy()
-    assert ref.nll_logits[1].dtype == np.float32 and ref.nll_logits[1].shape == (len(enc["input_ids"]), len(tok))
-    np.testing.assert_allclose(ref.nll_logits[1], want, atol=1e-5)
+    pos = parity.answer_positions(ref.nll_mask[1])
+    d = ref.nll_dists[1]
+    assert len(d) == len(pos) > 0 and d.head_ids.shape[1] == len(tok)  # top-k covers the vocabulary: exact
+    assert meta["answer_dists"]["exact"] and meta["answer_dists"]["tail_mass_max"] == 0.0
+    lp = want[pos] - np.log(np.exp(want[pos].astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_array_equal(d.head_ids[:, 0], want[pos].argmax(-1))
+    np.testing.assert_allclose(np.take_along_axis(lp, d.head_ids.astype(np.int64), -1), d.head_logp, atol=1e-5)
+    np.testing.assert_allclose(d.head_logit[:, 0], want[pos].max(-1), atol=1e-5)
+    assert parity.compare_answers([d], [want], [ref.nll_ids[1]], [ref.nll_mask[1]])["kld_mean"] < 1e-9
     # greedy generation: argmax continuation, stop token excluded, at most max_new_tokens
     g = ref.gen_ids[0].tolist()
     assert 0 < len(g) <= 8 and tok.eos_token_id not in g

@@ -9,10 +9,13 @@ reference and of the benchmark's QAT check use that one definition.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from qatforge.answer_dists import AnswerDists, compress
+from qatforge.answer_dists import kld as dists_kld
+from qatforge.answer_dists import log_softmax, logsumexp, max_abs_diff, top1
 from qatforge.spec.formats import lookup
 
 UPPER_BOUNDS = ("kld_mean", "kld_max", "max_abs_diff")
@@ -24,13 +27,7 @@ WAIVABLE = ("token_parity",)
 # within this log-probability margin (a 1 % probability ratio) is a tie, which any rounding may break
 # either way (measured: a BF16 GGUF at KLD 3e-7 flipped the one position of 94 at margin 4e-4).
 TIE_MARGIN = 0.01
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax over the last axis, in float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+CHUNK_ROWS = 64  # answer positions compared at once (bounds float64 copies of the vocabulary)
 
 
 def _check_pair(ref: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,49 +59,115 @@ def answer_positions(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.asarray(mask, dtype=bool)[1:])
 
 
+def exact_dists(logits: np.ndarray, mask: np.ndarray) -> AnswerDists:
+    """A full-logits reference ``[tokens, vocab]`` at its ``answer_positions``, kept whole (exact)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"expected [tokens, vocab] logits, got shape {logits.shape}")
+    return compress(logits[answer_positions(mask)], top_k=logits.shape[-1], n_samples=0)
+
+
 def compare_answers(
-    refs: Sequence[np.ndarray], tests: Sequence[np.ndarray], ids: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+    refs: Sequence[AnswerDists | np.ndarray],
+    tests: Iterable[np.ndarray],
+    ids: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    *,
+    baseline: Sequence[AnswerDists] | None = None,
 ) -> dict[str, Any]:
-    """Test vs reference logits ``[tokens, vocab]`` at the ``answer_positions`` of each sequence.
+    """Test logits ``[tokens, vocab]`` against the reference at the ``answer_positions`` of each sequence.
+
+    ``refs`` holds per sequence the reference's ``AnswerDists`` at those positions (a
+    ``reference.Reference``'s), or full logits (made exact ``AnswerDists`` here). ``tests`` may be a
+    generator: each sequence's logits are reduced to its answer positions and dropped, so memory
+    holds one sequence at a time.
 
     Pooled over the positions of all sequences: ``kld_mean``/``kld_max`` of KL(ref || test),
     ``top1_agree`` (share with the same argmax, over the ``top1_positions`` where the reference's
     two best tokens are more than ``TIE_MARGIN`` apart; ``top1_ties`` are not counted),
-    ``max_abs_diff`` and the test's ``nll`` (mean
+    ``max_abs_diff`` (raw logits, over the reference's head tokens) and the test's ``nll`` (mean
     -log p of the next token); ``per_seq_nll_sum``/``per_seq_kld_sum``/``per_seq_tokens`` per
-    sequence (for bootstrap intervals over conversations).
+    sequence (for bootstrap intervals over conversations). With ``baseline`` (another reference on
+    the same sequences) the same test logits also give ``vs_baseline`` metrics, in one pass.
     """
-    if not len(refs) == len(tests) == len(ids) == len(masks):
-        raise ValueError(f"{len(refs)} reference, {len(tests)} test, {len(ids)} id and {len(masks)} mask sequences")
-    klds, agree, ties, diffs, sums, counts = [], [], [], [], [], []
-    for ref, test, i, m in zip(refs, tests, ids, masks):
-        ref, test = _check_pair(ref, test)
+    if not len(refs) == len(ids) == len(masks) or (baseline is not None and len(baseline) != len(refs)):
+        raise ValueError(f"{len(refs)} reference, {len(ids)} id, {len(masks)} mask and "
+                         f"{len(baseline) if baseline is not None else '-'} baseline sequences")
+    main, vs = _Pool(), _Pool()
+    j = -1
+    for test in tests:  # not enumerate(): its reused result tuple would keep the previous logits alive
+        j += 1
+        if j >= len(refs):
+            raise ValueError(f"more test sequences than the {len(refs)} reference sequences")
+        test, i, m = np.asarray(test), np.asarray(ids[j]), np.asarray(masks[j], dtype=bool)
+        if test.ndim != 2 or test.shape[0] != len(i):
+            raise ValueError(f"sequence {j}: test logits of shape {test.shape} for {len(i)} tokens")
+        if not np.isfinite(test).all():
+            raise ValueError("test logits contain NaN or inf")
+        ref = refs[j] if isinstance(refs[j], AnswerDists) else exact_dists(_same_shape(refs[j], test), m)
         total, n = nll_terms(test, i, m)
-        pos = answer_positions(m)
-        r, t = ref[pos].astype(np.float64), test[pos].astype(np.float64)
-        klds.append(kld(r, t))
-        best2 = np.sort(log_softmax(r), axis=-1)[:, -2:] if r.shape[-1] > 1 else np.zeros((len(r), 2))
-        tie = best2[:, 1] - best2[:, 0] < TIE_MARGIN
-        agree.append((r.argmax(-1) == t.argmax(-1))[~tie])
-        ties.append(int(tie.sum()))
-        diffs.append(np.abs(r - t).max(-1))
-        sums.append(total)
-        counts.append(n)
-    if not sum(counts):
-        raise ValueError("no answer positions to compare")
-    k, a = np.concatenate(klds), np.concatenate(agree)
-    return {
-        "kld_mean": float(k.mean()),
-        "kld_max": float(k.max()),
-        "top1_agree": float(a.mean()) if a.size else 1.0,
-        "top1_positions": int(a.size),
-        "top1_ties": sum(ties),
-        "max_abs_diff": float(np.concatenate(diffs).max()),
-        "nll": sum(sums) / sum(counts),
-        "per_seq_nll_sum": sums,
-        "per_seq_kld_sum": [float(x.sum()) for x in klds],
-        "per_seq_tokens": counts,
-    }
+        t = test[answer_positions(m)]
+        main.add(ref, t, total, n)
+        if baseline is not None:
+            vs.add(baseline[j], t, total, n)
+        del test, t
+    if j + 1 != len(refs):
+        raise ValueError(f"{len(refs)} reference sequences but {j + 1} test sequences")
+    out = main.metrics()
+    if baseline is not None:
+        out["vs_baseline"] = vs.metrics()
+    return out
+
+
+def _same_shape(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    ref = np.asarray(ref)
+    if ref.shape != test.shape:
+        raise ValueError(f"logit shapes differ: reference {ref.shape} vs test {test.shape}")
+    return ref
+
+
+class _Pool:
+    """Per-sequence answer-position terms, pooled."""
+
+    def __init__(self) -> None:
+        self.klds: list[np.ndarray] = []
+        self.agree: list[np.ndarray] = []
+        self.ties = 0
+        self.diff = 0.0
+        self.sums: list[float] = []
+        self.counts: list[int] = []
+
+    def add(self, ref: AnswerDists, test: np.ndarray, nll_sum: float, n: int) -> None:
+        if len(ref) != test.shape[0]:
+            raise ValueError(f"{len(ref)} reference answer positions vs {test.shape[0]} test positions")
+        klds = []
+        for a in range(0, len(ref), CHUNK_ROWS):  # float64 temporaries of CHUNK_ROWS x vocab at most
+            r, t = ref.rows(a, a + CHUNK_ROWS), test[a : a + CHUNK_ROWS]
+            klds.append(dists_kld(r, t))
+            best, tie = top1(r, TIE_MARGIN)
+            self.agree.append((best == t.argmax(-1))[~tie])
+            self.ties += int(tie.sum())
+            self.diff = max(self.diff, float(max_abs_diff(r, t).max()))
+        self.klds.append(np.concatenate(klds) if klds else np.zeros(0))
+        self.sums.append(nll_sum)
+        self.counts.append(n)
+
+    def metrics(self) -> dict[str, Any]:
+        if not sum(self.counts):
+            raise ValueError("no answer positions to compare")
+        k, a = np.concatenate(self.klds), np.concatenate(self.agree)
+        return {
+            "kld_mean": float(k.mean()),
+            "kld_max": float(k.max()),
+            "top1_agree": float(a.mean()) if a.size else 1.0,
+            "top1_positions": int(a.size),
+            "top1_ties": self.ties,
+            "max_abs_diff": self.diff,
+            "nll": sum(self.sums) / sum(self.counts),
+            "per_seq_nll_sum": self.sums,
+            "per_seq_kld_sum": [float(x.sum()) for x in self.klds],
+            "per_seq_tokens": self.counts,
+        }
 
 
 def token_parity(ref_ids: Sequence[Sequence[int]], ids: Sequence[Sequence[int]]) -> dict[str, Any]:
@@ -138,8 +201,12 @@ def nll_terms(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> tuple[fl
     pos = answer_positions(mask)
     if not len(pos):
         return 0.0, 0
-    lp = log_softmax(logits[pos])
-    return float(-lp[np.arange(len(pos)), ids[pos + 1]].sum()), len(pos)
+    total = 0.0
+    for a in range(0, len(pos), CHUNK_ROWS):
+        p = pos[a : a + CHUNK_ROWS]
+        x = logits[p].astype(np.float64)
+        total += float((logsumexp(x) - x[np.arange(len(p)), ids[p + 1]]).sum())
+    return total, len(pos)
 
 
 def mean_nll(

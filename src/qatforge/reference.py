@@ -10,7 +10,12 @@ from its start); dev is for checkpoint selection.
   nll_ids / nll_mask / nll_offsets   full token ids of ``n_nll`` test conversations and their
                                      answer-token mask (``chat.encode_for_training``'s labels;
                                      scored at ``parity.answer_positions``)
-  nll_logits                    fp32 logits at every position of those conversations [tokens, vocab]
+  ans_offsets                   per conversation, its rows in the ans_* arrays: one row per
+                                ``parity.answer_positions`` position, in order
+  ans_head_ids / ans_head_logit / ans_tail_logp / ans_lse / ans_sample_ids / ans_sample_logit
+                                the reference's next-token distribution at those positions,
+                                compact (``qatforge.answer_dists``: top-k head, tail mass, tail
+                                samples): bytes per position independent of the vocabulary
 ``<out_dir>/reference.json``: special-token ids, stop ids, chat template, the prompts and their
 expected answers, tokenizer-files hash, merged and test-split sha256, settings and the
 reference's own scores.
@@ -28,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qatforge.answer_dists import ARRAYS, AnswerDists, compress
 from qatforge.io import atomic_dir, manifest_path, read_json, sha256_path, write_json
 
 NPZ = "reference.npz"
@@ -42,7 +48,9 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-FORMAT_VERSION = 3  # 2: prompts and NLL conversations from the test split, test_sha256; 3: add_bos
+# 2: prompts and NLL conversations from the test split, test_sha256; 3: add_bos;
+# 4: answer-position distributions (answer_dists) instead of full logits
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -54,7 +62,7 @@ class Reference:
     gen_ids: list[np.ndarray]
     nll_ids: list[np.ndarray]
     nll_mask: list[np.ndarray]
-    nll_logits: list[np.ndarray]
+    nll_dists: list[AnswerDists]  # per conversation, at its answer positions
 
     @property
     def prompts(self) -> list[list[dict]]:
@@ -129,10 +137,16 @@ def build(
     n_nll: int,
     max_new_tokens: int,
     max_len: int,
+    top_k: int = 512,
+    tail_samples: int = 256,
     threads: int | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Compute and store the reference of ``merged_dir`` (fp32 compute); return reference.json."""
+    """Compute and store the reference of ``merged_dir`` (fp32 compute); return reference.json.
+
+    Each conversation's logits are reduced to its answer positions' ``AnswerDists`` (``top_k``
+    head, ``tail_samples``) as soon as they are computed: memory holds one conversation's logits.
+    """
     import torch
 
     from qatforge.chat import IGNORE_INDEX, bos_policy, encode_for_training, is_correct
@@ -164,21 +178,28 @@ def build(
     enc = [encode_for_training(tok, c, max_len) for c in convs]
     nll_ids = [e["input_ids"] for e in enc]
     nll_mask = [[lab != IGNORE_INDEX for lab in e["labels"]] for e in enc]
-    from qatforge.parity import answer_positions, mean_nll
+    from qatforge.parity import answer_positions, nll_terms
 
     for i, m in enumerate(nll_mask):
         if not len(answer_positions(m)):
             raise ValueError(f"{test_parquet}: test conversation {i} has no assistant tokens within max_len={max_len}")
-    logits = [rt.logits(ids) for ids in nll_ids]
-
-    nll = mean_nll(logits, [np.asarray(i) for i in nll_ids], [np.asarray(m) for m in nll_mask])
-    vocab = int(logits[0].shape[-1])
+    dists, nll_sum, nll_n, vocab = [], 0.0, 0, 0
+    for j, (ids, mask) in enumerate(zip(nll_ids, nll_mask)):
+        logits = rt.logits(ids)
+        vocab = int(logits.shape[-1])
+        total, n = nll_terms(logits, np.asarray(ids), np.asarray(mask))
+        nll_sum, nll_n = nll_sum + total, nll_n + n
+        dists.append(compress(logits[answer_positions(mask)], top_k, tail_samples, seed=j))
+        del logits
+    nll = nll_sum / nll_n
+    ans = AnswerDists.concat(dists)
+    tail_mass = np.exp(ans.tail_logp)
 
     p_flat, p_off = _flat(prompt_ids, np.int32)
     g_flat, g_off = _flat(gens, np.int32)
     n_flat, n_off = _flat(nll_ids, np.int32)
     m_flat, _ = _flat(nll_mask, np.bool_)
-    lg = np.concatenate(logits).astype(np.float32) if logits else np.zeros((0, vocab), np.float32)
+    a_off = np.concatenate([[0], np.cumsum([len(d) for d in dists])]).astype(np.int64)
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -194,7 +215,13 @@ def build(
         "vocab_size": vocab,
         "n_prompts": n_prompts,
         "n_nll": n_nll,
-        "n_nll_tokens": int(lg.shape[0]),
+        "n_nll_tokens": int(n_flat.shape[0]),
+        "n_answer_positions": len(ans),
+        "answer_dists": {
+            "top_k": int(ans.head_ids.shape[1]), "tail_samples": int(ans.sample_ids.shape[1]),
+            "tail_mass_mean": float(tail_mass.mean()), "tail_mass_max": float(tail_mass.max()),
+            "exact": not bool(tail_mass.any()), "bytes": ans.nbytes,
+        },
         "max_new_tokens": max_new_tokens,
         "max_len": max_len,
         "max_seq_len": int(max([len(x) for x in nll_ids] + [len(p) + max_new_tokens for p in prompt_ids])),
@@ -218,7 +245,8 @@ def build(
                 prompt_ids=p_flat, prompt_offsets=p_off,
                 gen_ids=g_flat, gen_offsets=g_off,
                 nll_ids=n_flat, nll_mask=m_flat, nll_offsets=n_off,
-                nll_logits=lg,
+                ans_offsets=a_off,
+                **{f"ans_{a}": getattr(ans, a) for a in ARRAYS},
             )
         write_json(tmp / META, meta)
     return meta
@@ -239,7 +267,8 @@ def load(ref_dir: str | Path) -> Reference:
             d = {k: z[k] for k in z.files}
     except Exception as e:  # zipfile / numpy errors on a truncated file
         raise ValueError(f"{npz}: cannot read reference arrays: {e}") from e
-    need = {"prompt_ids", "prompt_offsets", "gen_ids", "gen_offsets", "nll_ids", "nll_mask", "nll_offsets", "nll_logits"}
+    need = {"prompt_ids", "prompt_offsets", "gen_ids", "gen_offsets", "nll_ids", "nll_mask", "nll_offsets",
+            "ans_offsets", *(f"ans_{a}" for a in ARRAYS)}
     if missing := need - set(d):
         raise ValueError(f"{npz}: missing arrays {sorted(missing)}")
     ref = Reference(
@@ -248,8 +277,13 @@ def load(ref_dir: str | Path) -> Reference:
         gen_ids=_split(d["gen_ids"], d["gen_offsets"]),
         nll_ids=_split(d["nll_ids"], d["nll_offsets"]),
         nll_mask=_split(d["nll_mask"], d["nll_offsets"]),
-        nll_logits=_split(d["nll_logits"], d["nll_offsets"]),
+        nll_dists=[],
     )
+    ans = AnswerDists(*(d[f"ans_{a}"] for a in ARRAYS))
+    off = d["ans_offsets"]
+    ref.nll_dists = [ans.rows(int(off[i]), int(off[i + 1])) for i in range(len(off) - 1)]
+    if len(ref.nll_dists) != len(ref.nll_ids):
+        raise ValueError(f"{npz}: {len(ref.nll_dists)} answer-distribution sequences for {len(ref.nll_ids)} conversations")
     if len(ref.prompt_ids) != len(meta["prompts"]) or len(ref.gen_ids) != len(meta["prompts"]):
         raise ValueError(f"{ref_dir}: {len(meta['prompts'])} prompts in {META} but {len(ref.prompt_ids)} in {NPZ}")
     return ref

@@ -137,18 +137,22 @@ def evaluate_runtime(
     out["per_prompt_gen_match"] = [g.tolist() == h for g, h in zip(ref.gen_ids, gens)]
     out["generations"] = texts[:10]
 
-    test_logits = [rt.logits(s.tolist()) for s in ref.nll_ids]
-    # KLD, top-1 and NLL at the answer positions (parity.answer_positions); the per-conversation
-    # NLL sums and counts are for bootstrap CIs over conversations
-    out.update(compare_answers(ref.nll_logits, test_logits, ref.nll_ids, ref.nll_mask))
-    out["ppl"] = math.exp(out["nll"])
     if baseline_ref is not None:
         same = len(baseline_ref.nll_ids) == len(ref.nll_ids) and all(
             np.array_equal(a, b) for a, b in zip(baseline_ref.nll_ids, ref.nll_ids))
         if not same:
             raise ValueError("the baseline reference's test conversations tokenize differently from this run's: "
                              "QAT and baseline runs must share the tokenizer and the test split")
-        vs = compare_answers(baseline_ref.nll_logits, test_logits, ref.nll_ids, ref.nll_mask)
+    # KLD, top-1 and NLL at the answer positions (parity.answer_positions), one conversation's logits
+    # at a time; the per-conversation NLL sums and counts are for bootstrap CIs over conversations
+    m = compare_answers(
+        ref.nll_dists, (rt.logits(s.tolist()) for s in ref.nll_ids), ref.nll_ids, ref.nll_mask,
+        baseline=baseline_ref.nll_dists if baseline_ref is not None else None,
+    )
+    vs = m.pop("vs_baseline", None)
+    out.update(m)
+    out["ppl"] = math.exp(out["nll"])
+    if vs is not None:
         out.update({f"vs_baseline_{k}": vs[k] for k in ("kld_mean", "top1_agree", "per_seq_kld_sum")})
     out["ref_accuracy"] = ref.meta.get("accuracy")
     out["ref_nll"] = ref.meta.get("nll")
@@ -257,7 +261,7 @@ def run_eval(
         result.update(load_s=load_s, **about)
 
         del rt  # the speed pass gets a runtime of its own, without the reference logits around
-        ref.nll_logits = []
+        ref.nll_dists = []
         release_freed_memory()
         parity_peak = peak_rss_mb()
         result.update(speed_pass(
