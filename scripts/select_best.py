@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.select import select_best
 from qatforge.runlog import logged
 from qatforge.train import TrainSettings

@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.train import TrainSettings, train_run
 from qatforge.runlog import logged
 

@@ -101,6 +101,27 @@ def test_distilled_qat_starts_at_the_teacher(env, baseline):
     ce = [float(r["loss"]) for r in csv.DictReader(open(env / "baseline" / "loss.csv"))][0]
     assert 0 < first < 0.05 * ce
     assert summary["adapted_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert any("gradient checkpointing off (auto" in m for m in msgs)
+    rates = [float(r["tokens_per_s"]) for r in csv.DictReader(open(env / "qat_kd" / "loss.csv"))]
+    assert all(r > 0 for r in rates), rates  # the KD loss counts tokens too
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(env):
+    """Checkpointed decoder layers (train.gradient_checkpointing: true) on a distilled merge-exact
+    run: the same losses and adapter as the plain run (up to float rounding)."""
+    import torch
+
+    kw = dict(max_steps=2, save_steps=2, qat_scheme="int8-int4", distill=True, kd_alpha=1.0)
+    runs = {}
+    for gc in (False, True):
+        _, msgs = _run(env, f"qat_kd_gc{int(gc)}", gradient_checkpointing=gc, **kw)
+        assert any(f"gradient checkpointing {'on' if gc else 'off'} ({gc}" in m for m in msgs)
+        runs[gc] = ([float(r["loss"]) for r in csv.DictReader(open(env / f"qat_kd_gc{int(gc)}" / "loss.csv"))],
+                    _adapter(env / f"qat_kd_gc{int(gc)}" / "checkpoint-2"))
+    (plain_loss, plain), (gc_loss, ckpt) = runs[False], runs[True]
+    assert gc_loss == pytest.approx(plain_loss, rel=1e-5)
+    for k in plain:
+        assert float((ckpt[k] - plain[k]).norm()) <= 1e-4 * float(plain[k].norm()) + 1e-8, k
 
 
 def test_lora_target_that_matches_nothing_fails_before_training(env):
@@ -355,7 +376,10 @@ def test_unsloth_wiring_with_a_stand_in(env, monkeypatch):
     assert any("unsloth applied no fake quantization" in m for m in msgs)
     assert "torch_dtype" not in calls["from_pretrained"] and calls["from_pretrained"]["load_in_4bit"] is False
     assert calls["get_peft_model"]["qat_scheme"] == "int8-int4" and calls["get_peft_model"]["r"] == SETTINGS["lora_r"]
+    assert calls["get_peft_model"]["use_gradient_checkpointing"] is False  # auto: off for a tiny model
     assert (env / "unsloth_stand_in" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    _run(env, "unsloth_stand_in_gc", max_steps=1, save_steps=1, backend="unsloth", gradient_checkpointing=True)
+    assert calls["get_peft_model"]["use_gradient_checkpointing"] == "unsloth"  # Unsloth's own mode
 
 
 def test_fake_quantized_lm_head_trains_with_plain_nll(env):

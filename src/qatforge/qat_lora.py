@@ -24,8 +24,9 @@ adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from qatforge.spec.schemes import Scheme, SchemeLike, parse_scheme
 
@@ -114,6 +115,11 @@ def _merged_fn():
     Autograd through the merged weight would form ``dL/dŴ = gyᵀ·x̂``, a full ``[out, in]`` matmul
     per layer (the weight gradient of full fine-tuning). With the identity STE the same gradients
     are ``dB = s·gyᵀ·(x̂·Aᵀ)`` and ``dA = s·(gy·B)ᵀ·x̂``, which never build it.
+
+    ``weight`` is ``Ŵ`` itself (kept for backward: one ``[out, in]`` tensor per layer until the
+    backward reaches it) or a callable that recomputes it: the forward and the backward then each
+    build it and drop it, so the whole model's fake-quantized weights are never alive at once.
+    The recomputation is bit-identical (A, B and W do not change between forward and backward).
     """
     global _FN
     if _FN is None:
@@ -121,16 +127,27 @@ def _merged_fn():
 
         class MergedQATLinear(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, xq, lora_a, lora_b, wq, scale):
-                ctx.save_for_backward(xq, lora_a, lora_b, wq)
+            def forward(ctx, xq, lora_a, lora_b, weight, scale):
+                wq = weight() if callable(weight) else weight
+                if callable(weight):
+                    ctx.save_for_backward(xq, lora_a, lora_b)
+                    ctx.recompute = weight
+                else:
+                    ctx.save_for_backward(xq, lora_a, lora_b, wq)
+                    ctx.recompute = None
                 ctx.scale = scale
                 return torch.nn.functional.linear(xq, wq)
 
             @staticmethod
             def backward(ctx, gy):
-                xq, lora_a, lora_b, wq = ctx.saved_tensors
+                if ctx.recompute is not None:
+                    xq, lora_a, lora_b = ctx.saved_tensors
+                    wq = ctx.recompute()
+                else:
+                    xq, lora_a, lora_b, wq = ctx.saved_tensors
                 s = ctx.scale
                 gx = gy @ wq
+                del wq
                 g2, x2 = gy.reshape(-1, gy.shape[-1]), xq.reshape(-1, xq.shape[-1])
                 grad_b = (g2.t() @ (x2 @ lora_a.t())) * s
                 grad_a = ((g2 @ lora_b).t() @ x2) * s
@@ -158,14 +175,24 @@ def _forward(self, x, *args, **kwargs):
     name = _single_adapter(self) if torch.is_grad_enabled() else None
     if name is not None:
         self._qat_cache = None
-        with torch.no_grad():
-            wq = self._qat_weight_fq(merged_weight(self, self._qat_round))
+
+        def weight():
+            with torch.no_grad():
+                return self._qat_weight_fq(merged_weight(self, self._qat_round))
+
         if self._qat_act_fq is not None:
             x = self._qat_act_fq(x)
-        y = _merged_fn().apply(x.to(wq.dtype), self.lora_A[name].weight, self.lora_B[name].weight, wq,
+        # recompute in backward unless told to keep it (gradient checkpointing already drops it)
+        w = weight if getattr(self, "_qat_recompute", True) else weight()
+        y = _merged_fn().apply(x.to(base.weight.dtype), self.lora_A[name].weight, self.lora_B[name].weight, w,
                                float(self.scaling[name]))
         return y if base.bias is None else y + base.bias
     if torch.is_grad_enabled():
+        self._qat_cache = None
+        w = self._qat_weight_fq(merged_weight(self, self._qat_round))
+    elif self.training or not getattr(self, "_qat_keep_cache", True):
+        # batched scoring, or a no-grad forward in training (a reentrant checkpoint, e.g. Unsloth's):
+        # rebuilt per forward, never kept
         self._qat_cache = None
         w = self._qat_weight_fq(merged_weight(self, self._qat_round))
     else:  # inference (selection, generation): quantize the merged weight once per adapter state
@@ -178,6 +205,24 @@ def _forward(self, x, *args, **kwargs):
     if self._qat_act_fq is not None:
         x = self._qat_act_fq(x)
     return F.linear(x.to(w.dtype), w, base.bias)
+
+
+@contextlib.contextmanager
+def weight_cache(model: Any, on: bool) -> Iterator[None]:
+    """Inside, the merged layers' inference forward keeps (``on``) or does not keep its quantized
+    weight between calls. Kept, it costs the linears' size again (worth it for token-by-token
+    generation); off, each forward rebuilds it (a few % of a batched forward) and the cache is dropped."""
+    layers = list(lora_linears(model).values())
+    before = [getattr(m, "_qat_keep_cache", True) for m in layers]
+    for m in layers:
+        m._qat_keep_cache = on
+        if not on:
+            m._qat_cache = None
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._qat_keep_cache = b
 
 
 def lora_linears(model: Any) -> dict[str, Any]:

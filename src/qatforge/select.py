@@ -94,14 +94,56 @@ def answer_logits(model: Any, tok: Any, convs: list, max_len: int, batch_size: i
     return out
 
 
-def _teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: list[Any]) -> float:
+class SpilledLogits:
+    """The teacher's answer logits, kept in a file (float32, exact) rather than in memory: at a
+    151,936-token vocabulary they are 0.6 MB a position, ~1.7 GB for a dev split of 190 chats.
+    Iterating reads them back one conversation at a time."""
+
+    def __init__(self, logits: Any, directory: Path) -> None:
+        import tempfile
+
+        import numpy as np
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=directory)
+        self.shapes = []
+        for t in logits:
+            a = np.ascontiguousarray(t.numpy(), dtype=np.float32)
+            self._file.write(a.tobytes())
+            self.shapes.append(a.shape)
+        self._file.flush()
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __iter__(self) -> Any:
+        import numpy as np
+        import torch
+
+        self._file.seek(0)
+        for shape in self.shapes:
+            count = int(np.prod(shape))
+            a = np.frombuffer(self._file.read(count * 4), dtype=np.float32, count=count)
+            yield torch.from_numpy(a.copy()).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: Any) -> float:
     """Mean KL(teacher ‖ model) over the answer positions of ``convs``."""
     total, n = 0.0, 0
-    for t, s in zip(teacher, answer_logits(model, tok, convs, max_len)):
+    for t, s in zip(teacher, _answer_logits_iter(model, tok, convs, max_len)):
         lt, ls = t.double().log_softmax(-1), s.double().log_softmax(-1)
         total += float((lt.exp() * (lt - ls)).sum())
         n += len(t)
     return total / max(n, 1)
+
+
+def _answer_logits_iter(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> Any:
+    """:func:`answer_logits` one batch at a time (the student's are not all kept either)."""
+    for i in range(0, len(convs), batch_size):
+        yield from answer_logits(model, tok, convs[i:i + batch_size], max_len, batch_size)
 
 
 def _summary(scores: dict) -> str:
@@ -113,13 +155,15 @@ def _summary(scores: dict) -> str:
 def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int, max_new_tokens: int,
            teacher: list[Any] | None = None) -> dict:
     from qatforge.chat import hf_exact_match, hf_nll
+    from qatforge.qat_lora import weight_cache
 
     t0 = time.perf_counter()
-    loss = hf_nll(model, tok, convs, max_len)
-    if teacher is not None:  # selected on teacher_kld: no generation (the report has test accuracy)
-        return {"eval_loss": loss, "accuracy": None, "per_task": {},
-                TEACHER_METRIC: _teacher_kld(model, tok, convs, max_len, teacher),
-                "seconds": round(time.perf_counter() - t0, 2)}
+    with weight_cache(model, False):  # batched forwards: no cached copy of every merged QAT weight
+        loss = hf_nll(model, tok, convs, max_len)
+        if teacher is not None:  # selected on teacher_kld: no generation (the report has test accuracy)
+            return {"eval_loss": loss, "accuracy": None, "per_task": {},
+                    TEACHER_METRIC: _teacher_kld(model, tok, convs, max_len, teacher),
+                    "seconds": round(time.perf_counter() - t0, 2)}
     acc, correct, _ = hf_exact_match(model, tok, prompts, max_new_tokens)
     tasks: dict[str, list[bool]] = {}
     for row, ok in zip(prompts, correct):
@@ -189,7 +233,8 @@ def select_best(
             f"{n_prompts}: selecting on all {len(prompts)}")
 
     base = load_causal_lm(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    teacher = answer_logits(base.eval(), tok, convs, max_len) if step0 else None
+    teacher = (SpilledLogits(_answer_logits_iter(base.eval(), tok, convs, max_len), Path(out_json).parent)
+               if step0 else None)
     if step0:
         metric = TEACHER_METRIC
     model = None
@@ -213,6 +258,7 @@ def select_best(
     log(f"base (adapters off{', fake-quantized' if qat_scheme else ''}): {_summary(base_scores)}")
 
     if step0:
+        teacher.close()
         candidates.insert(0, {"step": 0, "checkpoint": None, **base_scores})
     best = choose(candidates, metric, pin)
     record = {

@@ -37,6 +37,10 @@ def make_callback(loss_csv: Path, settings: TrainSettings, log: Callable[[str], 
             self.w.writerow(rec)
             self.f.flush()
 
+        def on_train_begin(self, args, state, control, **kw):  # noqa: ANN001
+            # trl counts tokens from 0 in each trainer (a resumed run too): the first step has a rate
+            self.last_t, self.last_tokens = time.perf_counter(), 0.0
+
         def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
             logs = logs or {}
             if "loss" not in logs:

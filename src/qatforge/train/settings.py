@@ -14,6 +14,13 @@ BACKENDS = ("auto", "hf", "unsloth")
 LOSS_CSV = "loss.csv"
 LOSS_FIELDS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "elapsed_s")
 CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json")
+# train.gradient_checkpointing: auto turns it on from this many base parameters. Measured at Qwen3-0.6B's
+# shape (batch 16 x ~55 tokens, float32): the activations a decoder layer keeps for backward are ~150 MiB,
+# ~170 KB a token (~42 floats per hidden unit), so ~1 GiB at the default batch once hidden x layers
+# reaches ~6,000 (e.g. hidden 512 x 12 layers, ~40M parameters; 4 GiB at 0.6B's 28 layers): past the
+# 1 GiB margin over the weights; auto starts at half that size, as longer chats scale it up. The tiny
+# default (3.5M, hidden 256 x 4) keeps ~0.15 GiB: off, recomputing would cost ~30 % compute for nothing.
+GC_AUTO_PARAMS = 20_000_000
 
 
 class TrainingError(RuntimeError):
@@ -56,6 +63,7 @@ class TrainSettings:
     divergence_factor: float = 3.0  # smoothed loss > factor * running min + divergence_margin → stop
     divergence_margin: float = 1.0
     eval_rows: int = 64  # eval-split rows scored at each checkpoint (0: none)
+    gradient_checkpointing: str | bool = "auto"  # auto: on from GC_AUTO_PARAMS base parameters
 
     def __post_init__(self) -> None:
         if self.target_modules != ALL_LINEAR:
@@ -68,6 +76,11 @@ class TrainSettings:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
+        gc = self.gradient_checkpointing
+        if isinstance(gc, str) and gc.lower() in ("true", "false"):
+            self.gradient_checkpointing = gc = gc.lower() == "true"
+        if not (gc == "auto" or isinstance(gc, bool)):
+            raise ValueError(f"train.gradient_checkpointing must be auto, true or false, got {gc!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"train.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.qat_scheme is not None:
@@ -104,6 +117,15 @@ class TrainSettings:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(TrainSettings)}
+
+
+def use_gradient_checkpointing(setting: str | bool, n_params: int) -> bool:
+    """Whether a run checkpoints its decoder layers: ``true``/``false`` as set; ``auto`` from
+    ``GC_AUTO_PARAMS`` base parameters (recomputing the layers costs ~30 % more compute, worth it
+    only where their activations outgrow the memory margin)."""
+    if setting == "auto":
+        return n_params >= GC_AUTO_PARAMS
+    return bool(setting)
 
 
 def cuda_available() -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from qatforge.train.settings import ALL_LINEAR, TrainingError, TrainSettings
+from qatforge.train.settings import ALL_LINEAR, TrainingError, TrainSettings, use_gradient_checkpointing
 
 
 def _lora_config(settings: TrainSettings) -> Any:
@@ -49,6 +49,27 @@ def dtype_for_device() -> tuple[Any, bool]:
     return torch.float32, False
 
 
+def _checkpointing(model: Any, settings: TrainSettings, log: Callable[[str], None]) -> bool:
+    """Whether this run checkpoints its decoder layers (``settings.gradient_checkpointing``), logged."""
+    n = sum(p.numel() for p in model.parameters())
+    on = use_gradient_checkpointing(settings.gradient_checkpointing, n)
+    if on and not getattr(model, "supports_gradient_checkpointing", True):
+        if settings.gradient_checkpointing is True:
+            raise TrainingError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        on = False
+    log(f"gradient checkpointing {'on' if on else 'off'} ({settings.gradient_checkpointing}; {n / 1e6:.1f}M parameters)")
+    return on
+
+
+def _qat_weight_recompute(model: Any, on: bool) -> None:
+    """Merged QAT layers recompute their fake-quantized weight in backward unless the layers are
+    checkpointed (then the layer's own recomputation rebuilds it, one layer at a time)."""
+    from qatforge.qat_lora import lora_linears
+
+    for m in lora_linears(model).values():
+        m._qat_recompute = on
+
+
 def setup_hf(base_dir: Path, settings: TrainSettings, log: Callable[[str], None]) -> tuple[Any, Any, int]:
     from peft import get_peft_model
     from transformers import set_seed
@@ -59,10 +80,15 @@ def setup_hf(base_dir: Path, settings: TrainSettings, log: Callable[[str], None]
     tok = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir, dtype=dtype)
     model.config.use_cache = False
+    gc = _checkpointing(model, settings, log)
+    if gc:  # non-reentrant: no input that requires grad needed, saved tensors dropped and recomputed
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     set_seed(settings.seed)
     model = get_peft_model(model, _lora_config(settings))
     log(f"LoRA adapts {adapted_modules(model, settings.target_modules)}")
-    return model, tok, apply_qat(model, settings, log)
+    n_fq = apply_qat(model, settings, log)
+    _qat_weight_recompute(model, not gc)
+    return model, tok, n_fq
 
 
 def apply_qat(model: Any, settings: TrainSettings, log: Callable[[str], None]) -> int:
@@ -97,6 +123,7 @@ def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], 
         full_finetuning=False,
         trust_remote_code=False,
     )
+    gc = _checkpointing(model, settings, log)
     # merged mode: Unsloth's PEFT model gets the same merged-forward modules as the hf backend
     unsloth_scheme = (settings.qat_scheme if settings.qat_scheme and parse_scheme(settings.qat_scheme).unsloth
                       and settings.qat_mode == "unsloth" else None)
@@ -107,7 +134,7 @@ def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], 
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         bias="none",
-        use_gradient_checkpointing=False,
+        use_gradient_checkpointing="unsloth" if gc else False,  # unsloth's offloaded checkpointing
         random_state=settings.seed,
         use_rslora=False,
         loftq_config=None,
@@ -120,6 +147,7 @@ def setup_unsloth(base_dir: Path, settings: TrainSettings, log: Callable[[str], 
             log(f"unsloth applied no fake quantization for qat_scheme={settings.qat_scheme!r} "
                 "(it drops qat_scheme on CPU and knows no explicit specs): applying the torchao preparation")
         n_fq = apply_qat(model, settings, log)
+    _qat_weight_recompute(model, not gc)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok, n_fq
