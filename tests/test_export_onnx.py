@@ -126,3 +126,34 @@ def test_builder_gets_transformers_4s_rope_layout_for_per_layer_type_rope():
     flat = Qwen3Config(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
     before = dict(flat.rope_parameters)
     assert transformers4_rope(flat).rope_parameters == before  # a flat layout is left alone
+
+
+def _file_digests(d):
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir()) if f.is_file()}
+
+
+def test_streamed_quantization_writes_the_builders_own_bytes(merged, exported, tmp_path):
+    """The runner hands the quantizer the float graph as external data (onnx_builder.streamed_to_nbits):
+    the folder is byte for byte what the unpatched builder writes, and its scratch is removed."""
+    import os
+    import subprocess
+    import sys
+
+    from qatforge.export.onnx_builder import BUILDER
+
+    root, _ = exported
+    settings = VARIANTS["int4"]
+    out, cache = tmp_path / "plain", tmp_path / "cache"
+    cmd = onnx_export.builder_command(merged, out, cache, settings, tied=False)
+    plain = [sys.executable, "-m", BUILDER, *cmd[3:]]  # the builder itself, no qatforge runner
+    subprocess.run(plain, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    ours = tmp_path / "ours"
+    subprocess.run(onnx_export.builder_command(merged, ours, tmp_path / "cache2", settings, tied=False),
+                   check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    want, got = _file_digests(out), _file_digests(ours)
+    assert "model.onnx.data" in want and got == want
+    assert not (tmp_path / "cache2").exists()  # float graph removed, empty cache dir too
+    shipped = _file_digests(root / "int4")  # export() itself, through the same runner
+    assert all(shipped[k] == want[k] for k in ("model.onnx", "model.onnx.data"))

@@ -53,3 +53,78 @@ def test_unknown_scheme_is_rejected(merged, tmp_path):
     with pytest.raises(ValueError, match="int8-int4"):
         torchao_export.ptq(merged, tmp_path / "x", "int3-banana")
     assert not (tmp_path / "x").exists()
+
+
+def _tensor_files(d):
+    """Parsed safetensors header and data bytes (the header's metadata map is written in Rust
+    HashMap order, which varies from run to run), plus every other file's bytes, of a folder."""
+    from qatforge.io import safetensors_header
+
+    out = {}
+    for f in sorted(d.iterdir()):
+        if f.name == "export.json":
+            continue
+        if f.suffix == ".safetensors":
+            header, start = safetensors_header(f)
+            out[f.name] = (header, f.read_bytes()[start:])
+        else:
+            out[f.name] = f.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """The tiny checkpoint with its LM head tied to the embedding (schemes untie it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_checkpoint(tmp_path_factory)
+    out = tmp_path_factory.getbasetemp() / "tiny-tied"
+    if not (out / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.get_input_embeddings().weight
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["int8-int4", "int8", "int2-w128"])
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_streamed_quantization_saves_what_a_float32_load_does(merged, tied, tmp_path, scheme, which):
+    """quantize_checkpoint loads in bf16 and upcasts weight by weight as it quantizes; the folder is
+    bit for bit the one quantizing a float32 load of the checkpoint gives (the pre-streaming path)."""
+    import torch
+
+    from qatforge.model import load_tokenizer, load_upcast
+
+    src = merged if which == "untied" else tied
+    model, upcast = torchao_export.load_for_quantize(src)
+    assert upcast == torch.float32 and next(model.parameters()).dtype == torch.bfloat16
+    del model
+    torchao_export.ptq(src, tmp_path / "streamed", scheme, threads=2)
+
+    reference = load_upcast(src, dtype=torch.float32)
+    torchao_export.quantize_for_deploy(reference, scheme)
+    torchao_export.save_torchao(reference, load_tokenizer(src), tmp_path / "float32", scheme)
+    got, want = _tensor_files(tmp_path / "streamed"), _tensor_files(tmp_path / "float32")
+    assert list(got) == list(want) and "model.safetensors" in got
+    for name in want:
+        assert got[name] == want[name], name
+
+
+def test_drop_mapped_pages_keeps_mapped_tensors_readable(merged):
+    """transformers loads safetensors weights as views of the mapped file; dropping the mapping's
+    resident pages loses nothing (they are read again from the file)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qatforge.io import drop_mapped_pages
+
+    want = load_file(str(merged / "model.safetensors"))  # copies
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], want[k]) for k in params)  # every page read
+    assert drop_mapped_pages() > 0
+    assert all(torch.equal(params[k], want[k]) for k in params)

@@ -166,3 +166,53 @@ def has_mtp_tensors(checkpoint: str | os.PathLike) -> bool:
     transformers never loads, so a checkpoint it saved has none."""
     return any(k.startswith(MTP_PREFIXES) for p in Path(checkpoint).glob("*.safetensors")
                for k in safetensors_header(p)[0])
+
+
+def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Serve every heap allocation of at least ``threshold`` bytes by its own ``mmap`` (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere), so a freed weight is returned to the OS at
+    once. glibc otherwise raises the threshold to the size of each freed mapping, after which
+    weight-sized temporaries come from arenas that long-lived tensors fragment (measured: a
+    layer-by-layer quantization of 500M parameters held 1.1 GiB more than its result). Returns
+    whether the setting was applied."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own libc (find_library spawns ldconfig)
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD
+
+
+def drop_mapped_pages(suffix: str = ".safetensors") -> int:
+    """Drop this process's resident pages of file mappings whose path ends with ``suffix`` and none
+    of whose pages were written (``madvise(MADV_DONTNEED)``; Linux only, else a no-op); returns the
+    bytes of mappings advised.
+
+    transformers and safetensors load weights as views of a private mapping of the file: each page
+    read stays in the process's RSS until the whole file is unmapped, even once the tensor that read
+    it is freed. Dropping an unwritten page is always safe: read again, it comes back from the file
+    (the page cache). A mapping with a written page (``Anonymous`` in ``/proc/self/smaps``: a weight
+    modified in place) is left alone, since dropping would revert it. A caller that consumes the
+    weights one by one (casting or quantizing each) thus holds the pages of the weight at hand only."""
+    import ctypes
+
+    try:
+        smaps = Path("/proc/self/smaps").read_text().splitlines()
+        madvise = ctypes.CDLL(None).madvise  # the process's own libc (find_library spawns ldconfig)
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    regions: list[list[Any]] = []  # [start, end, matches, anonymous kB]
+    for line in smaps:
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            regions.append([start, end, len(head) == 6 and head[5].endswith(suffix), 0])
+        elif line.startswith("Anonymous:") and regions:
+            regions[-1][3] = int(line.split()[1])
+    advised = 0
+    for start, end, matches, anonymous in regions:
+        if matches and anonymous == 0 and madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
+            advised += end - start
+    return advised

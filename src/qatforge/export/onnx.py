@@ -138,7 +138,8 @@ def export(
     weights = sum(p.stat().st_size for p in merged_dir.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"{merged_dir}: no *.safetensors weights for the ONNX model builder")
-    check_free_space(out_dir, weights * (2 if is_float else 1))
+    # a quantized variant's builder first streams the float32 graph to its cache (onnx_builder)
+    check_free_space(out_dir, weights * (2 if is_float else 3))
     tied = bool(hf_tied_embeddings(merged_dir))
     started = time.perf_counter()
     # the builder's scratch is a temp sibling too (made after atomic_dir removed stale ones), so a
