@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 
 from qatforge import base, base_cache
@@ -17,20 +21,29 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "base"
 
 
-def _build(out, **over):
+def _build(out, kwargs=None, **over):
+    kwargs = kwargs or {}
     logs: list[str] = []
-    info = base.build("builtin:tiny-qwen3", out, builtin=RECIPE | over, seed=3, max_tokens=64, threads=1,
-                      log=logs.append)
+    info = base.build("builtin:tiny-qwen3", out, builtin=RECIPE | over, seed=3, threads=1,
+                      log=logs.append, **kwargs)
     return info, logs
 
 
 def test_key_covers_every_recipe_field():
-    key = base_cache.recipe_key(base.builtin_recipe(RECIPE, 3, 64))
-    assert key == base_cache.recipe_key(base.builtin_recipe(dict(reversed(RECIPE.items())), 3, 64))
-    for change in ({"steps": 3}, {"lr": 2e-3}, {"corpus_size": 61}, {"corpus_seed": 1}, {"vocab_size": 401}):
-        assert base_cache.recipe_key(base.builtin_recipe(RECIPE | change, 3, 64)) != key, change
-    assert base_cache.recipe_key(base.builtin_recipe(RECIPE, 4, 64)) != key
-    assert base_cache.recipe_key(base.builtin_recipe(RECIPE, 3, 65)) != key
+    key = base_cache.recipe_key(base.builtin_recipe(RECIPE, 3))
+    assert key == base_cache.recipe_key(base.builtin_recipe(dict(reversed(RECIPE.items())), 3))
+    for change in ({"steps": 3}, {"lr": 2e-3}, {"corpus_size": 61}, {"corpus_seed": 1}, {"vocab_size": 401},
+                   {"max_len": 65}):
+        assert base_cache.recipe_key(base.builtin_recipe(RECIPE | change, 3)) != key, change
+    assert base_cache.recipe_key(base.builtin_recipe(RECIPE, 4)) != key
+
+
+def test_warmup_length_is_its_own_not_the_datasets():
+    """The recipe has model.builtin.max_len (256 by default, as before), stored in float32."""
+    recipe = base.builtin_recipe(RECIPE, 3)
+    assert recipe["max_len"] == 256 and recipe["dtype"] == "float32"
+    assert base.builtin_recipe(RECIPE | {"max_len": 64}, 3)["max_len"] == 64
+    assert base.default_recipe()["max_len"] == 256
 
 
 def test_second_build_of_a_recipe_comes_from_the_cache_identically(cache, tmp_path, monkeypatch):
@@ -88,3 +101,64 @@ def test_outliers_are_planted_after_the_cache(cache, tmp_path):
     assert torch.equal(b["model.layers.0.mlp.up_proj.weight"][:, want], a["model.layers.0.mlp.up_proj.weight"][:, want] * 16)
     entry = cache / plain["recipe_key"] / "model.safetensors"
     assert sha256_path(entry) == sha256_path(tmp_path / "plain" / "model.safetensors")
+
+
+# --- the shipped builtin base ---------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "builtin" / "tiny-qwen3"
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """A shipped base of the small RECIPE (as ``python -m qatforge.base --ship`` writes one)."""
+    d = tmp_path_factory.mktemp("assets") / "tiny-qwen3"
+    base.ship_builtin(d, base.builtin_recipe(RECIPE, 3), threads=1)
+    return d
+
+
+def test_shipped_base_is_copied_when_the_recipe_is_the_shipped_one(cache, shipped, tmp_path):
+    record = read_json(shipped / base_cache.SHIPPED_RECORD)
+    assert set(record["files"]) >= set(base_cache.REPRODUCIBLE) | {"warmup.json"}
+    info, logs = _build(tmp_path / "a", {"shipped": shipped})
+    assert info["cache"] == "shipped" and not cache.exists()  # nothing built, nothing cached
+    assert any("copied from the shipped" in line and "checked" in line for line in logs)
+    for name, sha in record["files"].items():
+        assert sha256_path(tmp_path / "a" / name) == sha, name
+    assert read_json(tmp_path / "a" / "config.json")["dtype"] == "float32"
+    assert read_json(tmp_path / "a" / "export.json")["provenance"]["info"]["cache"] == "shipped"
+    # Another recipe builds (and caches) as before; the same code builds the shipped bytes.
+    other, logs = _build(tmp_path / "b", {"shipped": shipped}, steps=1)
+    assert other["cache"] == "miss" and any("not the one shipped" in line for line in logs)
+    rebuilt, _ = _build(tmp_path / "c")
+    assert rebuilt["cache"] == "miss"
+    assert base_cache.hash_mismatches(tmp_path / "c", {n: record["files"][n] for n in base_cache.REPRODUCIBLE}) == []
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing"])
+def test_damaged_shipped_file_is_refused_by_name(cache, shipped, tmp_path, damage):
+    broken = tmp_path / "tiny-qwen3"
+    shutil.copytree(shipped, broken)
+    f = broken / "model.safetensors"
+    if damage == "missing":
+        f.unlink()
+    else:
+        raw = bytearray(f.read_bytes())
+        raw[-1] ^= 1
+        f.write_bytes(bytes(raw))
+    with pytest.raises(base_cache.ShippedBaseError, match=rf"damaged: {re.escape(str(f))}: .*recorded"):
+        _build(tmp_path / "out", {"shipped": broken})
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no shipped builtin base")
+def test_repository_ships_the_default_recipe_on_the_pinned_stack():
+    """assets/builtin/tiny-qwen3 is intact, is the base of config/config.yaml's recipe, and was built
+    with the versions constraints.txt pins (rebuild: python -m qatforge.base --ship ...)."""
+    root = SHIPPED.parents[2]
+    record = read_json(SHIPPED / base_cache.SHIPPED_RECORD)
+    assert base_cache.hash_mismatches(SHIPPED, record["files"]) == []
+    assert set(base_cache.file_hashes(SHIPPED)) == set(record["files"])
+    assert record["recipe"] == base.default_recipe(root / "config/config.yaml", root / "config/schema.yaml")
+    pins = dict(re.findall(r"(?m)^([A-Za-z0-9_.-]+)==([^\s;#]+)", (root / "constraints.txt").read_text()))
+    for name, version in record["versions"].items():
+        assert version.split("+")[0] == pins[name], name

@@ -324,7 +324,7 @@ def test_build_base_records_the_counts_and_fails_before_copying(replicas, tmp_pa
     from qatforge.base import build
 
     out = tmp_path / "base"
-    kwargs = dict(builtin={}, seed=0, max_tokens=64, log=lambda _: None)
+    kwargs = dict(builtin={}, seed=0, log=lambda _: None)
     with pytest.raises(qcfg.ConfigError, match="int4-w4096"):
         build(str(replicas["qwen3"]), out, torchao_schemes=[("torchao.schemes", "int4-w4096")], **kwargs)
     assert not out.exists()

@@ -91,3 +91,18 @@ def test_build_base_writes_loadable_checkpoint(rows, tmp_path):
     model, tok = load_causal_lm(out), load_tokenizer(out)
     assert chat.render(tok, prompts[0]["messages"], True).endswith("<|im_start|>assistant\n")
     assert not list(tmp_path.glob(".base.tmp-*"))
+
+
+def test_build_base_stores_the_warmup_rounded_once_to_dtype(rows, tmp_path):
+    """``dtype="bfloat16"`` stores the fp32 warm-up rounded once, nothing else (the builtin base keeps float32)."""
+    from safetensors.torch import load_file
+
+    kw = dict(steps=2, batch_size=4, lr=1e-3, seed=0, vocab_size=512, model_kwargs={"layers": 1})
+    convs = [r["messages"] for r in rows[:40]]
+    fp32 = tiny.build_base(convs, tmp_path / "fp32", **kw)
+    bf16 = tiny.build_base(convs, tmp_path / "bf16", dtype="bfloat16", **kw)
+    assert (fp32["dtype"], bf16["dtype"]) == ("float32", "bfloat16") and bf16["max_len"] == 256
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    a, b = load_file(tmp_path / "fp32" / "model.safetensors"), load_file(tmp_path / "bf16" / "model.safetensors")
+    assert a.keys() == b.keys() and all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], a[k].bfloat16()) for k in a)
+    assert (tmp_path / "bf16" / "tokenizer.json").read_bytes() == (tmp_path / "fp32" / "tokenizer.json").read_bytes()

@@ -1,4 +1,5 @@
-"""The run's base model: the builtin tiny Qwen3 (built and warmed up locally) or a real checkpoint."""
+"""The run's base model: the builtin tiny Qwen3 (shipped with the project, or built and warmed up
+locally for another recipe) or a real checkpoint."""
 
 from __future__ import annotations
 
@@ -10,12 +11,65 @@ from qatforge.io import atomic_dir, read_json, write_manifest
 from qatforge.spec.builtin import BUILTIN_PREFIX
 
 
-def builtin_recipe(builtin: dict[str, Any], seed: int, max_tokens: int) -> dict[str, Any]:
+# The builtin base's stored dtype (float32: what the warm-up trains; the default pipeline's figures rest on it) and its
+# warm-up sequence length when the config gives none (model.builtin.max_len).
+BUILTIN_DTYPE = "float32"
+BUILTIN_MAX_LEN = 256
+
+
+def builtin_recipe(builtin: dict[str, Any], seed: int) -> dict[str, Any]:
     """Everything that decides the builtin base's weights (with the code and library versions,
     which ``base_cache.recipe_key`` adds). The outliers are planted after the cache, so they are not
-    part of it."""
+    part of it; nor is the dataset (``data.max_tokens``): the warm-up has its own ``max_len``."""
     warmup = {k: v for k, v in builtin.items() if k != "outliers"}
-    return {"model": "tiny-qwen3", "seed": seed, "max_tokens": max_tokens, **warmup}
+    return {"model": "tiny-qwen3", "seed": seed, "dtype": BUILTIN_DTYPE, "max_len": BUILTIN_MAX_LEN, **warmup}
+
+
+def train_builtin(recipe: dict[str, Any], out_dir: str | Path, *, threads: int = 1) -> dict[str, Any]:
+    """Build the builtin base of ``recipe`` (``builtin_recipe``) into ``out_dir``: the tokenizer and
+    full-parameter warm-up on its own corpus (``datagen.base_corpus``). Returns the warm-up metrics."""
+    from qatforge import datagen, tiny
+
+    return tiny.build_base(
+        [r["messages"] for r in datagen.base_corpus(recipe["corpus_seed"], recipe["corpus_size"])],
+        out_dir,
+        steps=recipe["steps"],
+        batch_size=recipe["batch_size"],
+        lr=recipe["lr"],
+        seed=recipe["seed"],
+        vocab_size=recipe.get("vocab_size", 1024),
+        max_len=recipe["max_len"],
+        dtype=recipe["dtype"],
+        threads=threads,
+    )
+
+
+def warm_builtin(
+    recipe: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    shipped: str | Path | None = None,
+    threads: int = 1,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The warmed-up builtin base of ``recipe`` in ``out_dir``, from the first that has it: the
+    checkpoint shipped in ``shipped`` (when its record's recipe is ``recipe``; hashes checked), the
+    machine cache, or a fresh build (then cached). Returns the warm-up metrics with ``cache``
+    ("shipped", "hit" or "miss") and ``recipe_key``."""
+    from qatforge import base_cache
+
+    key = base_cache.recipe_key(recipe)
+    if shipped and base_cache.shipped_recipe(shipped) == recipe:
+        base_cache.copy_shipped(shipped, out_dir, log=log)
+        info = read_json(Path(out_dir) / "warmup.json")["metrics"] | {"cache": "shipped"}
+    elif base_cache.fetch(key, out_dir, log=log):
+        info = read_json(Path(out_dir) / "warmup.json")["metrics"] | {"cache": "hit"}
+    else:
+        if shipped:
+            log(f"the config's builtin recipe is not the one shipped in {shipped}: building the base")
+        info = train_builtin(recipe, out_dir, threads=threads) | {"cache": "miss"}
+        base_cache.store(key, out_dir, log=log)
+    return info | {"recipe_key": key}
 
 
 def build(
@@ -24,7 +78,7 @@ def build(
     *,
     builtin: dict[str, Any],
     seed: int,
-    max_tokens: int,
+    shipped: str | Path | None = None,
     trust_remote_code: bool = False,
     threads: int = 1,
     torchao_schemes: Sequence[tuple[str, str]] = (),
@@ -33,36 +87,19 @@ def build(
     """Write the base checkpoint to ``out_dir`` (safetensors, tokenizer, chat template).
 
     The builtin base is trained on its own warm-up corpus (``datagen.base_corpus``), never on the
-    dataset, and taken from the machine cache when the same recipe was built before
-    (``base_cache``); then ``builtin["outliers"]`` are planted (``outliers.plant``). Each
-    (config key, scheme) of ``torchao_schemes`` must find modules to quantize
-    (``capabilities.torchao.check_torchao_schemes``, before a local base's weights are loaded);
-    the counts go into the manifest.
+    dataset; it is copied from ``shipped`` (the checkpoint the project ships) when the recipe is the
+    shipped one, else taken from the machine cache or built (``warm_builtin``); then
+    ``builtin["outliers"]`` are planted (``outliers.plant``). Each (config key, scheme) of ``torchao_schemes`` must find
+    modules to quantize (``capabilities.torchao.check_torchao_schemes``, before a local base's
+    weights are loaded); the counts go into the manifest.
     """
     import torch
 
     torch.set_num_threads(threads)
     if base.startswith(BUILTIN_PREFIX):
-        from qatforge import base_cache, datagen, outliers, tiny
+        from qatforge import outliers
 
-        recipe = builtin_recipe(builtin, seed, max_tokens)
-        key = base_cache.recipe_key(recipe)
-        if base_cache.fetch(key, out_dir, log=log):
-            info = read_json(Path(out_dir) / "warmup.json")["metrics"] | {"cache": "hit"}
-        else:
-            info = tiny.build_base(
-                [r["messages"] for r in datagen.base_corpus(builtin["corpus_seed"], builtin["corpus_size"])],
-                out_dir,
-                steps=builtin["steps"],
-                batch_size=builtin["batch_size"],
-                lr=builtin["lr"],
-                seed=seed,
-                vocab_size=builtin["vocab_size"],
-                max_len=max_tokens,
-                threads=threads,
-            ) | {"cache": "miss"}
-            base_cache.store(key, out_dir, log=log)
-        info["recipe_key"] = key
+        info = warm_builtin(builtin_recipe(builtin, seed), out_dir, shipped=shipped, threads=threads, log=log)
         planted = builtin.get("outliers") or {}
         info["outliers"] = outliers.plant(out_dir, channels=planted.get("channels", 0),
                                           scale=planted.get("scale", 1), seed=seed)
@@ -170,3 +207,54 @@ def write_text_model(base: str, out_dir: Path, *, log: Callable[[str], None] = p
     log(f"{base}: {arch} -> its text model {text_cls.__name__} (dropped {', '.join(dropped) or 'nothing'}"
         f"{f', {dropped_mtp} MTP layer(s)' if dropped_mtp else ''})")
     return out_dir, info
+
+
+def default_recipe(config: str | Path = "config/config.yaml", schema: str | Path = "config/schema.yaml") -> dict[str, Any]:
+    """The builtin recipe of a config file, the schema's defaults filled in for ``seed`` and the
+    ``model.builtin`` keys it leaves out (as the Snakefile's validation fills them)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(config).read_text()) or {}
+    props = yaml.safe_load(Path(schema).read_text())["properties"]
+    defaults = {k: v["default"] for k, v in props["model"]["properties"]["builtin"]["properties"].items()
+                if "default" in v}
+    builtin = {**defaults, **((cfg.get("model") or {}).get("builtin") or {})}
+    return builtin_recipe(builtin, cfg.get("seed", props["seed"].get("default")))
+
+
+def ship_builtin(shipped_dir: str | Path, recipe: dict[str, Any], *, threads: int = 2) -> dict[str, Any]:
+    """Build the builtin base of ``recipe`` afresh (no cache) and make it the shipped base in
+    ``shipped_dir`` (``base_cache.ship``). Returns the shipped record."""
+    import tempfile
+
+    import torch
+
+    from qatforge import base_cache
+
+    torch.set_num_threads(threads)
+    Path(shipped_dir).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ship-", dir=Path(shipped_dir).parent) as work:
+        train_builtin(recipe, Path(work) / "base", threads=threads)
+        return base_cache.ship(Path(work) / "base", shipped_dir, recipe, threads)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m qatforge.base --ship assets/builtin/tiny-qwen3``: rebuild the shipped builtin base
+    of the config's recipe (run from the project root; ~8 min of CPU for the default recipe)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m qatforge.base", description=main.__doc__)
+    ap.add_argument("--ship", required=True, help="the shipped base's directory (assets/builtin/tiny-qwen3)")
+    ap.add_argument("--config", default="config/config.yaml")
+    ap.add_argument("--schema", default="config/schema.yaml")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the config's train.threads)")
+    args = ap.parse_args(argv)
+    record = ship_builtin(args.ship, default_recipe(args.config, args.schema), threads=args.threads)
+    print(json.dumps(record, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    import qatforge.quiet  # noqa: F401
+
+    main()

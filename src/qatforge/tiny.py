@@ -221,6 +221,7 @@ def build_base(
     threads: int | None = None,
     model_kwargs: dict | None = None,
     eval_every: int = 0,
+    dtype: str | None = None,
 ) -> dict:
     """Train the tokenizer on ``conversations``, build and warm up the tiny model on them, save an
     HF checkpoint atomically.
@@ -229,6 +230,8 @@ def build_base(
     ``eval_prompts`` rows are given); they are also written to ``out_dir/warmup.json``.
     ``model_kwargs`` overrides ``build_model`` dimensions (tests use smaller models).
     ``eval_every`` > 0 also measures exact-match every that many steps (``metrics["curve"]``).
+    ``dtype`` (e.g. "bfloat16") is the dtype the weights are stored in (rounded once after the
+    fp32 warm-up and evaluation); None stores float32.
     """
     import torch
 
@@ -284,6 +287,8 @@ def build_base(
         "batch_size": batch_size,
         "lr": lr,
         "seed": seed,
+        "max_len": max_len,
+        "dtype": dtype or "float32",
         "final_loss": records[-1]["loss"],
         "train_seconds": round(train_s, 1),
         "versions": package_versions("torch", "transformers", "tokenizers"),
@@ -293,6 +298,8 @@ def build_base(
         metrics["exact_match"] = acc
         metrics["n_eval_prompts"] = len(eval_prompts)
         metrics["curve"] = curve + [{"step": steps, "exact_match": acc}]
+    if dtype:
+        model.to(getattr(torch, dtype))
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)  # transformers 5 writes safetensors only
         save_tokenizer(tokenizer, tmp)  # with the BOS rule as add_bos_token (false: no BOS)
