@@ -15,6 +15,9 @@
   ~4M / 50M / 500M parameters, each stage in its own process.
 * ``qat``: QAT at a harsh weight-only scheme (int2-w128) from the trained baseline versus the
   same number of plain LoRA steps followed by PTQ (the control).
+* ``scale``: the whole DAG on a random-init base of Qwen3-0.6B's shape (``SIZES["0.6B"]``) with a
+  few steps and prompts (``scale_config``): every rule's wall time and peak RSS (its ``benchmark:``
+  TSV) against the bf16 size and its bound (``SCALE_BOUNDS``), projected to 1.7B/4B/8B.
 
 Every process is accounted like ``/usr/bin/time -v``: ``os.wait4`` gives its wall time, CPU
 time and peak RSS (the largest of the process and its waited-for descendants). ``--quick``
@@ -40,11 +43,11 @@ from typing import Any, Mapping, Sequence
 
 from qatforge.io import package_versions, read_json, write_json
 
-PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles")
+PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles", "assets")
 REPORT = "results/report.csv"
 # The rules reading results/runs/{run}/merged: forcing them reruns everything downstream of it.
 EXPORT_RULES = ("gguf_convert", "onnx_export", "torchao_ptq", "qat_convert", "reference")
-SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat", "qat_modes")  # in run order
+SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat", "qat_modes", "scale")  # in run order
 QUICK_SECTIONS = ("dag", "growth")
 NEEDS_BUILD = ("parallel", "incremental", "noop", "qat", "qat_modes")
 # Random-init Qwen3 dimensions (rows multiples of 256, vocab 1024 from build_tokenizer).
@@ -56,7 +59,7 @@ SIZES: dict[str, dict[str, int]] = {
     "0.6B": dict(hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8, head_dim=128, vocab=151936,
                  tied=1),
 }
-STAGES = ("merge", "gguf_bf16", "gguf_q4_k_m", "onnx", "onnx_int4", "torchao")
+STAGES = ("merge", "gguf_bf16", "gguf_q4_k_m", "onnx", "onnx_int4", "torchao", "qat_convert")
 DAG_QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
                    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL")
 DAG_VARIANTS = (("", {}), ("-pure", {"pure": True}), ("-lot", {"leave_output_tensor": True}),
@@ -68,6 +71,10 @@ RSS_JUDGED_FROM_MB = 512  # below this the ~0.3-0.5 GiB of imported libraries do
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 MiB = 2**20
 HARNESS = str(Path(__file__).resolve())  # re-run as a script for the stage and qat processes
+# The scale section's bounds on peak RSS: train/select_best hold float32 models (the student, and
+# the teacher of a distilled run); every other rule is judged against the bf16 file.
+SCALE_HOLD_FP32 = ("train", "select_best")
+SCALE_PROJECT = {"1.7B": 1.72e9, "4B": 4.02e9, "8B": 8.19e9}  # Qwen3 1.7B / 4B / 8B parameter counts
 
 
 class PerfError(RuntimeError):
@@ -309,6 +316,16 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
                else f"{100 * rec:.0f} % [{100 * r['recovery_ci_low']:.0f}, {100 * r['recovery_ci_high']:.0f}]")
         rows.append((f"QAT vs PTQ, {r['qat_run']} ({r['qat_mode']}) {r['format']} {r['variant']}, {r['metric']}",
                      f"PTQ loss {r['ptq_loss']:.3g}, QAT loss {r['qat_loss']:.3g}, recovery {got}", "≥ 70 %", ""))
+    sc = figs.get("scale", {})
+    if "rows" in sc:
+        rows.append((f"scale: whole DAG on a random-init {sc['size']} base ({sc['params'] / 1e6:.0f}M params, bf16 "
+                     f"{_fmt_mb(sc['bf16_mb'])})", f"{'completed' if sc['completed'] else 'FAILED'} in "
+                     f"{_fmt_s(sc['wall_s'])}, {len(sc['rows'])} jobs, largest peak {_fmt_mb(sc['peak_rss_mb'])}",
+                     "completes within 24 GiB", "yes" if sc["completed"] and sc["within_24gib"] else "**no**"))
+        for r in sc["rows"]:
+            rows.append((f"scale: {r['job']}",
+                         f"{_fmt_s(r['s'])}, peak {_fmt_mb(r.get('max_rss_mb'))} = {r['x_bf16']}x bf16",
+                         f"≤ {_fmt_mb(r['bound_mb'])} ({r['bound']})", "yes" if r["within"] else "**no**"))
     return rows
 
 
@@ -658,6 +675,10 @@ def _stage_call(stage: str, d: Path, *, size: str | None, data: Path | None, thr
         from qatforge.export.torchao import ptq
 
         return ptq(d / "merged", d / "torchao" / "int8-int4", "int8-int4", threads=threads, log=print)
+    if stage == "qat_convert":  # a merged model converted as a QAT run's is (the same quantization path)
+        from qatforge.export.torchao import qat_convert
+
+        return qat_convert(d / "merged", d / "torchao" / "qat_converted", "int8-int4", threads=threads, log=print)
     raise ValueError(f"unknown stage {stage!r}; stages: setup, {', '.join(STAGES)}")
 
 
@@ -799,6 +820,8 @@ def run(args: argparse.Namespace) -> int:
                                    partial=out / "growth.json")
             elif section == "qat":
                 res = bench_qat(proj, work, args)
+            elif section == "scale":
+                res = bench_scale(project, work, args.cores, args.threads, args.scale_size)
             else:
                 res = bench_qat_modes(proj, work, args.cores)
         except Exception as e:  # noqa: BLE001 - one failed section must not lose the others
@@ -808,10 +831,127 @@ def run(args: argparse.Namespace) -> int:
         res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         res["harness_command"] = command
         write_json(out / f"{section}.json", res)
+        if section == "scale" and "kinds" in (res.get("resource_slopes") or {}):
+            write_json(out / "resource_slopes.json", res["resource_slopes"])  # cp to bench/ to use it
     print(write_summary(out, command).read_text())
     if not args.keep_work and not failed:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def scale_config(config: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """The default config on ``base`` with a few steps and prompts: every rule kind still runs
+    (baseline, one distilled QAT run, GGUF Q4_K_M, the QAT mix Q4_0 and an imatrix quant, TorchAO,
+    ONNX fp32 and int4)."""
+    cfg = copy.deepcopy(dict(config))
+    cfg["runs"] = {k: v for k, v in cfg["runs"].items() if k != "qat-gguf-q4_0"}  # as qat-int8-int4's kinds
+    cfg["model"] = {**cfg["model"], "base": str(base), "name": "Scale06B"}
+    few = {"max_steps": 2, "save_steps": 1, "batch_size": 8}
+    cfg["train"] = {**cfg["train"], **few}
+    for spec in cfg["runs"].values():
+        if spec.get("train"):
+            spec["train"] = {**spec["train"], **few}
+    cfg["eval"] = {**cfg["eval"], "n_prompts": 4, "n_nll": 4, "max_new_tokens": 8, "speed_prompts": 1,
+                   "speed_repeats": 1}
+    cfg["gguf"] = {**cfg["gguf"], "imatrix": {"chunks": 4, "ctx": 128},
+                   "quants": {q: v for q, v in cfg["gguf"]["quants"].items() if q in ("Q4_K_M", "Q4_0", "IQ4_XS")}}
+    cfg["torchao"] = {**cfg["torchao"], "schemes": ["int8-int4"]}
+    cfg["onnx"] = {**cfg["onnx"], "variants": {k: v for k, v in cfg["onnx"]["variants"].items() if k in ("fp32", "int4")}}
+    cfg["report"] = {**cfg["report"], "fail_on_parity": False}  # a random-init model: parity is not the point
+    return cfg
+
+
+def scale_bound_mb(job: str, params: int, distilled_runs: Sequence[str]) -> tuple[float, str]:
+    """The issue's peak-RSS bound (MiB) of one job (its benchmark path, ``<rule>/<wildcards...>``)
+    and how it is made."""
+    gib = 1024.0
+    rule, *parts = job.split("/")
+    if rule in SCALE_HOLD_FP32:
+        models = 2 if any(r in parts for r in distilled_runs) else 1
+        return 2 * models * params * 4 / MiB + gib, f"2 x fp32 x {models} model{'s' * (models > 1)} + 1 GiB"
+    return 2.5 * params * 2 / MiB + gib, "2.5 x bf16 + 1 GiB"
+
+
+def scale_rows(jobs: Sequence[Mapping[str, Any]], params: int, distilled_runs: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per benchmarked job: wall, peak RSS, x bf16, its bound and the projections."""
+    bf16 = params * 2 / MiB
+    rows = []
+    for j in jobs:
+        bound, how = scale_bound_mb(j["job"], params, distilled_runs)
+        rss = j.get("max_rss_mb")
+        rows.append({**j, "x_bf16": None if rss is None else round(rss / bf16, 2), "bound_mb": round(bound),
+                     "bound": how, "within": None if rss is None else rss <= bound,
+                     "projected_mb": {k: None if rss is None else round(rss * p / params) for k, p in SCALE_PROJECT.items()}})
+    return rows
+
+
+def scale_slopes(table: Mapping[str, Any], cfg: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]], params: int,
+                 vocab: int, note: str) -> dict[str, Any]:
+    """The resource table (``qatforge.spec.resources``) refitted to the scale run: per rule kind the
+    job with the largest peak RSS, its wall time and its :class:`~qatforge.spec.resources.Load`."""
+    from dataclasses import asdict
+
+    from qatforge.spec import resources as R
+
+    size = R.ModelSize(params, vocab, "scale bench")
+    runs: dict[str, dict[str, Any]] = {}
+    for j in jobs:
+        rule, *parts = j["job"].split("/")
+        if rule not in R.RULES or j.get("max_rss_mb") is None:
+            continue
+        wc = {"run": parts[0]} if parts and rule not in ("build_base", "prepare_data", "gguf_check") else {}
+        if rule == "evaluate":
+            wc["format"], wc["variant"] = parts[1].split("-", 1)
+        elif rule == "onnx_export":
+            wc["variant"] = parts[1]
+        kind = R.kind_of(rule, cfg, wc, table["kinds"])
+        load = R.job_load(rule, cfg, size, wc, table["tokens_per_conversation"])
+        if kind not in runs or j["max_rss_mb"] > runs[kind]["mem_mib"]:
+            runs[kind] = {"mem_mib": j["max_rss_mb"], "seconds": j["s"], "load": asdict(load)}
+    measured = {**table["measured"], "note": note, "date": time.strftime("%Y-%m-%d"),
+                "load": asdict(R.Load(params, vocab)), "runs": {**table["measured"]["runs"], **runs}}
+    return R.refit({**table, "measured": measured})
+
+
+def bench_scale(project: Path, work: Path, cores: str, threads: int, size: str = "0.6B") -> dict[str, Any]:
+    """The whole DAG on a random-init base of ``SIZES[size]`` (0.6B: Qwen3-0.6B's shape)."""
+    import yaml
+
+    from qatforge.spec import config as qcfg
+
+    d = work / f"scale-{size}"
+    d.mkdir(parents=True, exist_ok=True)
+    setup: dict[str, Any] = {"reused": str(d / "setup.json")}  # a kept --work directory's base is reused
+    if not (d / "setup.json").is_file() or not (d / "base" / "model.safetensors").is_file():
+        setup = measure(_stage_cmd("setup", d, size=size, data=(project / "data" / "chat.jsonl").resolve(),
+                                   threads=threads), log_file=work / "logs" / "scale-setup.log")
+    info = read_json(d / "setup.json")
+    cfg = yaml.safe_load((project / "config" / "config.yaml").read_text())
+    cfg = scale_config(cfg, (d / "base").resolve())
+    proj = copy_project(project, work / "scale-project", cfg)
+    dry = measure(smk("-n", REPORT), cwd=proj, log_file=work / "logs" / "scale-dry.log")
+    r = _smk_run(proj, work / "logs" / "scale.log", REPORT, "--cores", cores, "--keep-going", check=False)
+    distilled = [run for run in cfg["runs"] if (qcfg.train_settings(cfg, run) or {}).get("distill")]
+    jobs = job_times(proj / "benchmarks")
+    rows = scale_rows(jobs, info["params"], distilled)
+    peak = max((j.get("max_rss_mb") or 0) for j in jobs) if jobs else None
+    slopes = None
+    try:  # what `make bench` measures becomes the resource table's slopes (copy it to bench/ to use it)
+        from qatforge.spec import resources as R
+
+        vocab = SIZES[size].get("vocab") or 1024
+        slopes = scale_slopes(R.load_table(), cfg, jobs, info["params"], vocab,
+                              f"bench/perf.py scale section: random-init {size} base, {cores} cores")
+    except Exception as e:  # noqa: BLE001 - the measurements stand without the refit
+        slopes = {"error": f"{type(e).__name__}: {e}"}
+    return {"what": "the whole DAG (scale_config: few steps and prompts) on a random-init base of Qwen3-0.6B's "
+                    "shape; per job its benchmark: TSV (wall s, max_rss sampled by Snakemake: a lower bound); "
+                    "projected_mb scales the peak by the parameter count (Qwen3 1.7B/4B/8B)",
+            "size": size, "params": info["params"], "bf16_mb": round(info["params"] * 2 / MiB, 1), "dims": SIZES[size],
+            "setup": setup, "dry_run": dry, "command": f"snakemake --cores {cores} {REPORT}", **r,
+            "completed": r["returncode"] == 0, "peak_rss_mb": peak, "within_24gib": peak is not None and peak <= 24 * 1024,
+            "rows": rows, "summed_job_s": round(sum(j["s"] for j in jobs), 1), "config": cfg,
+            "resource_slopes": slopes}
 
 
 def unsloth_twin(config: Mapping[str, Any], run: str) -> tuple[str, dict[str, Any]]:
@@ -919,6 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repeats of the cheap figures (no-op, dry-run)")
     p.add_argument("--qat-steps", type=int, help="steps of each QAT-check arm (default: train.max_steps)")
     p.add_argument("--qat-scheme", default="int2-w128")
+    p.add_argument("--scale-size", default="0.6B", choices=tuple(SIZES), help="the scale section's base shape")
     a = p.parse_args(argv)
     a.argv = argv
     return run(a)

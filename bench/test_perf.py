@@ -297,3 +297,45 @@ def test_unsloth_twin_differs_only_in_the_mode():
     assert name == "q-unsloth" and spec["qat"] == {"mode": "unsloth", "distill_from": "baseline"}
     assert {k: v for k, v in spec.items() if k != "qat"} == {k: v for k, v in cfg["runs"]["q"].items() if k != "qat"}
     assert cfg["runs"]["q"]["qat"]["mode"] == "merged"  # the original is untouched
+
+
+def _validated(cfg: dict) -> dict:
+    validate(cfg, str(ROOT / "config" / "schema.yaml"))
+    return cfg
+
+
+def test_scale_config_keeps_every_rule_kind_and_bounds_follow_the_models_held():
+    cfg = _validated(perf.scale_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), Path("/b")))
+    assert cfg["model"]["base"] == "/b" and set(cfg["runs"]) == {"baseline", "qat-int8-int4"}
+    assert all(qcfg.train_settings(cfg, r)["max_steps"] == 2 for r in cfg["runs"])
+    assert "IQ4_XS" in cfg["gguf"]["quants"] and set(cfg["onnx"]["variants"]) == {"fp32", "int4"}
+    p = 500_000_000
+    one, _ = perf.scale_bound_mb("train/baseline", p, ["qat-int8-int4"])
+    two, how = perf.scale_bound_mb("select_best/qat-int8-int4", p, ["qat-int8-int4"])
+    export, _ = perf.scale_bound_mb("merge/qat-int8-int4", p, ["qat-int8-int4"])
+    assert (one, two, export) == pytest.approx((2 * p * 4 / 2**20 + 1024, 4 * p * 4 / 2**20 + 1024, 2.5 * p * 2 / 2**20 + 1024))
+    assert "2 models" in how
+
+
+def test_scale_slopes_refit_the_resource_table_to_the_measured_jobs():
+    """Each measured job becomes its rule kind's run; the refitted table then asks for the measured
+    memory (times the headroom) at the measured load."""
+    from qatforge.spec import resources as R
+
+    cfg = _validated(perf.scale_config(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()), Path("/b")))
+    jobs = [{"job": "train/baseline", "s": 100.0, "max_rss_mb": 5000.0},
+            {"job": "train/qat-int8-int4", "s": 120.0, "max_rss_mb": 9000.0},
+            {"job": "evaluate/baseline/hf-merged", "s": 60.0, "max_rss_mb": 3000.0},
+            {"job": "evaluate/baseline/gguf-Q4_0", "s": 20.0, "max_rss_mb": 1500.0},
+            {"job": "onnx_export/baseline/int4", "s": 200.0, "max_rss_mb": 2500.0}]
+    params, vocab = 596_049_920, 151_936
+    table = perf.scale_slopes(R.load_table(), cfg, jobs, params, vocab, "test")
+    runs = table["measured"]["runs"]
+    assert {k: runs[k]["mem_mib"] for k in ("train", "train_qat", "evaluate_hf", "evaluate_gguf", "onnx_export_quantized")} \
+        == {"train": 5000.0, "train_qat": 9000.0, "evaluate_hf": 3000.0, "evaluate_gguf": 1500.0, "onnx_export_quantized": 2500.0}
+    size = R.ModelSize(params, vocab, "test")
+    train = R.request("train", cfg, size, table, {"run": "qat-int8-int4"})
+    assert train.mem_mb == pytest.approx(table["mem_headroom"] * 9000.0, abs=100)
+    # evaluation keeps its logits term (one conversation of data.max_tokens): never below the measurement
+    ev = R.request("evaluate", cfg, size, table, {"run": "baseline", "format": "hf", "variant": "merged"})
+    assert ev.mem_mb >= table["mem_headroom"] * 3000.0

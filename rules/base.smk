@@ -1,8 +1,10 @@
 BASE = config["model"]["base"]
 
 
-# The builtin base trains on its own corpus (not the dataset) and comes from the machine cache when
-# its recipe was built before; a local model.base directory is an input, a hub id is not.
+# The builtin base trains on its own corpus (not the dataset): the default recipe is copied from the
+# checkpoint the project ships (assets/builtin/tiny-qwen3, hashes checked; found beside scripts/, so
+# not a param), any other comes from the machine cache when built before, or is built.
+# A local model.base directory is an input, a hub id is not.
 # The job also counts the modules each configured torchao scheme quantizes (zero fails before any
 # training); the schemes are read from the config, not params, so editing them rebuilds no base.
 rule build_base:
@@ -15,15 +17,13 @@ rule build_base:
         builtin=sorted_keys(config["model"]["builtin"]),
         trust_remote_code=config["model"]["trust_remote_code"],
         seed=config["seed"],
-        max_tokens=config["data"]["max_tokens"],
     log:
         "logs/build_base.log",
     benchmark:
         "benchmarks/build_base.tsv"
     threads: config["train"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **rule_resources("build_base"),
     conda:
         "../envs/train.yaml"
     script:
@@ -51,8 +51,7 @@ rule gguf_check:
         "benchmarks/gguf_check.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("gguf_check"),
     conda:
         "../envs/export.yaml"
     script:

@@ -133,3 +133,38 @@ def quantize_inputs(wildcards):
     if config["gguf"]["quants"][wildcards.quant].get("imatrix"):
         inputs["imatrix"] = f"results/runs/{wildcards.run}/gguf/imatrix.gguf"
     return inputs
+
+
+# ---- resources: each job's mem_mb/runtime from the base's size and the eval sizes, gpu from
+# resources.gpu (qatforge.spec.resources; the slopes table bench/resource_slopes.json).
+from snakemake.logging import logger
+
+from qatforge.spec import resources as qres
+
+qres.check_config(config)
+_SLOPES = os.path.join(workflow.basedir, "bench", "resource_slopes.json")
+RESOURCE_TABLE = qres.load_table(_SLOPES if os.path.isfile(_SLOPES) else qres.SLOPES_FILE)
+MODEL_SIZE = qres.model_size(config, workflow.basedir)
+if MODEL_SIZE.source == "fallback":
+    logger.warning(f"model.base {config['model']['base']!r}: parameter count unknown at parse time (not "
+                   f"local, built or in the HF cache); jobs are sized for {qres.FALLBACK_PARAMS:.0e} "
+                   "parameters: set resources.params")
+
+
+def rule_resources(name):
+    """Resources of the `name` rule, per job (its `resources:`): mem_mb and runtime (growing with
+    Snakemake's attempt), plus gpu/gpu_model when resources.gpu is set and the rule can use one."""
+
+    def field(key):
+        def get(wildcards, attempt):
+            return getattr(qres.request(name, config, MODEL_SIZE, RESOURCE_TABLE, dict(wildcards.items()), attempt), key)
+
+        return get
+
+    out = {"mem_mb": field("mem_mb"), "runtime": field("runtime")}
+    if config["resources"]["gpu"] and name in qres.GPU_RULES:
+        out["gpu"] = field("gpu")
+        model = config["resources"]["gpu_model"]
+        if model:  # only on jobs that get a GPU (the SLURM plugin would ask for <model>:0)
+            out["gpu_model"] = lambda wildcards: model if qres.gpu_count(name, config, dict(wildcards.items())) else ""
+    return out

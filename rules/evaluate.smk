@@ -12,14 +12,15 @@ rule reference:
         n_nll=EVAL["n_nll"],
         max_new_tokens=EVAL["max_new_tokens"],
         max_tokens=config["data"]["max_tokens"],
+        top_k=EVAL["reference_top_k"],
+        tail_samples=EVAL["reference_tail_samples"],
     log:
         "logs/reference/{run}.log",
     benchmark:
         "benchmarks/reference/{run}.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("reference"),
     conda:
         "../envs/eval.yaml"
     script:
@@ -57,8 +58,7 @@ rule evaluate:
         "benchmarks/evaluate/{run}/{format}-{variant}.tsv"
     threads: EVAL["threads"]
     resources:
-        mem_mb=lambda w: lookup(w.format).eval_mem_mb,
-        runtime=30,
+        **rule_resources("evaluate"),
     conda:
         "../envs/eval.yaml"
     script:

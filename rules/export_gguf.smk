@@ -15,8 +15,7 @@ rule gguf_convert:
         "benchmarks/gguf_convert/{run}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("gguf_convert"),
     conda:
         "../envs/export.yaml"
     script:
@@ -39,8 +38,7 @@ rule gguf_imatrix:
         "benchmarks/gguf_imatrix/{run}.tsv"
     threads: config["gguf"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("gguf_imatrix"),
     conda:
         "../envs/export.yaml"
     script:
@@ -63,8 +61,7 @@ rule gguf_quantize:
         "benchmarks/gguf_quantize/{run}/{quant}.tsv"
     threads: config["gguf"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("gguf_quantize"),
     conda:
         "../envs/export.yaml"
     script:
@@ -81,8 +78,7 @@ rule ollama_modelfile:
         "logs/ollama_modelfile/{run}.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        **rule_resources("ollama_modelfile"),
     conda:
         "../envs/export.yaml"
     script:

@@ -11,8 +11,7 @@ rule onnx_export:
         "benchmarks/onnx_export/{run}/{variant}.tsv"
     threads: 1
     resources:
-        mem_mb=6000,
-        runtime=30,
+        **rule_resources("onnx_export"),
     conda:
         "../envs/export.yaml"
     script:

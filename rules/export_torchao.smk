@@ -12,8 +12,7 @@ rule torchao_ptq:
         "benchmarks/torchao_ptq/{run}/{scheme}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("torchao_ptq"),
     conda:
         "../envs/export.yaml"
     script:
@@ -35,8 +34,7 @@ rule qat_convert:
         "benchmarks/qat_convert/{run}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("qat_convert"),
     conda:
         "../envs/export.yaml"
     script:

@@ -36,8 +36,7 @@ rule report:
         "logs/report.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=5,
+        **rule_resources("report"),
     conda:
         "../envs/report.yaml"
     script:
@@ -53,8 +52,7 @@ rule parity_gate:
         "logs/parity_gate.log",
     threads: 1
     resources:
-        mem_mb=500,
-        runtime=5,
+        **rule_resources("parity_gate"),
     conda:
         "../envs/report.yaml"
     script:

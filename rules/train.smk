@@ -16,8 +16,7 @@ rule train:
         "benchmarks/train/{run}.tsv"
     threads: config["train"]["threads"]
     resources:
-        mem_mb=8000,
-        runtime=240,
+        **rule_resources("train"),
     conda:
         "../envs/train.yaml"
     script:
@@ -44,8 +43,7 @@ rule select_best:
         "benchmarks/select_best/{run}.tsv"
     threads: config["train"]["threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        **rule_resources("select_best"),
     conda:
         "../envs/train.yaml"
     script:
@@ -68,8 +66,7 @@ rule merge:
         "benchmarks/merge/{run}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **rule_resources("merge"),
     conda:
         "../envs/train.yaml"
     script:

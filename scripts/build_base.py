@@ -1,3 +1,6 @@
+from pathlib import Path
+
+import qatforge.quiet  # noqa: F401
 from qatforge.base import build
 from qatforge.runlog import logged
 from qatforge.spec.config import torchao_scheme_uses
@@ -9,7 +12,7 @@ with logged(snakemake) as log:
         snakemake.output[0],
         builtin=p.builtin,
         seed=p.seed,
-        max_tokens=p.max_tokens,
+        shipped=Path(snakemake.scriptdir).parent / "assets" / "builtin" / "tiny-qwen3",  # the project's
         trust_remote_code=p.trust_remote_code,
         threads=snakemake.threads,
         torchao_schemes=torchao_scheme_uses(snakemake.config),  # not a param: see rules/base.smk

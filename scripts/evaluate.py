@@ -1,4 +1,5 @@
 # Evaluate one artifact in its own runtime (transformers, llama.cpp or onnxruntime, by format).
+import qatforge.quiet  # noqa: F401
 from qatforge.evaluate.run import run_eval
 from qatforge.runlog import logged
 

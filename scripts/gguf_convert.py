@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.export.gguf import convert, parity_texts_from_parquet
 from qatforge.runlog import logged
 

@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.export.gguf import quantize
 from qatforge.runlog import logged
 

@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.merge import merge
 from qatforge.runlog import logged
 from qatforge.select import best_checkpoint_dir

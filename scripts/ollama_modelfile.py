@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import qatforge.quiet  # noqa: F401
 from qatforge.export.ollama import modelfile
 from qatforge.runlog import logged
 

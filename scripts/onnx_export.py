@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.export.onnx import export
 from qatforge.runlog import logged
 

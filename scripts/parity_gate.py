@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.report import parity_gate
 from qatforge.runlog import logged
 

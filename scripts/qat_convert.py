@@ -1,3 +1,4 @@
+import qatforge.quiet  # noqa: F401
 from qatforge.export.record import source_record
 from qatforge.export.torchao import qat_convert
 from qatforge.runlog import logged

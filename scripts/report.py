@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import qatforge.quiet  # noqa: F401
 from qatforge.report import build_report
 from qatforge.runlog import logged
 

@@ -13,7 +13,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a runnable copy of the workflow needs (bench/perf.py keeps its own list for `make bench`).
-PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles")
+PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "report", "profiles", "assets")
 SMOKE = ROOT / "tests" / "smoke_config.yaml"
 
 

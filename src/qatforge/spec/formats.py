@@ -36,7 +36,9 @@ class Format:
     path: str
     exporter: str  # the module that writes the artifacts
     runtime: str  # the module that evaluates them: open_runtime, open_speed_runtime
-    eval_mem_mb: int  # memory of one evaluation job (the evaluate rule's resources)
+    # least memory (MB) of one evaluation job (its runtime's libraries): the floor under what
+    # qatforge.spec.resources computes for it from the model size (its evaluate_<name> record)
+    eval_mem_mb: int
     # default parity thresholds per variant, "default" for any other (parity.thresholds_for)
     thresholds: Mapping[str, Mapping[str, float]]
     # the deployment target the report recommends an artifact of this format for (None: none), and
@@ -100,7 +102,7 @@ def _torchao_variants(config: Mapping[str, Any], scheme: str | None) -> list[str
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(
         name="hf", variants=lambda config, scheme: [MERGED_ARTIFACT[1]], path="{run_dir}/merged",
-        exporter="qatforge.merge", runtime="qatforge.evaluate.hf", eval_mem_mb=4000,
+        exporter="qatforge.merge", runtime="qatforge.evaluate.hf", eval_mem_mb=1500,
         thresholds={
             "merged": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.99},  # measured 0 / 1 / 1
             "default": {"kld_mean": 1e-3, "top1_agree": 0.98, "gen_match": 0.9},
@@ -110,7 +112,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(
         name="torchao", variants=_torchao_variants, path="{run_dir}/torchao/{variant}",
         qat_path="{run_dir}/qat_converted",  # qatforge.qat.qat_convert of the fake-quantized model
-        exporter="qatforge.export.torchao", runtime="qatforge.evaluate.hf", eval_mem_mb=4000,
+        exporter="qatforge.export.torchao", runtime="qatforge.evaluate.hf", eval_mem_mb=1500,
         thresholds={
             "int8": {"kld_mean": 0.005, "top1_agree": 0.95, "gen_match": 0.85},  # as Q8_0; 8.0e-5 / 0.996 / 0.97
             # 4-bit weights (group 32) + int8 dynamic activations, as Q4_K_M; PTQ 1.9e-2 / 0.920 / 0.93
@@ -122,7 +124,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(
         name="gguf", variants=lambda config, scheme: [outtype_name(config), *config["gguf"]["quants"]],
         path="{run_dir}/gguf/{model}-{variant}.gguf",
-        exporter="qatforge.export.gguf", runtime="qatforge.evaluate.gguf", eval_mem_mb=2000,
+        exporter="qatforge.export.gguf", runtime="qatforge.evaluate.gguf", eval_mem_mb=1000,
         thresholds={
             "F32": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.98},  # 2.7e-12 / 1 / 1 (F32 KV cache)
             "F16": {"kld_mean": 1e-4, "top1_agree": 0.995, "gen_match": 0.95},
@@ -142,7 +144,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     ),
     Format(
         name="onnx", variants=lambda config, scheme: list(config["onnx"]["variants"]), path="{run_dir}/onnx/{variant}",
-        exporter="qatforge.export.onnx", runtime="qatforge.evaluate.onnx", eval_mem_mb=3000,
+        exporter="qatforge.export.onnx", runtime="qatforge.evaluate.onnx", eval_mem_mb=1500,
         thresholds={
             "fp32": {"kld_mean": 1e-5, "top1_agree": 0.999, "gen_match": 0.98},
             # MatMulNBits 8-bit weights (block 32) with int8 activations (CPU accuracy level 4), as Q8_0
