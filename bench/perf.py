@@ -872,6 +872,13 @@ def scale_bound_mb(job: str, params: int, distilled_runs: Sequence[str]) -> tupl
     return 2.5 * params * 2 / MiB + gib, "2.5 x bf16 + 1 GiB"
 
 
+def _project(rss_mb: float, factor: float) -> float:
+    """A peak RSS scaled to ``factor`` x the parameters: the libraries' footprint
+    (``RSS_JUDGED_FROM_MB``) stays, the rest grows with the model."""
+    fixed = min(rss_mb, RSS_JUDGED_FROM_MB)
+    return fixed + (rss_mb - fixed) * factor
+
+
 def scale_rows(jobs: Sequence[Mapping[str, Any]], params: int, distilled_runs: Sequence[str]) -> list[dict[str, Any]]:
     """One row per benchmarked job: wall, peak RSS, x bf16, its bound and the projections."""
     bf16 = params * 2 / MiB
@@ -881,7 +888,7 @@ def scale_rows(jobs: Sequence[Mapping[str, Any]], params: int, distilled_runs: S
         rss = j.get("max_rss_mb")
         rows.append({**j, "x_bf16": None if rss is None else round(rss / bf16, 2), "bound_mb": round(bound),
                      "bound": how, "within": None if rss is None else rss <= bound,
-                     "projected_mb": {k: None if rss is None else round(rss * p / params) for k, p in SCALE_PROJECT.items()}})
+                     "projected_mb": {k: None if rss is None else round(_project(rss, p / params)) for k, p in SCALE_PROJECT.items()}})
     return rows
 
 
@@ -946,7 +953,7 @@ def bench_scale(project: Path, work: Path, cores: str, threads: int, size: str =
         slopes = {"error": f"{type(e).__name__}: {e}"}
     return {"what": "the whole DAG (scale_config: few steps and prompts) on a random-init base of Qwen3-0.6B's "
                     "shape; per job its benchmark: TSV (wall s, max_rss sampled by Snakemake: a lower bound); "
-                    "projected_mb scales the peak by the parameter count (Qwen3 1.7B/4B/8B)",
+                    "projected_mb scales the peak above the libraries' footprint by the parameter count (Qwen3 1.7B/4B/8B)",
             "size": size, "params": info["params"], "bf16_mb": round(info["params"] * 2 / MiB, 1), "dims": SIZES[size],
             "setup": setup, "dry_run": dry, "command": f"snakemake --cores {cores} {REPORT}", **r,
             "completed": r["returncode"] == 0, "peak_rss_mb": peak, "within_24gib": peak is not None and peak <= 24 * 1024,
