@@ -12,7 +12,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-MANIFEST = "export.json"
+from qatforge.spec.checkpoint import MANIFEST, safetensors_header  # noqa: F401 (re-exported)
+
 # Snakemake stamps directory outputs with this file after the job: not part of the artifact.
 SNAKEMAKE_STAMP = ".snakemake_timestamp"
 
@@ -146,16 +147,6 @@ def check_free_space(target: str | os.PathLike, needed_bytes: int, margin: float
             f"not enough disk space for {target}: need about {want / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB free on the filesystem of {probe}"
         )
-
-
-def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header (tensor name -> dtype, shape, offsets) and the byte offset
-    where its data starts; no tensor is read."""
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)), 8 + n
 
 
 MTP_PREFIXES = ("mtp.", "model.mtp.")

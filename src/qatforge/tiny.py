@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from qatforge.spec.builtin import TINY_QWEN3_SHAPE
+
 # The Qwen2 pre-tokenizer regex (as in Qwen2/Qwen3 tokenizer.json), so llama.cpp's ``qwen2``
 # pre-tokenizer splits text the same way.
 LOG = logging.getLogger(__name__)
@@ -72,12 +74,12 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
 def build_model(
     tokenizer: Any,
     *,
-    hidden: int = 256,
-    intermediate: int = 768,
-    layers: int = 4,
-    heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int = 64,
+    hidden: int = TINY_QWEN3_SHAPE["hidden"],
+    intermediate: int = TINY_QWEN3_SHAPE["intermediate"],
+    layers: int = TINY_QWEN3_SHAPE["layers"],
+    heads: int = TINY_QWEN3_SHAPE["heads"],
+    kv_heads: int = TINY_QWEN3_SHAPE["kv_heads"],
+    head_dim: int = TINY_QWEN3_SHAPE["head_dim"],
     seed: int = 0,
     max_positions: int = 2048,
 ) -> Any:

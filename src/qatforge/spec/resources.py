@@ -45,7 +45,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from qatforge.spec.builtin import BUILTIN_PREFIX
+from qatforge.spec.builtin import BUILTIN_PREFIX, TINY_QWEN3_SHAPE
+from qatforge.spec.checkpoint import MANIFEST, safetensors_header
 from qatforge.spec.formats import lookup
 
 SLOPES_FILE = Path(__file__).resolve().parents[3] / "bench" / "resource_slopes.json"
@@ -81,8 +82,6 @@ class ModelSize:
 
 def count_safetensors(directory: str | os.PathLike) -> int:
     """Parameters of a checkpoint: the element counts in its safetensors headers (no data read)."""
-    from qatforge.io import safetensors_header
-
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{directory}: no *.safetensors files")
@@ -113,14 +112,8 @@ def params_from_hf_config(cfg: Mapping[str, Any]) -> int:
 
 
 def builtin_config(builtin: Mapping[str, Any]) -> dict[str, Any]:
-    """The builtin tiny Qwen3's ``config.json`` shape: :func:`qatforge.tiny.build_model`'s defaults
-    (read off its signature; qatforge.tiny imports nothing heavy at module level)."""
-    import inspect
-
-    from qatforge import tiny
-
-    d = {k: p.default for k, p in inspect.signature(tiny.build_model).parameters.items()
-         if p.default is not inspect.Parameter.empty}
+    """The builtin tiny Qwen3's ``config.json`` shape (:data:`~qatforge.spec.builtin.TINY_QWEN3_SHAPE`)."""
+    d = TINY_QWEN3_SHAPE
     return {"model_type": "qwen3", "hidden_size": d["hidden"], "intermediate_size": d["intermediate"],
             "num_hidden_layers": d["layers"], "num_attention_heads": d["heads"],
             "num_key_value_heads": d["kv_heads"], "head_dim": d["head_dim"],
@@ -139,8 +132,6 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 
 def _built_from(built: Path, base: str) -> Path | None:
     """``results/base`` if build_base built it from ``base`` (its manifest's source), else None."""
-    from qatforge.io import MANIFEST
-
     try:
         return built if json.loads((built / MANIFEST).read_text())["provenance"]["source"] == base else None
     except (OSError, ValueError, KeyError, TypeError):
@@ -389,18 +380,3 @@ def markdown(config: Mapping[str, Any], sizes: Mapping[str, ModelSize], table: M
         cells = [request(rule, config, s, table, w) for s in sizes.values()]
         rows.append(f"| {label} | " + " | ".join(f"{c.mem_mb:,} MB, {c.runtime:,} min" for c in cells) + " |")
     return head + "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":  # python -m qatforge.spec.resources [config.yaml]: the README's tables
-    import sys
-
-    import yaml
-    from snakemake.utils import validate
-
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "config/config.yaml")
-    cfg = yaml.safe_load(path.read_text())
-    validate(cfg, str(path.parent / "schema.yaml"))  # fills the defaults
-    qwen3 = {f"{p / 1e9:g}B": ModelSize(int(p), 151_936, "README") for p in (0.6e9, 1.7e9, 4e9, 8e9)}
-    print(markdown(cfg, qwen3, load_table()))
-    gpu_cfg = {**cfg, "resources": {**cfg["resources"], "gpu": True}}
-    print(markdown(gpu_cfg, qwen3, load_table(), gpu_only=True))
