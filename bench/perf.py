@@ -66,7 +66,7 @@ DAG_VARIANTS = (("", {}), ("-pure", {"pure": True}), ("-lot", {"leave_output_ten
                 ("-imat", {"imatrix": True}))
 DAG_SCHEMES = (None, "int8-int4", "int8", "int4-w32", "int2-w128")
 TARGETS = {"cold_s": 480.0, "speedup": 1.4, "incremental_frac": 0.05, "noop_s": 3.0, "dag_s": 5.0,
-           "rss_ratio": 2.5, "time_slope": 1.3}
+           "rss_ratio": 2.5, "time_slope": 1.3, "qat_recovery": 0.85, "qat_recovery_ci_low": 0.5}
 RSS_JUDGED_FROM_MB = 512  # below this the ~0.3-0.5 GiB of imported libraries dominates peak RSS
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 MiB = 2**20
@@ -314,8 +314,19 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
         rec = r.get("recovery")
         got = ("n/a (PTQ loss within noise)" if rec is None or (isinstance(rec, float) and math.isnan(rec))
                else f"{100 * rec:.0f} % [{100 * r['recovery_ci_low']:.0f}, {100 * r['recovery_ci_high']:.0f}]")
+        judged = r["metric"] in ("nll", "kld") and r["qat_mode"] != "unsloth"
+        met = (rec is not None and not math.isnan(rec) and rec >= TARGETS["qat_recovery"]
+               and r["recovery_ci_low"] > TARGETS["qat_recovery_ci_low"])
         rows.append((f"QAT vs PTQ, {r['qat_run']} ({r['qat_mode']}) {r['format']} {r['variant']}, {r['metric']}",
-                     f"PTQ loss {r['ptq_loss']:.3g}, QAT loss {r['qat_loss']:.3g}, recovery {got}", "≥ 70 %", ""))
+                     f"PTQ loss {r['ptq_loss']:.3g}, QAT loss {r['qat_loss']:.3g}, recovery {got}",
+                     f"≥ {TARGETS['qat_recovery']:.0%}, CI low > {TARGETS['qat_recovery_ci_low']:.0%}" if judged else "",
+                     ("yes" if met else "**no**") if judged else ""))
+        d = r.get("recovery_minus_twin")
+        if r.get("twin_run") and d is not None and not math.isnan(d):
+            lo, hi = r["recovery_minus_twin_ci_low"], r["recovery_minus_twin_ci_high"]
+            rows.append((f"QAT design: {r['qat_run']} minus its Unsloth-mode twin {r['twin_run']}, {r['metric']} recovery",
+                         f"{100 * d:+.0f} pt [{100 * lo:+.0f}, {100 * hi:+.0f}]", "interval excludes 0",
+                         "yes" if lo > 0 or hi < 0 else "**no**"))
     sc = figs.get("scale", {})
     if "rows" in sc:
         rows.append((f"scale: whole DAG on a random-init {sc['size']} base ({sc['params'] / 1e6:.0f}M params, bf16 "

@@ -339,3 +339,21 @@ def test_scale_slopes_refit_the_resource_table_to_the_measured_jobs():
     # evaluation keeps its logits term (one conversation of data.max_tokens): never below the measurement
     ev = R.request("evaluate", cfg, size, table, {"run": "baseline", "format": "hf", "variant": "merged"})
     assert ev.mem_mb >= table["mem_headroom"] * 3000.0
+
+
+def test_summary_judges_qat_recovery_and_the_design_difference():
+    def row(run, mode, metric, rec, lo, hi, twin="", d=float("nan"), dlo=float("nan"), dhi=float("nan")):
+        return {"qat_run": run, "qat_mode": mode, "format": "torchao", "variant": "int8-int4", "metric": metric,
+                "ptq_loss": 0.05, "qat_loss": 0.05 * (1 - rec), "recovery": rec, "recovery_ci_low": lo,
+                "recovery_ci_high": hi, "twin_run": twin, "recovery_minus_twin": d,
+                "recovery_minus_twin_ci_low": dlo, "recovery_minus_twin_ci_high": dhi}
+    rows = [row("q", "merged", "nll", 0.88, 0.62, 1.1, "q-u", 0.2, 0.05, 0.35),
+            row("q", "merged", "kld", 0.80, 0.7, 0.9, "q-u", 0.1, -0.02, 0.2),
+            row("q-u", "unsloth", "kld", 0.70, 0.6, 0.8)]
+    body = perf.summary_table({"qat_modes": {"qat_vs_ptq": rows}}).splitlines()[2:]
+    nll, design_nll, kld, design_kld, unsloth = body
+    assert "recovery 88 % [62, 110]" in nll and nll.endswith("| ≥ 85%, CI low > 50% | yes |")
+    assert kld.endswith("| **no** |")  # 80 % < 85 %
+    assert "+20 pt [+5, +35]" in design_nll and design_nll.endswith("| interval excludes 0 | yes |")
+    assert design_kld.endswith("| **no** |")  # [-2, +20] reaches 0
+    assert unsloth.endswith("|  |  |")  # the twin itself is not judged against the target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,6 +114,9 @@ def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):
     assert "| baseline/hf/merged |" in gains and "| qat-int8-int4/hf/merged |" in gains
     assert "results/qat_vs_ptq.csv" not in md and "qat_vs_ptq.csv" in md
     assert "int8-int4" in md
+    ship = md.split("## Which file to ship")[1].split("## Recommendation")[0]
+    for quantizer in ("torchao int8-int4", "gguf Q4_0"):
+        assert f"| {quantizer} | " in ship and ("| **QAT** |" in ship or "| **PTQ** |" in ship)
 
 
 def test_every_gguf_has_export_record_without_fallbacks_for_q4_k_m(pipeline_build):
@@ -147,6 +151,14 @@ def test_qat_runs_distill_from_the_baseline_and_ship_only_their_quantizer(pipeli
         ("qat-int8-int4-unsloth", "torchao", "int8-int4")}
     assert set(df["metric"]) == {"accuracy", "nll", "kld"}
     assert dict(zip(df["qat_run"], df["qat_mode"]))["qat-int8-int4-unsloth"] == "unsloth"
+    # the merge-exact run's recoveries minus its Unsloth-mode twin's, where both are defined
+    twin_of = dict(zip(df["qat_run"], df["twin_run"].fill_null("")))
+    assert twin_of == {"qat-int8-int4": "qat-int8-int4-unsloth", "qat-gguf-q4_0": "", "qat-int8-int4-unsloth": ""}
+    rec = {(r["qat_run"], r["metric"]): r for r in df.to_dicts()}
+    for metric in ("accuracy", "nll", "kld"):
+        a, b = rec[("qat-int8-int4", metric)], rec[("qat-int8-int4-unsloth", metric)]
+        if a["recovery"] is not None and not math.isnan(a["recovery"]):
+            assert a["recovery_minus_twin"] == pytest.approx(a["recovery"] - b["recovery"])
     ev = json.loads((res / "eval/qat-gguf-q4_0/gguf/Q4_0.json").read_text())
     assert ev["baseline_run"] == "baseline" and ev["vs_baseline_kld_mean"] > 0
 

@@ -326,3 +326,127 @@ def test_the_baseline_is_the_run_of_the_base_row():
             _row("zeta", None, "hf", "base", 8.0, 40, 1.2, seed=3, ok=None, failures=[])]
     assert report.baseline_run(rows) == "zeta" and report.baseline_run(rows[:2]) is None
     assert report.recommend(rows, 0.05)["baseline"]["run"] == "zeta"
+
+
+def _twin_rows(unsloth_kld=0.035, unsloth_nll=0.65):
+    """A baseline, its PTQ torchao file, a merge-exact QAT run and its Unsloth-mode twin."""
+    b, q, u = "baseline", "qat-int8-int4", "qat-int8-int4-unsloth"
+    rows = [_row(b, None, "hf", "merged", 8.0, 90, 0.50, kld=0.0, seed=1),
+            _row(b, None, "torchao", "int8-int4", 3.0, 60, 0.80, kld=0.05, seed=2),
+            _row(q, "int8-int4", "hf", "merged", 8.0, 89, 0.505, kld=0.0, seed=10),
+            _row(q, "int8-int4", "torchao", "int8-int4", 3.0, 85, 0.55, kld=0.01, seed=11, vs_baseline_kld=0.02),
+            _row(u, "int8-int4", "hf", "merged", 8.0, 89, 0.51, kld=0.0, seed=20),
+            _row(u, "int8-int4", "torchao", "int8-int4", 3.0, 80, unsloth_nll, kld=0.02, seed=21,
+                 vs_baseline_kld=unsloth_kld)]
+    for r in rows:
+        r["qat_scheme"] = r["qat_scheme"] or report.NO_SCHEME
+        if r["run"] == u:
+            r["qat_mode"] = "unsloth"
+    return rows
+
+
+def test_unsloth_twin_difference_of_recoveries():
+    items = report.qat_vs_ptq(_twin_rows())
+    by = {it["qat_run"]: it for it in items}
+    assert "twin" not in by["qat-int8-int4-unsloth"]
+    twin = by["qat-int8-int4"]["twin"]
+    assert twin["run"] == "qat-int8-int4-unsloth"
+    # KLD to baseline merged: PTQ 0.05, merge-exact 0.02 (recovers 60 %), unsloth 0.035 (30 %)
+    assert twin["kld"]["difference"] == pytest.approx(0.3)
+    # NLL: PTQ +0.30, merge-exact +0.05 (83 %), unsloth +0.15 (50 %); accuracy 30 / 5 / 10 points lost
+    assert twin["nll"]["difference"] == pytest.approx(1 / 3)
+    assert twin["accuracy"]["difference"] == pytest.approx(5 / 30)
+    for m in ("accuracy", "nll", "kld"):
+        rec = {run: by[run][m]["recovered"] for run in by}
+        assert twin[m]["difference"] == pytest.approx(rec["qat-int8-int4"] - rec["qat-int8-int4-unsloth"])
+        lo, hi = twin[m]["ci"]
+        assert lo < twin[m]["difference"] < hi
+    # a twin identical to the run: difference exactly 0 on every resample
+    same = _twin_rows(unsloth_kld=0.02, unsloth_nll=0.55)
+    u = [r for r in same if r["run"] == "qat-int8-int4-unsloth" and r["format"] == "torchao"][0]
+    q = [r for r in same if r["run"] == "qat-int8-int4" and r["format"] == "torchao"][0]
+    u.update({k: q[k] for k in ("per_seq_nll_sum", "vs_baseline_per_seq_kld_sum", "per_prompt_correct")})
+    zero = {it["qat_run"]: it for it in report.qat_vs_ptq(same)}["qat-int8-int4"]["twin"]
+    assert all(zero[m]["difference"] == 0 and zero[m]["ci"] == (0.0, 0.0) for m in ("accuracy", "nll", "kld"))
+    df = report.qat_vs_ptq_frame(items)
+    assert tuple(df.columns) == report.QAT_VS_PTQ_COLUMNS
+    kld = df.filter((pl.col("metric") == "kld") & (pl.col("qat_run") == "qat-int8-int4")).row(0, named=True)
+    assert kld["twin_run"] == "qat-int8-int4-unsloth" and kld["recovery_minus_twin"] == pytest.approx(0.3)
+    assert kld["recovery_minus_twin_ci_low"] < 0.3 < kld["recovery_minus_twin_ci_high"]
+    unsloth = df.filter(pl.col("qat_run") == "qat-int8-int4-unsloth")
+    assert unsloth["twin_run"].to_list() == [""] * 3 and unsloth["recovery_minus_twin"].is_nan().all()
+
+
+def test_twin_difference_in_report_md(tmp_path):
+    paths = []
+    for r in _twin_rows():
+        p = tmp_path / "eval" / r["run"] / r["format"] / f"{r['variant']}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(r))
+        paths.append(p)
+    summary = report.build_report(paths, tmp_path / "r.csv", tmp_path / "r.md", tmp_path / "plots",
+                                  out_qat_csv=tmp_path / "q.csv", accuracy_margin=0.05)
+    md = (tmp_path / "r.md").read_text().split("## QAT vs PTQ")[1]
+    assert "recovery minus its Unsloth-mode twin qat-int8-int4-unsloth's" in md and "kld +30 pt [" in md
+    assert [(c["twin"] or {}).get("run") for c in summary["qat_vs_ptq"]] == ["qat-int8-int4-unsloth", None]
+
+
+def test_verdict_ships_qat_only_for_a_significant_gain_at_the_same_size(built):
+    out, summary, _ = built
+    ships = {(c["format"], c["variant"]): c.get("ship") for c in summary["qat_vs_ptq"]}
+    assert ships[("torchao", "int8-int4")] == "QAT"
+    md = (out / "report.md").read_text().split("## Which file to ship")[1].split("## Recommendation")[0]
+    assert "| torchao int8-int4 | qat-int8-int4 (merged) | **QAT** | qat-int8-int4/torchao/int8-int4 |" in md
+    assert "KLD to baseline merged: QAT 0.02 vs PTQ 0.05, recovers 60 %" in md and "size 3 vs 3 MiB (1.00×)" in md
+    rows = _twin_rows()
+    items = [it for it in report.qat_vs_ptq(rows) if it["qat_run"] == "qat-int8-int4"]
+    assert report.verdict(items[0])["ship"] == "QAT"
+    # larger beyond the tolerance, slower beyond the spread, or failing parity: the PTQ file, with the reason
+    for change, reason in (({"size_mb": 3.3}, "1.10× the PTQ file's size"),
+                           ({"gen_tps": 200.0, "gen_tps_p25": 190.0, "gen_tps_p75": 210.0}, "generates slower"),
+                           ({"parity_pass": False}, "fails parity")):
+        v = report.verdict({**items[0], "qat": {**items[0]["qat"], **change}})
+        assert v["ship"] == "PTQ" and v["file"]["run"] == "baseline" and any(reason in x for x in v["reasons"])
+    # an insignificant KLD gain (the twin at the PTQ's KLD, noisy): PTQ
+    noisy = [it for it in report.qat_vs_ptq(_twin_rows(unsloth_kld=0.05)) if it["qat_run"].endswith("unsloth")][0]
+    v = report.verdict(noisy)
+    assert v["ship"] == "PTQ" and any("KLD gain over PTQ is not significant" in x for x in v["reasons"])
+
+
+def test_recommendation_shows_kld_against_the_baseline_merged_model(built):
+    out, _, _ = built
+    md = (out / "report.md").read_text().split("## Recommendation")[1]
+    row = [line for line in md.splitlines() if line.startswith("| torchao |")][0]
+    # the QAT file's KLD to its own merged model is 0.01; to the baseline merged model 0.02
+    assert "qat-int8-int4/torchao/int8-int4" in row and "| 2.00e-02 | 0.980 |" in row
+
+
+def test_quality_plot_is_against_the_baseline_with_the_base_off_scale_and_pairs_linked():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qatforge.report import plots
+
+    rows = [{**r, "qat_scheme": r["qat_scheme"] or report.NO_SCHEME} for r in _synthetic()]
+    for r in rows:
+        r["parity_pass"] = r["parity_pass"] if r["variant"] != "base" else None
+    pairs = [it for it in report.qat_vs_ptq(rows) if it.get("qat")]
+    base_merged_nll = 0.50
+    points = [(r, r["nll"] - base_merged_nll) for r in rows if r["variant"] != "base"]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    plots._quality_panel(ax, points, {"hf": "k", "gguf": "b", "torchao": "g", "onnx": "r"}, "NLL added",
+                         [("base model", 0.70)], pairs, "baseline", log_y=False)
+    assert ax.get_ylim()[1] < 0.70  # the base row (0.70 nats/token worse) is outside the range, named instead
+    assert any("off scale: base model 0.7" in t.get_text() for t in ax.texts)
+    arrows = [a for a in ax.texts if getattr(a, "arrow_patch", None) is not None]
+    assert len(arrows) == len(pairs) == 1  # baseline torchao int8-int4 -> the QAT run's
+    assert arrows[0].xy == (3.0, pytest.approx(0.05)) and arrows[0].xyann == (3.0, pytest.approx(0.30))
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_window_extent(renderer) for t in ax.texts if getattr(t, "arrow_patch", None) is None
+              and not t.get_text().startswith("off scale")]
+    assert len(labels) == len(points)
+    overlaps = [(i, j) for i in range(len(labels)) for j in range(i) if labels[i].overlaps(labels[j])]
+    assert not overlaps
+    plt.close(fig)

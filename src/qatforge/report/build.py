@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from qatforge.io import atomic_file
-from qatforge.report.compare import add_losses, base_vs_finetuned, qat_vs_ptq, qat_vs_ptq_frame, recommend
+from qatforge.report.compare import (add_losses, base_vs_finetuned, qat_vs_ptq, qat_vs_ptq_frame, recommend,
+                                     verdict)
 from qatforge.report.load import deployed, label, load_evals, to_frame
 from qatforge.report.markdown import (base_section, loss_section, markdown_table, qat_section, recommend_section,
-                                      speed_section)
+                                      speed_section, verdict_section)
 from qatforge.report.plots import make_plots
 from qatforge.spec.formats import lookup
 
@@ -67,7 +68,7 @@ def build_report(
     for entry in rec["targets"].values():
         if entry["choice"] is None and entry["format"] in skipped:
             entry["reason"] = f"{entry['format']} skipped for this base (see Skipped formats)"
-    plots = make_plots(rows, plots_dir)
+    plots = make_plots(rows, plots_dir, comparisons)
 
     md = ["# qatforge report", ""]
     n_ref = len(rows) - len(judged)
@@ -97,6 +98,7 @@ def build_report(
     md += loss_section(rows)
     md += speed_section(rows)
     md += qat_section(comparisons)
+    md += verdict_section(comparisons)
     md += recommend_section(rec)
     md += ["## Plots", ""]
     md += [f"![{p.stem}]({Path(os.path.relpath(p, Path(out_md).parent)).as_posix()})" for p in plots] + [""]
@@ -112,7 +114,8 @@ def build_report(
         "base_vs_finetuned": [{k: it[k] for k in ("run", "accuracy", "nll")} for it in gains],
         "qat_vs_ptq": [
             {k: it.get(k) for k in ("qat_run", "qat_mode", "baseline_run", "format", "variant", "accuracy", "nll",
-                                    "kld", "missing", "unmatched")}
+                                    "kld", "twin", "missing", "unmatched")}
+            | ({"ship": verdict(it)["ship"]} if it.get("qat") and not it.get("missing") else {})
             for it in comparisons
         ],
         "plots": [str(p) for p in plots],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from qatforge.report.compare import UNMATCHED
+from qatforge.report.compare import UNMATCHED, to_baseline, verdict
 from qatforge.report.load import FORMAT_ORDER, deployed, label
 from qatforge.report.stats import BOOTSTRAP
 from qatforge.spec.columns import REPORT_COLUMNS, SPEED_COLUMNS
@@ -104,12 +104,50 @@ def qat_section(items: Sequence[Mapping]) -> list[str]:
                 base_txt += ("The PTQ loss is within noise (its interval reaches zero or it is no loss), "
                              "so a recovery share is not meaningful.")
             md.append(base_txt)
+        md += _twin_lines(it, head)
         md.append("")
     unmatched = [it for it in items if it.get("unmatched")]
     if unmatched:
         md += [f"{UNMATCHED} (quantizers the run did not train for; not QAT results): "
                + ", ".join(f"{it['qat_run']}/{it['format']}/{it['variant']}" for it in unmatched) + ".", ""]
     return md
+
+
+def _twin_lines(it: Mapping, head: str) -> list[str]:
+    """The design difference: this run's recovery minus its Unsloth-mode twin's, per measure."""
+    twin = it.get("twin")
+    if not twin:
+        return []
+    cells = []
+    for measure in ("accuracy", "nll", "kld"):
+        d = twin.get(measure)
+        if d is None:
+            cells.append(f"{measure} n/a (PTQ loss within noise or per-item results missing)")
+            continue
+        sig = "excludes 0" if _excludes_zero(*d["ci"]) else "within noise"
+        cells.append(f"{measure} {_signed(d['difference'], 100, ' pt')} {_ci(d['ci'], 100, ' pt')} ({sig})")
+    return [f"- {head}: recovery minus its Unsloth-mode twin {twin['run']}'s (qat.mode unsloth, otherwise the "
+            f"same settings; paired over the same test items): " + "; ".join(cells) + "."]
+
+
+def verdict_section(items: Sequence[Mapping]) -> list[str]:
+    """The ``## Which file to ship`` section: per matched QAT/PTQ pair, :func:`compare.verdict`."""
+    pairs = [it for it in items if not it.get("unmatched") and not it.get("missing")]
+    if not pairs:
+        return []
+    md = ["## Which file to ship", "",
+          "Per quantizer a QAT run trained for: its QAT file or the baseline run's PTQ file of the same quantizer, "
+          "both judged against the baseline merged model (the model the user fine-tuned). QAT is recommended "
+          "when it passes parity, its NLL and KLD gains over PTQ have 95 % intervals above zero, it loses no "
+          "accuracy significantly, and it is no larger (5 % tolerance) or slower (beyond the speed spread) "
+          "than the PTQ file; otherwise PTQ, which needs no training run.", "",
+          "| quantizer | QAT run | ship | file | quality | size and speed (QAT vs PTQ) | why |", "|---|---|---|---|---|---|---|"]
+    for it in pairs:
+        v = verdict(it)
+        why = "; ".join(v["reasons"]) if v["reasons"] else "better NLL and KLD, intervals above zero"
+        md.append(f"| {it['format']} {it['variant']} | {it['qat_run']} ({it.get('qat_mode') or 'n/a'}) | **{v['ship']}** | "
+                  f"{label(v['file'])} | {v['quality']} | {v['numbers']} | {why.replace('|', '/')} |")
+    return md + [""]
 
 
 def _excludes_zero(lo: float | None, hi: float | None) -> bool:
@@ -193,7 +231,10 @@ def recommend_section(rec: Mapping[str, Any]) -> list[str]:
         md += [f"Baseline: {label(base)}, accuracy {_fmt(base['accuracy'], 'accuracy')}; accepted artifacts pass "
                f"parity and reach accuracy >= {base['accuracy'] - rec['accuracy_margin']:.3f} "
                f"(margin {rec['accuracy_margin']}). The smallest such artifact per target:", ""]
-    md += ["| target | recommended artifact | size MiB | accuracy | KLD mean | top-1 | gen tok/s | sha256 |",
+    md += ["KLD and top-1 are against the baseline merged model (the model the user started from) for every row, "
+           "a QAT run's included.", "",
+           "| target | recommended artifact | size MiB | accuracy | KLD to baseline merged | top-1 vs baseline merged | "
+           "gen tok/s | sha256 |",
            "|---|---|---|---|---|---|---|---|"]
     for target, e in rec["targets"].items():
         c = e["choice"]
@@ -201,7 +242,7 @@ def recommend_section(rec: Mapping[str, Any]) -> list[str]:
             md.append(f"| {target} | none: {e['reason']} | | | | | | |")
         else:
             md.append(f"| {target} | {label(c)} | {_fmt(c['size_mb'], 'size_mb')} | {_fmt(c['accuracy'], 'accuracy')} | "
-                      f"{_fmt(c['kld_mean'], 'kld_mean')} | {_fmt(c['top1_agree'], 'top1_agree')} | "
+                      f"{_fmt(to_baseline(c, 'kld_mean'), 'kld_mean')} | {_fmt(to_baseline(c, 'top1_agree'), 'top1_agree')} | "
                       f"{_fmt(c['gen_tps'], 'gen_tps')} | {_fmt(c['sha256'], 'sha256')} |")
     md.append("")
     if base is not None:
