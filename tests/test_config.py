@@ -36,10 +36,12 @@ def test_default_config_is_valid(cfg):
     qcfg.check(cfg, ROOT)
     # baseline: hf, the base, BF16, 6 quants, 3 onnx, 2 PTQ torchao schemes; each QAT run (formats:
     # matched): its merged model and the artifact of its quantizer
-    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 3 + 2) + 2 * 2
+    assert len(qcfg.artifacts(cfg)) == (1 + 1 + 1 + 6 + 3 + 2) + 3 * 2
     assert {a for a in qcfg.artifacts(cfg) if a[0].startswith("qat-")} == {
         ("qat-int8-int4", "hf", "merged"), ("qat-int8-int4", "torchao", "int8-int4"),
-        ("qat-gguf-q4_0", "hf", "merged"), ("qat-gguf-q4_0", "gguf", "Q4_0")}
+        ("qat-gguf-q4_0", "hf", "merged"), ("qat-gguf-q4_0", "gguf", "Q4_0"),
+        ("qat-onnx-int4", "hf", "merged"), ("qat-onnx-int4", "onnx", "int4")}
+    assert qcfg.torchao_variants(cfg, "qat-onnx-int4") == [] and qcfg.modelfile_quant(cfg, "qat-onnx-int4") is None
     assert qcfg.run_base(cfg, "qat-gguf-q4_0") == "results/runs/baseline/merged"
     assert qcfg.run_base(cfg, "baseline") == "results/base"
     assert qcfg.modelfile_quant(cfg, "qat-gguf-q4_0") == "Q4_0" and qcfg.modelfile_quant(cfg, "qat-int8-int4") is None
@@ -162,7 +164,7 @@ def test_architecture_the_gguf_converter_lacks_is_refused_up_front(cfg, tmp_path
     (m / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
     qcfg.check(cfg, ROOT)
     cfg["formats"]["on_unsupported"] = "skip"  # skip: nothing unsupported, nothing skipped
-    assert qcfg.skipped_formats(cfg, ROOT) == {} and len(qcfg.artifacts(cfg, ROOT)) == 18
+    assert qcfg.skipped_formats(cfg, ROOT) == {} and len(qcfg.artifacts(cfg, ROOT)) == 20
 
 
 def test_tokenizer_without_chat_template_or_eos(cfg, tmp_path):
@@ -231,6 +233,25 @@ def test_gguf_scheme_needs_llama_cpp_qat_mix(cfg):
     cfg["gguf"]["quants"]["Q4_0"] = {"type": "Q4_0", "token_embedding_type": "Q8_0", "output_tensor_type": "Q8_0"}
     cfg["torchao"]["schemes"] = ["gguf-q4_0"]
     assert "is a GGUF-targeted QAT scheme, not a torchao one" in problems_of(cfg)
+
+
+def test_onnx_scheme_needs_the_builders_int4_variant(cfg):
+    """An ONNX-targeted run ships as the onnx variant of its precision, built with exactly the
+    MatMulNBits it trains under (int4, block 32, no other builder options)."""
+    qcfg.check(cfg, ROOT)
+    want = "ships as onnx.variants.int4, which must exist as {precision: int4, block_size: 32}"
+    for wrong in ({"precision": "int4", "block_size": 128}, {"precision": "int4", "block_size": 32, "int4_is_symmetric": False},
+                  {"precision": "int8", "block_size": 32}):
+        cfg["onnx"]["variants"]["int4"] = wrong
+        assert want in problems_of(cfg), wrong
+    del cfg["onnx"]["variants"]["int4"]
+    assert want in problems_of(cfg)
+    cfg["onnx"]["variants"]["int4"] = {"precision": "int4", "block_size": 32}
+    cfg["runs"]["qat-onnx-int4"]["qat"]["mode"] = "unsloth"
+    assert "runs.qat-onnx-int4.qat.mode: the ONNX scheme 'onnx-int4' trains merge-exact only" in problems_of(cfg)
+    cfg["runs"]["qat-onnx-int4"]["qat"]["mode"] = "merged"
+    cfg["torchao"]["schemes"] = ["onnx-int4"]
+    assert "'onnx-int4' is a ONNX-targeted QAT scheme, not a torchao one" in problems_of(cfg)
 
 
 def test_train_settings_are_per_run(cfg):

@@ -115,7 +115,7 @@ def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):
     assert "results/qat_vs_ptq.csv" not in md and "qat_vs_ptq.csv" in md
     assert "int8-int4" in md
     ship = md.split("## Which file to ship")[1].split("## Recommendation")[0]
-    for quantizer in ("torchao int8-int4", "gguf Q4_0"):
+    for quantizer in ("torchao int8-int4", "gguf Q4_0", "onnx int4"):
         assert f"| {quantizer} | " in ship and ("| **QAT** |" in ship or "| **PTQ** |" in ship)
 
 
@@ -130,13 +130,18 @@ def test_every_gguf_has_export_record_without_fallbacks_for_q4_k_m(pipeline_buil
 
 def test_qat_runs_distill_from_the_baseline_and_ship_only_their_quantizer(pipeline_build):
     res = pipeline_build / "results"
-    for run in ("qat-int8-int4", "qat-gguf-q4_0", "qat-int8-int4-unsloth"):
+    for run in ("qat-int8-int4", "qat-gguf-q4_0", "qat-onnx-int4", "qat-int8-int4-unsloth"):
         merged = json.loads((res / "runs" / run / "merged" / "export.json").read_text())
         assert merged["provenance"]["merge"]["base_dir"] == "results/runs/baseline/merged"  # the teacher is the base
         best = json.loads((res / "runs" / run / "best.json").read_text())
         assert best["metric"] == "teacher_kld" and best["candidates"][0]["step"] == 0
         assert best["best"]["teacher_kld"] == min(c["teacher_kld"] for c in best["candidates"])
     assert not (res / "runs/qat-int8-int4/gguf").exists() and not (res / "runs/qat-gguf-q4_0/torchao").exists()
+    # the ONNX-targeted run ships only its int4 folder, trained under the MatMulNBits it holds
+    assert [p.name for p in (res / "runs/qat-onnx-int4/onnx").iterdir() if p.is_dir()] == ["int4"]
+    assert not (res / "runs/qat-onnx-int4/torchao").exists() and not (res / "runs/qat-onnx-int4/gguf").exists()
+    log = (pipeline_build / "logs/train/qat-onnx-int4.log").read_text()
+    assert "QAT onnx-int4 (merged): 28 LoRA linears" in log and "lm_head int4 block 32" in log
     # the GGUF-targeted run's own file: every tensor is stored in the type it trained under
     rec = json.loads((res / "runs/qat-gguf-q4_0/gguf/TinyQwen3-Q4_0.gguf.json").read_text())
     qt = rec["provenance"]["qat_tensor_types"]
@@ -147,13 +152,14 @@ def test_qat_runs_distill_from_the_baseline_and_ship_only_their_quantizer(pipeli
     assert "\nFROM ./TinyQwen3-Q4_0.gguf\n" in (res / "runs/qat-gguf-q4_0/gguf/Modelfile").read_text()
     df = pl.read_csv(res / "qat_vs_ptq.csv")
     assert set(zip(df["qat_run"], df["format"], df["variant"])) == {
-        ("qat-int8-int4", "torchao", "int8-int4"), ("qat-gguf-q4_0", "gguf", "Q4_0"),
+        ("qat-int8-int4", "torchao", "int8-int4"), ("qat-gguf-q4_0", "gguf", "Q4_0"), ("qat-onnx-int4", "onnx", "int4"),
         ("qat-int8-int4-unsloth", "torchao", "int8-int4")}
     assert set(df["metric"]) == {"accuracy", "nll", "kld"}
     assert dict(zip(df["qat_run"], df["qat_mode"]))["qat-int8-int4-unsloth"] == "unsloth"
     # the merge-exact run's recoveries minus its Unsloth-mode twin's, where both are defined
     twin_of = dict(zip(df["qat_run"], df["twin_run"].fill_null("")))
-    assert twin_of == {"qat-int8-int4": "qat-int8-int4-unsloth", "qat-gguf-q4_0": "", "qat-int8-int4-unsloth": ""}
+    assert twin_of == {"qat-int8-int4": "qat-int8-int4-unsloth", "qat-gguf-q4_0": "", "qat-onnx-int4": "",
+                       "qat-int8-int4-unsloth": ""}
     rec = {(r["qat_run"], r["metric"]): r for r in df.to_dicts()}
     for metric in ("accuracy", "nll", "kld"):
         a, b = rec[("qat-int8-int4", metric)], rec[("qat-int8-int4-unsloth", metric)]

@@ -216,6 +216,46 @@ def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_pat
     assert qat_gap <= 1e-4 and qat_gap < 0.1 * ptq_gap
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_onnx_int4_forward_matches_onnxruntime_on_the_builders_file(tiny, tmp_path, tied):
+    """onnx-int4's training forward (merged weight → bf16 → MatMulNBits int4 block 32, int8
+    activations, the LM head at int4, the embedding float unless tied to it) against onnxruntime running the int4
+    folder the ONNX Runtime GenAI builder writes from the merged checkpoint, tied or untied."""
+    import numpy as np
+    import torch
+
+    from qatforge import merge as merge_mod
+    from qatforge.evaluate.onnx import OnnxRuntime
+    from qatforge.export.onnx import export
+    from qatforge.model import load_causal_lm
+    from qatforge.qat_lora import prepare_merged_qat
+    from qatforge.spec.schemes import parse_scheme
+
+    d, tok, rows = tiny
+    if tied:
+        d = _tied_copy(d, tmp_path / "tied")
+    model = _peft(d, seed=1)
+    model.save_pretrained(tmp_path / "adapter")
+    info = prepare_merged_qat(model, "onnx-int4", storage_dtype=merge_mod.STORAGE_DTYPE)
+    assert len(info["merged_linears"]) == 7
+    # tied: the builder's embedding is a GatherBlockQuantized over the LM head's int4 blocks
+    assert info["onnx_outside_adapters"] == {"lm_head": "int4 block 32", **({"embed_tokens (tied)": "int4 block 32"}
+                                             if tied else {}), "lm_head input": "int8 (accuracy_level 4)"}
+    model.eval()
+    enc = _batch(tok, rows, 6)
+    train_fwd = [x.numpy() for x in _logits(model, enc)]
+
+    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
+    plain = [x.numpy() for x in _logits(load_causal_lm(tmp_path / "merged", dtype=torch.float32), enc)]
+    export(tmp_path / "merged", tmp_path / "int4", parse_scheme("onnx-int4").onnx.builder_settings())
+    rt = OnnxRuntime(tmp_path / "int4", threads=1)
+    ort = [rt.logits(e["input_ids"]) for e in enc]
+    qat_gap = np.mean([_kl(o, t) for o, t in zip(ort, train_fwd)])
+    ptq_gap = np.mean([_kl(o, p) for o, p in zip(ort, plain)])
+    print(f"KLD(onnxruntime int4 || QAT forward) {qat_gap:.3g}; || unquantized merged {ptq_gap:.3g}")
+    assert qat_gap <= 1e-4 and qat_gap < 0.05 * ptq_gap
+
+
 def test_inference_cache_follows_adapter_updates(tiny):
     """Without grad the fake-quantized merged weight is cached, and an in-place update (an optimizer
     step) or switching adapters off invalidates it."""

@@ -35,7 +35,10 @@ rounds, so compare in float32 if identity matters).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+from qatforge.ste import straight_through
 
 BLOCK_SIZE = 32
 QTYPES = ("Q4_0", "Q8_0")
@@ -92,32 +95,6 @@ def dequantized(w, qtype: str):
     return out.reshape(w.shape)
 
 
-_STE = None
-
-
-def _ste():
-    """A straight-through autograd Function (built lazily: torch is not imported at module level).
-
-    ``w + (dq - w).detach()`` is not used because its forward is not bit-exact: ``w + (dq - w)``
-    rounds twice, and ``+0.0`` terms turn llama.cpp's ``-0.0`` outputs into ``+0.0``.
-    """
-    global _STE
-    if _STE is None:
-        import torch
-
-        class GGUFFakeQuantSTE(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, w, qtype):
-                return dequantized(w, qtype).to(w.dtype)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return grad, None
-
-        _STE = GGUFFakeQuantSTE
-    return _STE
-
-
 def fake_quantize(w, qtype: str):
     """``w`` fake-quantized to GGUF ``qtype`` ("Q4_0" or "Q8_0") along its last dimension.
 
@@ -125,6 +102,4 @@ def fake_quantize(w, qtype: str):
     backward: straight-through (the gradient reaches ``w`` unchanged).
     """
     _check(w, qtype)
-    if not w.requires_grad:
-        return dequantized(w, qtype).to(w.dtype)
-    return _ste().apply(w, qtype)
+    return straight_through(functools.partial(dequantized, qtype=qtype), w)

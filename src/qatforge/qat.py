@@ -54,8 +54,8 @@ def torchao_configs(scheme: SchemeLike) -> tuple[Any, Any | None]:
     it names, and the ``int8`` scheme's (int8 per row) for an input embedding it quantizes."""
     s = parse_scheme(scheme)
     if s.torchao is None:
-        raise QATError(f"scheme {s.name!r} is GGUF-targeted: it trains with qat.mode merged only "
-                       "(qatforge.qat_lora) and ships as the run's GGUF, not through torchao")
+        raise QATError(f"scheme {s.name!r} is {s.target.upper()}-targeted: it trains with qat.mode merged only "
+                       f"(qatforge.qat_lora) and ships as the run's {s.target.upper()} file, not through torchao")
     build = _torchao_builders()
     emb = parse_scheme("int8")
     return build[s.torchao](s), (build[emb.torchao](emb) if s.embedding else None)

@@ -65,18 +65,40 @@ def _gguf_fake_quant(qtype: str) -> Any:
     return GGUFFakeQuantizer()
 
 
+def _onnx_fake_quant(recipe: Any, activations: bool = False) -> Any:
+    """A module applying MatMulNBits' weight (or, ``activations``, its int8 compute's activation)
+    fake quantization of ``recipe`` along the last dimension (``qatforge.onnx_fake_quant``)."""
+    import torch
+
+    from qatforge.onnx_fake_quant import fake_quantize, fake_quantize_activations
+
+    class MatMulNBitsFakeQuantizer(torch.nn.Module):
+        def forward(self, x):
+            if activations:
+                return fake_quantize_activations(x, recipe.block_size)
+            return fake_quantize(x, recipe.bits, recipe.block_size)
+
+        def extra_repr(self) -> str:
+            return f"{'activations int8' if activations else f'int{recipe.bits}'}, block {recipe.block_size}"
+
+    return MatMulNBitsFakeQuantizer()
+
+
 def fake_quantizers(scheme: Scheme, weight_type: str | None = None) -> tuple[Any | None, Any]:
     """``(activation_fq | None, weight_fq)`` modules of ``scheme``'s linears: torchao's own, as its QAT
-    builds them from the scheme's config, or for a GGUF scheme llama.cpp's weight type (the recipe's
+    builds them from the scheme's config; for a GGUF scheme llama.cpp's weight type (the recipe's
     projection type, or ``weight_type``) with the recipe's activations (Q8_0: what ggml's CPU
-    ``vec_dot`` quantizes the activations to for Q4_0 and Q8_0 weights)."""
+    ``vec_dot`` quantizes the activations to for Q4_0 and Q8_0 weights); for an ONNX scheme
+    MatMulNBits' weights with its int8 compute's activations."""
+    if scheme.gguf:
+        return _gguf_fake_quant(scheme.gguf.activations), _gguf_fake_quant(weight_type or scheme.gguf.weights)
+    if scheme.onnx:
+        return _onnx_fake_quant(scheme.onnx, activations=True), _onnx_fake_quant(scheme.onnx)
+
     from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
     from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
 
     from qatforge.qat import torchao_configs
-
-    if scheme.gguf:
-        return _gguf_fake_quant(scheme.gguf.activations), _gguf_fake_quant(weight_type or scheme.gguf.weights)
 
     cfg, _ = torchao_configs(scheme)
     act_cfg, w_cfg = _infer_fake_quantize_configs(cfg)
@@ -274,8 +296,9 @@ def prepare_merged_qat(
         for p in model.parameters():
             if not p.requires_grad and id(p) not in lora_weights and p.is_floating_point():
                 p.data = p.data.to(dtype).to(p.dtype)
-    if s.gguf:
-        outside = prepare_gguf_outside_adapters(model, s.gguf, adapted=layers.values())
+    if s.gguf or s.onnx:
+        prepare = prepare_gguf_outside_adapters if s.gguf else prepare_onnx_outside_adapters
+        outside = prepare(model, s.gguf or s.onnx, adapted=layers.values())
         others = len(outside)
     else:
         outside = {}
@@ -285,9 +308,9 @@ def prepare_merged_qat(
     info = {"mode": "merged", "scheme": s.name, "storage_dtype": storage_dtype,
             "merged_linears": sorted(layers), "fake_quantized_other": others}
     if outside:
-        info["gguf_outside_adapters"] = outside
+        info[f"{s.target}_outside_adapters"] = outside
     if log:
-        other = (", ".join(f"{k} {v}" for k, v in outside.items()) if s.gguf
+        other = (", ".join(f"{k} {v}" for k, v in outside.items()) if outside
                  else f"{others} other modules fake-quantized by torchao")
         log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
             + other)
@@ -320,3 +343,25 @@ def prepare_gguf_outside_adapters(model: Any, recipe: Any, adapted: Any = ()) ->
         head.register_forward_pre_hook(lambda _m, args: (fake_quantize(args[0], act), *args[1:]))
         done["output input"] = act
     return done
+
+
+def prepare_onnx_outside_adapters(model: Any, recipe: Any, adapted: Any = ()) -> dict[str, str]:
+    """Train the frozen LM head as the builder writes it: its weight replaced by its MatMulNBits round
+    trip and its input fake-quantized as the int8 compute does. A tied embedding shares that matrix,
+    as in the builder's file (``shared_embeddings``: a ``GatherBlockQuantized`` over the LM head's
+    int4 blocks); an untied one stays a float ``Gather``. Returns ``{what: type}``."""
+    import torch
+
+    from qatforge.onnx_fake_quant import dequantized, fake_quantize_activations
+    from qatforge.qat import hf_model
+
+    hf = hf_model(model)
+    emb, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    if head is None or any(head is m for m in adapted):
+        return {}
+    with torch.no_grad():
+        head.weight.data = dequantized(head.weight.data, recipe.bits, recipe.block_size).to(head.weight.dtype)
+    head.register_forward_pre_hook(lambda _m, args: (fake_quantize_activations(args[0], recipe.block_size), *args[1:]))
+    kind = f"int{recipe.bits} block {recipe.block_size}"
+    return {"lm_head": kind, **({"embed_tokens (tied)": kind} if head.weight is emb.weight else {}),
+            "lm_head input": "int8 (accuracy_level 4)"}

@@ -146,7 +146,7 @@ def torchao_variants(config: dict, run: str) -> list[str]:
 
 def torchao_scheme_uses(config: dict) -> list[tuple[str, str]]:
     """Every torchao scheme the config quantizes with, as (config key, scheme): ``torchao.schemes``
-    (PTQ of the baseline runs) and the ``qat_scheme`` of each torchao QAT run (not GGUF-targeted)."""
+    (PTQ of the baseline runs) and the ``qat_scheme`` of each torchao QAT run (not GGUF- or ONNX-targeted)."""
     uses = []
     for run in runs(config):
         key = "torchao.schemes" if qat_scheme(config, run) is None else f"runs.{run}.qat_scheme"
@@ -251,10 +251,10 @@ def _check_base(config: dict, workdir: Path) -> list[str]:
 def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> list[str]:
     from qatforge.spec import schemes
 
-    def recipe(scheme: Any) -> Any:
-        """The GGUF recipe of a valid scheme; None for a torchao one, or an invalid one (reported)."""
+    def parsed(scheme: Any) -> Any:
+        """A valid scheme parsed; None for an invalid one (reported)."""
         try:
-            return schemes.parse_scheme(scheme).gguf
+            return schemes.parse_scheme(scheme)
         except ValueError:
             return None
 
@@ -266,22 +266,30 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
     for scheme in config["torchao"]["schemes"]:
         problems += [f"torchao.schemes: {p}" for p in schemes.problems(scheme, cuda_capability)]
     for scheme in config["torchao"]["schemes"]:
-        if recipe(scheme):
-            problems.append(f"torchao.schemes: {scheme!r} is a GGUF-targeted QAT scheme, not a torchao one")
+        s = parsed(scheme)
+        if s is not None and s.target != "torchao":
+            problems.append(f"torchao.schemes: {scheme!r} is a {s.target.upper()}-targeted QAT scheme, not a torchao one")
     for run in runs(config):
         scheme = qat_scheme(config, run)
-        r = recipe(scheme) if scheme is not None else None
-        if r:
-            t = r.weights
-            if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
-                problems.append(f"runs.{run}.qat.mode: the GGUF scheme {scheme!r} trains merge-exact only (mode: merged)")
-            spec = config["gguf"]["quants"].get(t)
-            want = r.quant_spec()
-            if not _same_quant(spec, want):
+        s = parsed(scheme) if scheme is not None else None
+        if s is None or s.target == "torchao":
+            continue
+        if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
+            problems.append(f"runs.{run}.qat.mode: the {s.target.upper()} scheme {scheme!r} trains merge-exact only "
+                            "(mode: merged)")
+        if s.gguf:
+            t, want = s.gguf.weights, s.gguf.quant_spec()
+            if not _same_quant(config["gguf"]["quants"].get(t), want):
                 shown = ", ".join(f"{k}: {v}" for k, v in want.items())
                 problems.append(f"runs.{run}.qat_scheme: {scheme!r} ships as gguf.quants.{t}, which must exist as "
                                 f"{{{shown}}} (llama.cpp's QAT mix, the types the run trains under; no imatrix, "
                                 f"no other overrides)")
+        else:
+            v, want = s.onnx.variant, s.onnx.builder_settings()
+            if (config.get("onnx") or {}).get("variants", {}).get(v) != want:
+                shown = ", ".join(f"{k}: {x}" for k, x in want.items())
+                problems.append(f"runs.{run}.qat_scheme: {scheme!r} ships as onnx.variants.{v}, which must exist as "
+                                f"{{{shown}}} (the MatMulNBits the run trains under; no other builder options)")
     for run in runs(config):
         if config["runs"][run].get("formats") == "matched" and qat_scheme(config, run) is None:
             problems.append(f"runs.{run}.formats: 'matched' needs a QAT run (qat_scheme set); a baseline run exports all")
@@ -356,16 +364,21 @@ def _check_names(config: dict) -> list[str]:
 
 def _check_formats(config: dict, workdir: Path) -> list[str]:
     """Each configured format the base cannot be exported to (``formats.on_unsupported: error``);
-    under ``skip``, a GGUF-targeted QAT run whose only purpose, the GGUF, is skipped."""
+    under ``skip``, a GGUF- or ONNX-targeted QAT run whose only purpose, that file, is skipped."""
+    from qatforge.spec.schemes import parse_scheme
     from qatforge.spec.schemes import problems as scheme_problems
 
     if on_unsupported(config) == "skip":
-        reason = skipped_formats(config, workdir).get("gguf")
-        return [f"runs.{run}.qat_scheme: {qat_scheme(config, run)!r} trains for GGUF, which "
-                f"formats.on_unsupported: skip leaves out for this base ({reason}); remove the run or use a "
-                "torchao scheme"
-                for run in qat_runs(config) if reason and not scheme_problems(qat_scheme(config, run))
-                and matched_gguf_quant(config, run)]
+        skipped = skipped_formats(config, workdir)
+        out = []
+        for run in qat_runs(config):
+            scheme = qat_scheme(config, run)
+            target = None if scheme_problems(scheme) else parse_scheme(scheme).target
+            if target in skipped and target != "torchao":
+                out.append(f"runs.{run}.qat_scheme: {scheme!r} trains for {target.upper()}, which "
+                           f"formats.on_unsupported: skip leaves out for this base ({skipped[target]}); remove the "
+                           "run or use a torchao scheme")
+        return out
     bad = unsupported_formats(config, workdir)
     used = _used_formats(config) if bad else set()
     return [f"model.base: no {fmt} export: {reason} (formats.on_unsupported: error; set it to skip to leave "

@@ -73,13 +73,13 @@ def outtype_name(config: Mapping[str, Any]) -> str:
 
 
 def _torchao_variants(config: Mapping[str, Any], scheme: str | None) -> list[str]:
-    """PTQ schemes for a baseline run, a QAT run's own scheme (none for a GGUF-targeted one, whose
-    artifact is the GGUF quant of its type)."""
-    from qatforge.spec.schemes import gguf_type
+    """PTQ schemes for a baseline run, a QAT run's own scheme (none for a GGUF- or ONNX-targeted one,
+    whose artifact is in that format)."""
+    from qatforge.spec.schemes import parse_scheme
 
     if scheme is None:
         return list(config["torchao"]["schemes"])
-    return [] if gguf_type(scheme) else [scheme]
+    return [scheme] if parse_scheme(scheme).target == "torchao" else []
 
 
 # Default parity thresholds (Format.thresholds), in this one place. ``kld_mean``/``kld_max`` are

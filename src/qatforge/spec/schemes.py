@@ -9,6 +9,9 @@ Names are Unsloth's (``_prepare_model_for_qat``, torchao 0.18): ``int4``, ``int8
 ``phone-deployment``), ``fp8-int4``, ``fp8-fp8``, ``int8``; plus explicit weight-only specs
 ``int<bits>-w<group>`` (e.g. ``int2-w128``; also written ``w2g128`` or as a mapping
 ``{weight_dtype: int2, group_size: 128}``) mapped to ``IntxWeightOnlyConfig(int<bits>, PerGroup(group))``.
+Format-targeted schemes train merge-exact against another runtime's own quantizer and ship in its
+format: ``gguf-q4_0`` / ``gguf-q8_0`` (llama.cpp, :class:`GGUFRecipe`) and ``onnx-int4`` (ONNX
+Runtime's MatMulNBits as the GenAI builder writes it, :class:`ONNXRecipe`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,27 @@ class GGUFRecipe:
 
 
 @dataclass(frozen=True)
+class ONNXRecipe:
+    """What an ONNX-targeted scheme trains under and the ONNX Runtime GenAI builder writes: every
+    projection and the LM head as symmetric ``MatMulNBits`` of ``bits`` in blocks of ``block_size``
+    along the input dimension, weights fake-quantized bit-identically to the builder's quantizer
+    (``qatforge.onnx_fake_quant``); activations as ``accuracy_level`` 4 computes (int8 per block,
+    the builder's CPU default). The token embedding stays float unless tied to the LM head."""
+
+    bits: int
+    block_size: int
+
+    @property
+    def variant(self) -> str:
+        """The ``onnx.variants`` entry the run ships as (named after its precision)."""
+        return f"int{self.bits}"
+
+    def builder_settings(self) -> dict[str, Any]:
+        """The ``onnx.variants`` settings that write this recipe (the builder's own options)."""
+        return {"precision": f"int{self.bits}", "block_size": self.block_size}
+
+
+@dataclass(frozen=True)
 class Scheme:
     """A parsed scheme. ``group_size`` None means per-output-channel (per-axis) weights."""
 
@@ -66,6 +90,12 @@ class Scheme:
     kernel_package: str | None  # extra package whose kernels the real quantization needs
     torchao: str | None  # the linears' torchao config class (built by qatforge.qat); None: GGUF-targeted
     gguf: GGUFRecipe | None = None  # GGUF-targeted: trained merge-exact only, ships as that GGUF quant
+    onnx: ONNXRecipe | None = None  # ONNX-targeted: trained merge-exact only, ships as that ONNX variant
+
+    @property
+    def target(self) -> str:
+        """The format the scheme's QAT file ships in: ``gguf``, ``onnx`` or ``torchao``."""
+        return "gguf" if self.gguf else "onnx" if self.onnx else "torchao"
 
     @property
     def weight_only(self) -> bool:
@@ -84,6 +114,7 @@ _TABLE = {s.name: s for s in (
     Scheme("int8", 8, None, None, False, True, None, None, "IntxWeightOnlyConfig"),
     Scheme("gguf-q4_0", 4, 32, "q8_0", True, False, None, None, None, GGUFRecipe("Q4_0", "Q8_0", "Q8_0")),
     Scheme("gguf-q8_0", 8, 32, "q8_0", True, False, None, None, None, GGUFRecipe("Q8_0", "Q8_0", "Q8_0")),
+    Scheme("onnx-int4", 4, 32, "int8", False, False, None, None, None, onnx=ONNXRecipe(4, 32)),
 )}
 UNSLOTH_SCHEMES = tuple(name for name, s in _TABLE.items() if s.unsloth)
 SCHEMES = tuple(_TABLE) + tuple(ALIASES)
@@ -134,10 +165,15 @@ def gguf_recipe(scheme: SchemeLike) -> GGUFRecipe | None:
 
 
 def matched_artifact(scheme: SchemeLike) -> tuple[str, str]:
-    """The (format, variant) a QAT run of ``scheme`` trains for: its TorchAO checkpoint, or for a
-    GGUF scheme the GGUF quant named after its type (``gguf.quants.Q4_0``)."""
+    """The (format, variant) a QAT run of ``scheme`` trains for: its TorchAO checkpoint, for a GGUF
+    scheme the GGUF quant named after its type (``gguf.quants.Q4_0``), for an ONNX scheme the ONNX
+    variant named after its precision (``onnx.variants.int4``)."""
     s = parse_scheme(scheme)
-    return ("gguf", s.gguf.weights) if s.gguf else ("torchao", s.name)
+    if s.gguf:
+        return "gguf", s.gguf.weights
+    if s.onnx:
+        return "onnx", s.onnx.variant
+    return "torchao", s.name
 
 
 def canonical(scheme: SchemeLike) -> str:
