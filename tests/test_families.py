@@ -59,6 +59,10 @@ def family_config(cfg: dict, name: str, base: Path) -> dict:
         # runs (REFUSED says which family that may be)
         "formats": {"on_unsupported": "skip"},
     })
+    # One torchao and one ONNX quantizer besides the float graph: the 8-bit ones exercise no other
+    # path per family (the default's torchao int8 and ONNX int8 are built by the smoke pipeline).
+    cfg["torchao"]["schemes"] = ["int8-int4"]
+    cfg["onnx"]["variants"] = {v: cfg["onnx"]["variants"][v] for v in ("fp32", "int4")}
     cfg["runs"] = {
         "baseline": {"qat_scheme": None},
         "qat-int8-int4": {"qat_scheme": "int8-int4", "qat": {"mode": "merged", "distill_from": "baseline"},
