@@ -162,38 +162,47 @@ def _tied_copy(d, dest):
     return dest
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_path, tied):
-    """gguf-q4_0's training forward (merged weight → bf16 → Q4_0, Q8_0 activations, token embedding and
-    output at Q8_0, llama.cpp's QAT mix) against llama.cpp running the file llama-quantize writes with
-    that mix from the merged checkpoint, tied or untied."""
-    import numpy as np
+def _trained_forward(tiny, tmp_path, tied, scheme):
+    """A rank-4 adapter on the tiny base (tied or not) prepared merge-exact for ``scheme``: the QAT
+    info, the training forward's logits on 6 conversations, the unquantized merged model's logits,
+    the merged checkpoint's directory and the encoded conversations."""
     import torch
 
     from qatforge import merge as merge_mod
-    from qatforge.evaluate.gguf import LlamaCppRuntime
-    from qatforge.export import gguf
     from qatforge.model import load_causal_lm
     from qatforge.qat_lora import prepare_merged_qat
-    from qatforge.spec.schemes import gguf_recipe
 
     d, tok, rows = tiny
     if tied:
         d = _tied_copy(d, tmp_path / "tied")
     model = _peft(d, seed=1)
     model.save_pretrained(tmp_path / "adapter")
-    info = prepare_merged_qat(model, "gguf-q4_0", storage_dtype=merge_mod.STORAGE_DTYPE)
-    assert len(info["merged_linears"]) == 7
-    assert info["gguf_outside_adapters"] == {"token_embd": "Q8_0", **({} if tied else {"output": "Q8_0"}),
-                                             "output input": "Q8_0"}
+    info = prepare_merged_qat(model, scheme, storage_dtype=merge_mod.STORAGE_DTYPE)
     model.eval()
     enc = _batch(tok, rows, 6)
     train_fwd = [x.numpy() for x in _logits(model, enc)]
-
     merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
     plain = [x.numpy() for x in _logits(load_causal_lm(tmp_path / "merged", dtype=torch.float32), enc)]
+    return info, train_fwd, plain, tmp_path / "merged", enc
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_gguf_q4_0_forward_matches_llama_cpp_on_the_quantized_file(tiny, tmp_path, tied):
+    """gguf-q4_0's training forward (merged weight → bf16 → Q4_0, Q8_0 activations, token embedding and
+    output at Q8_0, llama.cpp's QAT mix) against llama.cpp running the file llama-quantize writes with
+    that mix from the merged checkpoint, tied or untied."""
+    import numpy as np
+
+    from qatforge.evaluate.gguf import LlamaCppRuntime
+    from qatforge.export import gguf
+    from qatforge.spec.schemes import gguf_recipe
+
+    info, train_fwd, plain, merged, enc = _trained_forward(tiny, tmp_path, tied, "gguf-q4_0")
+    assert len(info["merged_linears"]) == 7
+    assert info["gguf_outside_adapters"] == {"token_embd": "Q8_0", **({} if tied else {"output": "Q8_0"}),
+                                             "output input": "Q8_0"}
     bf16 = tmp_path / "m-BF16.gguf"
-    gguf.convert(tmp_path / "merged", bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})
+    gguf.convert(merged, bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})
     q4 = tmp_path / "m-Q4_0.gguf"
     spec = gguf_recipe("gguf-q4_0").quant_spec()
     rec = gguf.quantize(bf16, q4, qtype=spec.pop("type"), options=spec,
@@ -222,32 +231,17 @@ def test_onnx_int4_forward_matches_onnxruntime_on_the_builders_file(tiny, tmp_pa
     activations, the LM head at int4, the embedding float unless tied to it) against onnxruntime running the int4
     folder the ONNX Runtime GenAI builder writes from the merged checkpoint, tied or untied."""
     import numpy as np
-    import torch
 
-    from qatforge import merge as merge_mod
     from qatforge.evaluate.onnx import OnnxRuntime
     from qatforge.export.onnx import export
-    from qatforge.model import load_causal_lm
-    from qatforge.qat_lora import prepare_merged_qat
     from qatforge.spec.schemes import parse_scheme
 
-    d, tok, rows = tiny
-    if tied:
-        d = _tied_copy(d, tmp_path / "tied")
-    model = _peft(d, seed=1)
-    model.save_pretrained(tmp_path / "adapter")
-    info = prepare_merged_qat(model, "onnx-int4", storage_dtype=merge_mod.STORAGE_DTYPE)
+    info, train_fwd, plain, merged, enc = _trained_forward(tiny, tmp_path, tied, "onnx-int4")
     assert len(info["merged_linears"]) == 7
     # tied: the builder's embedding is a GatherBlockQuantized over the LM head's int4 blocks
     assert info["onnx_outside_adapters"] == {"lm_head": "int4 block 32", **({"embed_tokens (tied)": "int4 block 32"}
                                              if tied else {}), "lm_head input": "int8 (accuracy_level 4)"}
-    model.eval()
-    enc = _batch(tok, rows, 6)
-    train_fwd = [x.numpy() for x in _logits(model, enc)]
-
-    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
-    plain = [x.numpy() for x in _logits(load_causal_lm(tmp_path / "merged", dtype=torch.float32), enc)]
-    export(tmp_path / "merged", tmp_path / "int4", parse_scheme("onnx-int4").onnx.builder_settings())
+    export(merged, tmp_path / "int4", parse_scheme("onnx-int4").onnx.builder_settings())
     rt = OnnxRuntime(tmp_path / "int4", threads=1)
     ort = [rt.logits(e["input_ids"]) for e in enc]
     qat_gap = np.mean([_kl(o, t) for o, t in zip(ort, train_fwd)])
