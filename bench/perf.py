@@ -986,7 +986,7 @@ def bench_qat_modes(proj: Path, work: Path, cores: str) -> dict[str, Any]:
     import yaml
 
     from qatforge.spec import config as qcfg
-    from qatforge.spec.schemes import gguf_type
+    from qatforge.spec.schemes import parse_scheme
 
     cfg_path = proj / "config" / "config.yaml"
     original = cfg_path.read_text()
@@ -994,7 +994,7 @@ def bench_qat_modes(proj: Path, work: Path, cores: str) -> dict[str, Any]:
     twins = {}
     for run in qcfg.qat_runs(cfg):
         q = cfg["runs"][run].get("qat") or {}
-        if q.get("mode", "merged") == "merged" and not gguf_type(cfg["runs"][run]["qat_scheme"]):
+        if q.get("mode", "merged") == "merged" and parse_scheme(cfg["runs"][run]["qat_scheme"]).target == "torchao":
             name, spec = unsloth_twin(cfg, run)
             twins[name] = run
             cfg["runs"][name] = spec
