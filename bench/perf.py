@@ -855,7 +855,8 @@ def scale_config(config: Mapping[str, Any], base: Path) -> dict[str, Any]:
     (baseline, one distilled QAT run, GGUF Q4_K_M, the QAT mix Q4_0 and an imatrix quant, TorchAO,
     ONNX fp32 and int4)."""
     cfg = copy.deepcopy(dict(config))
-    cfg["runs"] = {k: v for k, v in cfg["runs"].items() if k != "qat-gguf-q4_0"}  # as qat-int8-int4's kinds
+    # the GGUF- and ONNX-targeted QAT runs' jobs are of qat-int8-int4's kinds
+    cfg["runs"] = {k: v for k, v in cfg["runs"].items() if k not in ("qat-gguf-q4_0", "qat-onnx-int4")}
     cfg["model"] = {**cfg["model"], "base": str(base), "name": "Scale06B"}
     few = {"max_steps": 2, "save_steps": 1, "batch_size": 8}
     cfg["train"] = {**cfg["train"], **few}

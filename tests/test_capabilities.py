@@ -225,13 +225,15 @@ def test_skip_drops_the_formats_from_every_artifact_list(replicas, installed):
     assert len(qcfg.artifacts(_cfg(replicas["phi3"], "skip"), ROOT)) == len(qcfg.artifacts(_cfg(replicas["phi3"])))
 
 
-def _project(tmp_path: Path, base: Path, mode: str, drop_gguf_run: bool) -> Path:
+def _project(tmp_path: Path, base: Path, mode: str, drop_gguf_run: bool, drop_onnx_run: bool = False) -> Path:
     work = copy_project(tmp_path / "p")
     c = read_config(work)
     c["model"].update(base=str(base), name=None)
     c["formats"] = {"on_unsupported": mode}
     if drop_gguf_run:
         del c["runs"]["qat-gguf-q4_0"]
+    if drop_onnx_run:
+        del c["runs"]["qat-onnx-int4"]
     write_config(work, c)
     return work
 
@@ -252,8 +254,14 @@ def test_snakemake_skip_plans_no_gguf_jobs(replicas, installed, tmp_path):
             if line.strip()}
     assert {"build_base", "train", "torchao_ptq", "onnx_export", "report"} <= jobs
     assert not {j for j in jobs if j.startswith("gguf") or j == "ollama_modelfile"}
-    # and ONNX too for a base the ONNX model builder cannot build
+    # and ONNX too for a base the ONNX model builder cannot build; the ONNX-targeted QAT run, whose
+    # only file that is, is refused at parse time, naming the run
     work = _project(tmp_path / "u", replicas["qwen3-moe"], "skip", drop_gguf_run=False)
+    proc = snakemake(work, "-n", "--cores", "1", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "runs.qat-onnx-int4.qat_scheme: 'onnx-int4' trains for ONNX, which formats.on_unsupported: skip " \
+           "leaves out for this base" in proc.stdout + proc.stderr
+    work = _project(tmp_path / "v", replicas["qwen3-moe"], "skip", drop_gguf_run=False, drop_onnx_run=True)
     proc = snakemake(work, "-n", "--cores", "1", timeout=120)
     assert "onnx_export" not in proc.stdout and "gguf_convert" in proc.stdout
 
