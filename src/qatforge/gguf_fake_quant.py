@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from qatforge.ste import straight_through
+from qatforge.quant_ops import reciprocal, roundf, straight_through
 
 BLOCK_SIZE = 32
 QTYPES = ("Q4_0", "Q8_0")
@@ -55,22 +55,6 @@ def _check(w: Any, qtype: str) -> None:
         raise ValueError(f"{qtype} fake quantization needs a floating-point tensor, got {w.dtype}")
 
 
-def _roundf(x):
-    """C ``roundf``: round half away from zero, exact for every float32 (no ``+0.5`` rounding trap)."""
-    import torch
-
-    t = torch.trunc(x)
-    frac = x - t  # exact
-    return torch.where(frac.abs() >= 0.5, t + torch.sign(x), t)
-
-
-def _inverse(d):
-    import torch
-
-    zero = d == 0
-    return torch.where(zero, torch.zeros_like(d), 1.0 / torch.where(zero, torch.ones_like(d), d))
-
-
 def dequantized(w, qtype: str):
     """The llama.cpp round trip ``dequantize(quantize(w))`` in float32 (no gradient), same shape as ``w``."""
     import torch
@@ -84,13 +68,13 @@ def dequantized(w, qtype: str):
         mx = torch.gather(x, -1, idx)
         mx = torch.where(amax == 0, torch.zeros_like(mx), mx)  # the C scan keeps its +0.0 initial value
         d = mx / -8.0
-        q = torch.trunc(x * _inverse(d) + 8.5).clamp_(0, 15).to(torch.int32)
+        q = torch.trunc(x * reciprocal(d) + 8.5).clamp_(0, 15).to(torch.int32)
         out = (q - 8).to(torch.float32) * d.to(torch.float16).to(torch.float32)
     else:  # Q8_0
         amax = x.abs().amax(dim=-1, keepdim=True)
         d = amax / 127.0
         # Through an integer, as the int8 store does: roundf(-0.3) = -0.0 becomes the integer 0.
-        q = _roundf(x * _inverse(d)).to(torch.int32)
+        q = roundf(x * reciprocal(d)).to(torch.int32)
         out = q.to(torch.float32) * d.to(torch.float16).to(torch.float32)
     return out.reshape(w.shape)
 

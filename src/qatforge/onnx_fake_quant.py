@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from qatforge.ste import straight_through
+from qatforge.quant_ops import reciprocal, roundf, straight_through
 
 BITS = (4, 8)
 
@@ -42,14 +42,6 @@ def _check(w: Any, bits: int, block_size: int) -> None:
         raise ValueError(f"MatMulNBits fake quantization needs a floating-point tensor, got {w.dtype}")
 
 
-def _roundf(x: Any) -> Any:
-    """C ``roundf`` (half away from zero), exact for every float32."""
-    import torch
-
-    t = torch.trunc(x)
-    return torch.where((x - t).abs() >= 0.5, t + torch.sign(x), t)
-
-
 def quantize(w: Any, bits: int = 4, block_size: int = 32) -> tuple[Any, Any]:
     """MLAS's symmetric blockwise quantization of ``w`` (``[..., K]``, blocks along the last dim):
     ``(q, scale)``, ``q`` int32 in ``[0, 2^bits - 1]`` shaped ``[-1, block_size]``, ``scale`` float32 ``[-1, 1]``."""
@@ -60,9 +52,7 @@ def quantize(w: Any, bits: int = 4, block_size: int = 32) -> tuple[Any, Any]:
     x = w.detach().to(torch.float32).reshape(-1, block_size)
     lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -float(mid)
-    zero = scale == 0
-    inv = torch.where(zero, torch.zeros_like(scale), 1.0 / torch.where(zero, torch.ones_like(scale), scale))
-    q = _roundf(x * inv + float(mid)).clamp_(0, top).to(torch.int32)
+    q = roundf(x * reciprocal(scale) + float(mid)).clamp_(0, top).to(torch.int32)
     return q, scale
 
 
@@ -85,9 +75,7 @@ def _activations(x: Any, block_size: int) -> Any:
 
     v = x.to(torch.float32).reshape(-1, block_size)
     scale = v.abs().amax(dim=-1, keepdim=True) / 127.0
-    zero = scale == 0
-    inv = torch.where(zero, torch.zeros_like(scale), 1.0 / torch.where(zero, torch.ones_like(scale), scale))
-    return (torch.round(v * inv).clamp_(-127, 127) * scale).reshape(x.shape)
+    return (torch.round(v * reciprocal(scale)).clamp_(-127, 127) * scale).reshape(x.shape)
 
 
 def fake_quantize_activations(x: Any, block_size: int = 32) -> Any:
