@@ -15,6 +15,9 @@
   ~4M / 50M / 500M parameters, each stage in its own process.
 * ``qat``: QAT at a harsh weight-only scheme (int2-w128) from the trained baseline versus the
   same number of plain LoRA steps followed by PTQ (the control).
+* ``step_cost``: seconds per training step of each distilled QAT run of the config against a plain
+  LoRA step at the same rank, interleaved in one process from the built baseline's merged model
+  (``step_cost``): the ratio the QAT design costs per step.
 * ``scale``: the whole DAG on a random-init base of Qwen3-0.6B's shape (``SIZES["0.6B"]``) with a
   few steps and prompts (``scale_config``): every rule's wall time and peak RSS (its ``benchmark:``
   TSV) against the bf16 size and its bound (``SCALE_BOUNDS``), projected to 1.7B/4B/8B.
@@ -47,9 +50,9 @@ PROJECT_FILES = ("Snakefile", "rules", "scripts", "config", "data", "envs", "rep
 REPORT = "results/report.csv"
 # The rules reading results/runs/{run}/merged: forcing them reruns everything downstream of it.
 EXPORT_RULES = ("gguf_convert", "onnx_export", "torchao_ptq", "qat_convert", "reference")
-SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat", "qat_modes", "scale")  # in run order
+SECTIONS = ("cold", "noop", "parallel", "incremental", "dag", "growth", "qat", "qat_modes", "step_cost", "scale")  # in run order
 QUICK_SECTIONS = ("dag", "growth")
-NEEDS_BUILD = ("parallel", "incremental", "noop", "qat", "qat_modes")
+NEEDS_BUILD = ("parallel", "incremental", "noop", "qat", "qat_modes", "step_cost")
 # Random-init Qwen3 dimensions (rows multiples of 256, vocab 1024 from build_tokenizer).
 SIZES: dict[str, dict[str, int]] = {
     "4M": dict(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2, head_dim=64),
@@ -66,7 +69,9 @@ DAG_VARIANTS = (("", {}), ("-pure", {"pure": True}), ("-lot", {"leave_output_ten
                 ("-imat", {"imatrix": True}))
 DAG_SCHEMES = (None, "int8-int4", "int8", "int4-w32", "int2-w128")
 TARGETS = {"cold_s": 480.0, "speedup": 1.4, "incremental_frac": 0.05, "noop_s": 3.0, "dag_s": 5.0,
-           "rss_ratio": 2.5, "time_slope": 1.3, "qat_recovery": 0.85, "qat_recovery_ci_low": 0.5}
+           "rss_ratio": 2.5, "time_slope": 1.3, "qat_recovery": 0.85, "qat_recovery_ci_low": 0.5,
+           "step_ratio": 1.6}
+STEP_COST_STEPS, STEP_COST_ROUNDS = 20, 3  # steps per measured call, calls per arm (median)
 RSS_JUDGED_FROM_MB = 512  # below this the ~0.3-0.5 GiB of imported libraries dominates peak RSS
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 MiB = 2**20
@@ -327,6 +332,15 @@ def summary_rows(figs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, 
             rows.append((f"QAT design: {r['qat_run']} minus its Unsloth-mode twin {r['twin_run']}, {r['metric']} recovery",
                          f"{100 * d:+.0f} pt [{100 * lo:+.0f}, {100 * hi:+.0f}]", "interval excludes 0",
                          "yes" if lo > 0 or hi < 0 else "**no**"))
+    sc_ = figs.get("step_cost", {})
+    for plain, g in sc_.get("groups", {}).items():
+        for run, ratio in g["ratio"].items():
+            if run == plain:
+                continue
+            rows.append((f"QAT step cost: {run} / plain LoRA at its rank ({plain}), {g['steps']} steps x "
+                         f"{g['rounds']} interleaved rounds, median",
+                         f"{g['median_s'][run]:.3f} s / {g['median_s'][plain]:.3f} s = {ratio:.2f}x",
+                         f"≤ {TARGETS['step_ratio']}x", _ok(ratio, TARGETS["step_ratio"])))
     sc = figs.get("scale", {})
     if "rows" in sc:
         rows.append((f"scale: whole DAG on a random-init {sc['size']} base ({sc['params'] / 1e6:.0f}M params, bf16 "
@@ -767,6 +781,57 @@ def qat_check(merged: Path, train_parquet: Path, eval_parquet: Path, work: Path,
     return res
 
 
+def step_cost(merged: Path, train_parquet: Path, dev_parquet: Path, work: Path, arms: Mapping[str, Mapping[str, Any]],
+              *, reference: str, steps: int = STEP_COST_STEPS, rounds: int = STEP_COST_ROUNDS, threads: int = 2,
+              max_len: int = 2048) -> dict[str, Any]:
+    """Seconds per training step of each arm (``qatforge.spec.config.train_settings`` dicts), all from
+    ``merged`` (a distilled arm's teacher) on the same batches: ``rounds`` rounds, each running every
+    arm once for ``steps`` steps in turn (interleaved, so drift of the machine hits every arm alike),
+    no checkpoint evaluation, one save at the end. Per arm the median of its rounds, and its ratio
+    to the median of ``reference``."""
+    from qatforge.train import TrainSettings, train_run
+
+    per: dict[str, list[float]] = {name: [] for name in arms}
+    for k in range(rounds):
+        for name, spec in arms.items():
+            d = work / f"{name}-{k}"
+            if d.exists():
+                shutil.rmtree(d)
+            st = TrainSettings.from_config(spec, max_steps=steps, save_steps=steps, eval_rows=0, threads=threads,
+                                           max_len=max_len, backend="hf")
+            info = train_run(merged, train_parquet, dev_parquet, d / "checkpoints", st, work_dir=d / ".work",
+                             log=lambda _m: None)
+            per[name].append(float(info["seconds_per_step"]))
+            shutil.rmtree(d)
+    med = {name: statistics.median(v) for name, v in per.items()}
+    return {"steps": steps, "rounds": rounds, "threads": threads, "reference": reference, "seconds_per_step": per,
+            "median_s": med, "ratio": {name: round(med[name] / med[reference], 3) for name in arms}}
+
+
+def step_cost_arms(config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The arms of the step-cost section: each distilled QAT run as configured, and per LoRA rank
+    among them a plain LoRA arm (``lora-r<r>``: the baseline's settings at that rank). Returns the
+    arms and, per QAT run, the plain arm it is judged against."""
+    from qatforge.spec import config as qcfg
+
+    base_run = qcfg.baseline_runs(config)[0]
+    arms: dict[str, dict[str, Any]] = {}
+    against: dict[str, str] = {}
+    for run in qcfg.qat_runs(config):
+        spec = qcfg.train_settings(config, run)
+        if not spec.get("distill"):
+            continue
+        plain = f"lora-r{spec['lora']['r']}"
+        if plain not in arms:
+            ref = copy.deepcopy(qcfg.train_settings(config, base_run))
+            ref["lora"] = {**ref["lora"], "r": spec["lora"]["r"], "alpha": spec["lora"]["alpha"]}
+            arms[plain] = ref
+        arms[run] = spec
+        against[run] = plain
+    return arms, against
+
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -831,6 +896,8 @@ def run(args: argparse.Namespace) -> int:
                                    partial=out / "growth.json")
             elif section == "qat":
                 res = bench_qat(proj, work, args)
+            elif section == "step_cost":
+                res = bench_step_cost(proj, work, args)
             elif section == "scale":
                 res = bench_scale(project, work, args.cores, args.threads, args.scale_size)
             else:
@@ -1038,6 +1105,33 @@ def bench_qat(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
     return {**read_json(res_file), "process": m, "baseline_run": base_run}
 
 
+def bench_step_cost(proj: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``step_cost`` of the built project's distilled QAT runs, in its own process."""
+    import yaml
+
+    from qatforge.spec import config as qcfg
+
+    cfg = yaml.safe_load((proj / "config" / "config.yaml").read_text())
+    arms, against = step_cost_arms(cfg)
+    if not against:
+        raise PerfError("the config has no distilled QAT run to time against a plain LoRA step")
+    base_run = qcfg.baseline_runs(cfg)[0]
+    arms_file, res_file = work / "step-arms.json", work / "step-result.json"
+    results = {}
+    for plain in sorted(set(against.values())):
+        group = {plain: arms[plain], **{r: arms[r] for r, p in against.items() if p == plain}}
+        write_json(arms_file, group)
+        cmd = [sys.executable, HARNESS, "step", str(proj / "results" / "runs" / base_run / "merged"),
+               str(proj / "results/data/train.parquet"), str(proj / "results/data/dev.parquet"), str(work / "step"),
+               str(arms_file), str(res_file), "--reference", plain, "--threads", str(args.threads),
+               "--max-len", str(cfg["data"]["max_tokens"])]
+        m = measure(cmd, log_file=work / "logs" / f"step_cost-{plain}.log")
+        results[plain] = {**read_json(res_file), "process": m}
+    return {"what": "seconds per step, each distilled QAT run vs plain LoRA at its rank, interleaved",
+            "baseline_run": base_run, "against": against, "groups": results}
+
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stage"]:
@@ -1064,6 +1158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = qat_check(a.merged, a.train, a.eval, a.work, steps=a.steps, scheme=a.scheme, n_eval=a.n_eval,
                         lr=a.lr, batch_size=a.batch_size, threads=a.threads)
         write_json(a.result, res)
+        return 0
+    if argv[:1] == ["step"]:
+        p = argparse.ArgumentParser(prog="python bench/perf.py step", description=step_cost.__doc__)
+        for name in ("merged", "train", "dev", "work", "arms", "result"):
+            p.add_argument(name, type=Path)
+        p.add_argument("--reference", required=True)
+        p.add_argument("--steps", type=int, default=STEP_COST_STEPS)
+        p.add_argument("--rounds", type=int, default=STEP_COST_ROUNDS)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--max-len", type=int, default=2048)
+        a = p.parse_args(argv[1:])
+        write_json(a.result, step_cost(a.merged, a.train, a.dev, a.work, read_json(a.arms), reference=a.reference,
+                                       steps=a.steps, rounds=a.rounds, threads=a.threads, max_len=a.max_len))
         return 0
     p = argparse.ArgumentParser(prog="python bench/perf.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results/perf", help="where the JSONs and summary.md go")

@@ -357,3 +357,47 @@ def test_summary_judges_qat_recovery_and_the_design_difference():
     assert "+20 pt [+5, +35]" in design_nll and design_nll.endswith("| interval excludes 0 | yes |")
     assert design_kld.endswith("| **no** |")  # [-2, +20] reaches 0
     assert unsloth.endswith("|  |  |")  # the twin itself is not judged against the target
+
+
+def test_step_cost_arms_pair_each_distilled_run_with_plain_lora_at_its_rank():
+    cfg = _validated(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    arms, against = perf.step_cost_arms(cfg)
+    distilled = [r for r in qcfg.qat_runs(cfg) if qcfg.train_settings(cfg, r).get("distill")]
+    assert distilled and set(against) == set(distilled)
+    for run, plain in against.items():
+        assert arms[run] == qcfg.train_settings(cfg, run)  # the run as the pipeline trains it
+        assert arms[plain]["lora"]["r"] == arms[run]["lora"]["r"] == int(plain.removeprefix("lora-r"))
+        assert arms[plain]["lora"]["alpha"] == arms[run]["lora"]["alpha"]
+    base = qcfg.train_settings(cfg, qcfg.baseline_runs(cfg)[0])
+    for plain in set(against.values()):  # the baseline's own settings, only the rank changed
+        assert {k: v for k, v in arms[plain].items() if k != "lora"} == {k: v for k, v in base.items() if k != "lora"}
+        assert not arms[plain].get("qat_scheme") and not arms[plain].get("distill")
+
+
+def test_step_cost_times_every_arm_in_interleaved_rounds(tmp_path):
+    """A real run on the shipped tiny base: 2 steps x 2 rounds of a plain LoRA arm and a distilled
+    merge-exact QAT arm (the shipped base as their teacher); ratios are of the medians."""
+    import statistics as stats
+
+    from qatforge import data
+
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join((ROOT / "data/chat.jsonl").read_text().splitlines()[:120]) + "\n")
+    data.prepare(src, *(tmp_path / f"{s}.parquet" for s in data.SPLITS), dev_fraction=0.1, test_fraction=0.1,
+                 max_tokens=256)
+    cfg = _validated(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    arms, against = perf.step_cost_arms(cfg)
+    pick = {"lora-r64": arms["lora-r64"], "qat-int8-int4": arms["qat-int8-int4"]}
+    for spec in pick.values():
+        spec["batch_size"] = 4
+    res = perf.step_cost(ROOT / "assets/builtin/tiny-qwen3", tmp_path / "train.parquet", tmp_path / "dev.parquet",
+                         tmp_path / "work", pick, reference="lora-r64", steps=2, rounds=2, threads=1, max_len=256)
+    assert {k: len(v) for k, v in res["seconds_per_step"].items()} == {"lora-r64": 2, "qat-int8-int4": 2}
+    assert all(t > 0 for v in res["seconds_per_step"].values() for t in v)
+    for name, v in res["seconds_per_step"].items():
+        assert res["median_s"][name] == stats.median(v)
+        assert res["ratio"][name] == round(stats.median(v) / stats.median(res["seconds_per_step"]["lora-r64"]), 3)
+    assert res["ratio"]["lora-r64"] == 1.0
+    assert not any((tmp_path / "work").iterdir())  # each arm's checkpoints removed once timed
+    table = perf.summary_table({"step_cost": {"groups": {"lora-r64": res}}})
+    assert "qat-int8-int4 / plain LoRA at its rank (lora-r64)" in table and "≤ 1.6x" in table

@@ -15,6 +15,7 @@ README's "Supported model families" table is that matrix.
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -81,11 +82,36 @@ def family_project(name: str, replicas: Path, dest: Path) -> Path:
     return work
 
 
-def built(name: str, replicas: Path, tmp_path_factory) -> Path:
-    """The family's project, built once per session (every target)."""
+# Two families build at once, each on one core: a family's DAG alone keeps about 1.4 of the 2 cores
+# busy (training waits for data, exports for the merge), so this fills both for the whole matrix.
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="family-build")
+_PENDING: dict[str, Future] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _queued_builds_cancelled():
+    """An interrupted session does not go on building the queued families at exit."""
+    yield
+    _POOL.shutdown(wait=False, cancel_futures=True)
+
+
+def _selected_families(session) -> list[str]:
+    """The families the selected tests of this module ask for, in FAMILIES order."""
+    asked = {item.callspec.params["name"] for item in session.items
+             if item.module is not None and item.module.__name__ == __name__
+             and getattr(item, "callspec", None) is not None and "name" in item.callspec.params}
+    return [n for n in FAMILIES if n in asked]
+
+
+def built(name: str, replicas: Path, tmp_path_factory, request) -> Path:
+    """The family's project, built once per session (every target). The first call queues the
+    builds of every selected family, two at a time."""
+    for fam in [*_selected_families(request.session), name]:
+        if fam not in _PENDING:
+            work = family_project(fam, replicas, tmp_path_factory.mktemp(f"family-{fam}") / "project")
+            _PENDING[fam] = _POOL.submit(lambda w=work: (w, snakemake(w, "--cores", "1", check=False)))
     if name not in _BUILDS:
-        work = family_project(name, replicas, tmp_path_factory.mktemp(f"family-{name}") / "project")
-        proc = snakemake(work, "--cores", "2", check=False)
+        work, proc = _PENDING[name].result()
         if proc.returncode != 0:
             _MATRIX[name] = {s: "fail" for s in STAGES}
             raise AssertionError(f"{name}: snakemake failed\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -122,8 +148,8 @@ def stage_cells(work: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_runs_every_stage_with_parity(name, replicas, tmp_path_factory):
-    work = built(name, replicas, tmp_path_factory)
+def test_family_runs_every_stage_with_parity(name, replicas, tmp_path_factory, request):
+    work = built(name, replicas, tmp_path_factory, request)
     from qatforge.spec import config as qcfg
 
     report = pl.read_csv(work / "results" / "report.csv")
@@ -149,7 +175,7 @@ def _quantized_rows(data, n_rows: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_gguf_qat_file_holds_exactly_what_it_trained(name, replicas, tmp_path_factory):
+def test_gguf_qat_file_holds_exactly_what_it_trained(name, replicas, tmp_path_factory, request):
     """The qat-gguf-q4_0 file (llama.cpp's QAT mix: Q4_0 projections, Q8_0 token embedding and
     output) holds, tensor for tensor, gguf-py's Q4_0/Q8_0 quantization of the merged weights the run
     trained under those types (tied or untied); the base was checked before training."""
@@ -161,7 +187,7 @@ def test_gguf_qat_file_holds_exactly_what_it_trained(name, replicas, tmp_path_fa
 
     from qatforge.io import read_json
 
-    work = built(name, replicas, tmp_path_factory)
+    work = built(name, replicas, tmp_path_factory, request)
     run = work / "results/runs/qat-gguf-q4_0"
     gguf_file = next((run / "gguf").glob("*-Q4_0.gguf"))
     trained = read_json(gguf_file.with_name(gguf_file.name + ".json"))["provenance"]["qat_tensor_types"]["trained"]
@@ -194,7 +220,7 @@ def test_gguf_qat_file_holds_exactly_what_it_trained(name, replicas, tmp_path_fa
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replicas, tmp_path_factory):
+def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replicas, tmp_path_factory, request):
     """One BOS (or none) and identical ids in all four runtimes, on the family's test prompts."""
     import llama_cpp
 
@@ -204,7 +230,7 @@ def test_token_ids_agree_across_hf_llamacpp_onnxruntime_and_ollama(name, replica
     from qatforge.export.ollama import check_modelfile_template, parse_modelfile, render_go_templates
     from qatforge.model import load_tokenizer
 
-    work = built(name, replicas, tmp_path_factory)
+    work = built(name, replicas, tmp_path_factory, request)
     res = work / "results/runs/baseline"
     tok = load_tokenizer(res / "merged")
     test = pl.read_parquet(work / "results/data/test.parquet")
