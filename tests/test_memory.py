@@ -97,6 +97,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(small, scheme):
         assert float((ckpt[n] - plain[n]).norm()) <= 1e-6 * float(plain[n].norm()) + 1e-12, n
 
 
+@pytest.mark.parametrize("scheme", ["int8-int4", "gguf-q4_0", "onnx-int4"])
+def test_teacher_shares_the_students_frozen_weights(small, scheme):
+    """A distilled run's teacher (the merged checkpoint: bf16 values held in float32) points at the
+    student's bitwise-equal frozen tensors, so the LoRA base weights and norms are held once; what
+    the scheme replaced by its round trip (the GGUF recipe's Q8_0 embedding and output, the ONNX
+    recipe's int4 LM head) keeps its own copy; the teacher's logits are unchanged."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qatforge.distill import share_frozen_tensors
+    from qatforge.qat_lora import lora_linears
+
+    state, config, batch = small
+    merged = {k: v.to(torch.bfloat16).to(v.dtype) for k, v in state.items()}
+    student = _student((merged, config, batch), scheme)
+    teacher = AutoModelForCausalLM.from_config(config)
+    teacher.load_state_dict(merged)
+    teacher.eval().requires_grad_(False)
+    ids = batch["input_ids"][:2]
+    with torch.no_grad():
+        before = teacher(input_ids=ids).logits
+    freed = share_frozen_tensors(teacher, student)
+    with torch.no_grad():
+        after = teacher(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+    student_ptrs = {p.data_ptr() for p in student.parameters()}
+    mine = dict(teacher.named_parameters())
+    for fqn, layer in lora_linears(student).items():
+        name = fqn.removeprefix("base_model.model.") + ".weight"
+        assert mine[name].data_ptr() == layer.get_base_layer().weight.data_ptr(), name
+    norms = [n for n in mine if "norm" in n]
+    assert norms and all(mine[n].data_ptr() in student_ptrs for n in norms)
+    # untied here: the GGUF recipe replaces both by their Q8_0 round trips, the ONNX one the LM head
+    # by its int4 round trip; torchao's fake quantizers leave the weights as they are
+    shared = {what: m.weight.data_ptr() in student_ptrs
+              for what, m in (("embedding", teacher.get_input_embeddings()), ("head", teacher.get_output_embeddings()))}
+    assert shared == {"int8-int4": {"embedding": True, "head": True}, "gguf-q4_0": {"embedding": False, "head": False},
+                      "onnx-int4": {"embedding": True, "head": False}}[scheme]
+    own = sum(p.numel() * p.element_size() for p in teacher.parameters() if p.data_ptr() not in student_ptrs)
+    total = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    assert freed == total - own and freed > 0.5 * total
+
+
 @pytest.mark.parametrize("alpha,temperature,positions", [(1.0, 1.0, "all"), (0.9, 1.0, "all"), (0.5, 2.0, "answer"),
                                                          (0.7, 0.5, "all")])
 def test_chunked_kd_loss_equals_kd_loss(alpha, temperature, positions):

@@ -97,6 +97,9 @@ def test_distilled_qat_starts_at_the_teacher(env, baseline):
     loss is only the quantization's KL, far below the cross-entropy a fine-tune starts from."""
     summary, msgs = _run(env, "qat_kd", max_steps=2, save_steps=2, qat_scheme="int8-int4", distill=True, kd_alpha=1.0)
     assert any("distilling from the teacher" in m for m in msgs)
+    # the LoRA base weights are the teacher's (float32 from the same file): held once
+    shares = [float(m.split()[3].replace(",", "")) for m in msgs if m.startswith("the teacher shares")]
+    assert len(shares) == 1 and shares[0] > 0, msgs
     first = [float(r["loss"]) for r in csv.DictReader(open(env / "qat_kd" / "loss.csv"))][0]
     ce = [float(r["loss"]) for r in csv.DictReader(open(env / "baseline" / "loss.csv"))][0]
     assert 0 < first < 0.05 * ce

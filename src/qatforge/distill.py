@@ -162,6 +162,36 @@ def chunked_kd_loss(
     return loss, {"kd": float(kd), "ce": float(ce)}
 
 
+def share_frozen_tensors(teacher: Any, student: Any) -> int:
+    """Point each of ``teacher``'s parameters at the student's frozen tensor of the same name when
+    the two are bitwise equal, and return the bytes so freed.
+
+    The student is the teacher's merged model with an adapter: its LoRA base weights, norms and,
+    unless the scheme replaced them by their round trips (a GGUF or ONNX embedding or LM head), its
+    other frozen weights hold the teacher's values, so one copy serves both (a whole float32 model at
+    size). Names are matched after peft's ``base_model.model.`` prefix and ``.base_layer`` are
+    dropped; a tensor that differs in any bit, shape or dtype, or that the student trains, keeps its
+    own copy, so the teacher's forward is unchanged."""
+    import torch
+
+    from qatforge.qat import hf_model
+
+    frozen = {}
+    for name, p in hf_model(student).named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            frozen.setdefault(name.replace(".base_layer.", "."), p)
+    freed = 0
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():  # a tied pair is one parameter: counted once
+            s = frozen.get(name)
+            if (s is None or s.data_ptr() == p.data_ptr() or s.shape != p.shape or s.dtype != p.dtype
+                    or not torch.equal(s, p)):
+                continue
+            p.data = s.data
+            freed += p.numel() * p.element_size()
+    return freed
+
+
 def kd_trainer_class(base: type) -> type:
     """A subclass of the trainer class ``base`` whose loss distills from ``self.teacher``
     (:func:`chunked_kd_loss`; it also counts the input tokens trl's ``num_tokens`` log reports)."""

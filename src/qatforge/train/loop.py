@@ -113,11 +113,13 @@ def build_trainer(
     )
     trainer_cls, extra = SFTTrainer, {}
     if settings.distill:
-        from qatforge.distill import kd_trainer_class
+        from qatforge.distill import kd_trainer_class, share_frozen_tensors
         from qatforge.model import load_causal_lm
 
         teacher = load_causal_lm(base_dir, dtype=dtype_for_device()[0]).eval()
         teacher.requires_grad_(False)
+        shared = share_frozen_tensors(teacher, model)
+        log(f"the teacher shares {shared / 2**20:,.1f} MiB of frozen weights with the student (bitwise equal)")
         trainer_cls = kd_trainer_class(SFTTrainer)
         extra = {"teacher": teacher, "alpha": settings.kd_alpha, "temperature": settings.kd_temperature,
                  "positions": settings.kd_positions}
