@@ -35,6 +35,7 @@ rule select_best:
         pinned=lambda w: config["runs"][w.run].get("checkpoint"),
         settings=train_settings,
         n_prompts=config["eval"]["n_prompts"],
+        n_eval=config["eval"]["n_nll"],
         max_new_tokens=config["eval"]["max_new_tokens"],
         max_tokens=config["data"]["max_tokens"],
     log:

@@ -14,6 +14,7 @@ with logged(snakemake) as log:
         metric=p.metric,
         pinned=p.pinned,
         n_prompts=p.n_prompts,
+        n_eval=p.n_eval,
         max_new_tokens=p.max_new_tokens,
     )
     log.info("selected %s", best.get("selected"))

@@ -104,6 +104,7 @@ def test_dev_selects_and_test_reports_with_no_test_prompt_in_train_or_dev(pipeli
         best = json.loads((pipeline_build / "results/runs" / run / "best.json").read_text())
         assert best["dev_parquet"] == "results/data/dev.parquet"
         assert best["n_prompts"] == min(cfg["eval"]["n_prompts"], summary["dev_rows"])
+        assert best["n_eval_conversations"] == min(cfg["eval"]["n_nll"], summary["dev_rows"])
 
 
 def test_report_md_has_qat_vs_ptq_and_recommendation(pipeline_build):
