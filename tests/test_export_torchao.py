@@ -128,3 +128,77 @@ def test_drop_mapped_pages_keeps_mapped_tensors_readable(merged):
     assert all(torch.equal(params[k], want[k]) for k in params)  # every page read
     assert drop_mapped_pages() > 0
     assert all(torch.equal(params[k], want[k]) for k in params)
+
+
+@pytest.mark.parametrize("scheme", ["int8-int4", "int8", "int4-w32", "int2-w128"])
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_row_blocks_save_what_whole_weights_do(merged, tied, tmp_path, monkeypatch, scheme, which):
+    """With every weight above the block size, each is quantized in row blocks (the last one short)
+    and put together: the folder is bit for bit the one quantizing whole weights gives."""
+    src = merged if which == "untied" else tied
+    blocked = []
+
+    def spy(module, config, **kw):
+        done = quantize_rows(module, config, **kw)
+        blocked.append(done)
+        return done
+
+    quantize_rows = torchao_export.quantize_rows
+    # 100 rows of 256 columns, 33 of 768: every weight of the tiny model (k_proj's 128 rows the
+    # smallest) is split, and its last block is short
+    monkeypatch.setattr(torchao_export, "ROW_BLOCK_BYTES", 100 * 256 * 4)
+    monkeypatch.setattr(torchao_export, "quantize_rows", spy)
+    torchao_export.ptq(src, tmp_path / "blocked", scheme, threads=2)
+    assert blocked and all(blocked)  # every quantized weight went through the row blocks
+
+    monkeypatch.setattr(torchao_export, "ROW_BLOCK_BYTES", 2**40)
+    blocked.clear()
+    torchao_export.ptq(src, tmp_path / "whole", scheme, threads=2)
+    assert blocked and not any(blocked)
+    got, want = _tensor_files(tmp_path / "blocked"), _tensor_files(tmp_path / "whole")
+    assert list(got) == list(want) and "model.safetensors" in got
+    for name in want:
+        assert got[name] == want[name], name
+
+
+def test_row_blocks_leave_a_biased_linear_to_quantize_(monkeypatch):
+    """A Linear with a bias is not split (the scheme may fold the bias into its packed weight)."""
+    import torch
+
+    from qatforge.qat import torchao_configs
+
+    cfg, _ = torchao_configs("int8-int4")
+    lin = torch.nn.Linear(64, 48, bias=True)
+    before = lin.weight.detach().clone()
+    assert not torchao_export.quantize_rows(lin, cfg, block_bytes=64)
+    assert type(lin.weight) is torch.nn.Parameter and torch.equal(lin.weight, before)
+    lin.bias = None
+    assert torchao_export.quantize_rows(lin, cfg, block_bytes=64 * 4 * 5)
+    assert type(lin.weight).__name__ == "IntxUnpackedToInt8Tensor" and lin.weight.qdata.shape == (48, 64)
+
+
+@pytest.mark.parametrize("scheme", ["int8-int4", "int8"])
+def test_blocked_dequantization_gives_the_same_logits(tied, monkeypatch, scheme):
+    """The save check's head and embedding computed from row blocks of their quantized weights give
+    the logits and greedy tokens of whole-weight dequantization, and the modules are restored after."""
+    import torch
+
+    from qatforge.model import load_tokenizer
+
+    model, upcast = torchao_export.load_for_quantize(tied)
+    torchao_export.quantize_for_deploy(model, scheme, upcast=upcast)
+    ids = torchao_export._check_ids(load_tokenizer(tied), "Hello there")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        want_gen = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    monkeypatch.setattr(torchao_export, "ROW_BLOCK_BYTES", 100 * 256 * 4)  # 100 rows of the head: 4 blocks
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    emb_quantized = torchao_export._is_quantized_weight(emb.weight)  # int8-int4 quantizes it, int8 not
+    assert emb_quantized == (scheme == "int8-int4") and len(head.weight) > 300
+    with torch.no_grad(), torchao_export.blocked_dequantization(model) as n:
+        got = model(input_ids=ids).logits
+        got_gen = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        assert "forward" in vars(head) and ("forward" in vars(emb)) == emb_quantized
+    assert n >= 1 + emb_quantized and not any("forward" in vars(m) for m in model.modules())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1)) and torch.equal(got_gen, want_gen)
