@@ -339,5 +339,13 @@ def test_build_base_records_the_counts_and_fails_before_copying(replicas, tmp_pa
     build(str(replicas["qwen3"]), out, torchao_schemes=USES[:2], **kwargs)
     manifest = json.loads((out / "export.json").read_text())
     assert set(manifest["provenance"]["torchao_modules"]) == {"int8-int4", "int8"}
+    # copied in the dtype it is stored in (the replica is bf16), tensor for tensor
+    import torch
+    from safetensors.torch import load_file
+
+    want, got = load_file(str(replicas["qwen3"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in want.items()}
+    assert all(torch.equal(got[k], want[k]) for k in want)
     assert qcfg.torchao_scheme_uses(_cfg(replicas["qwen3"])) == [
         ("torchao.schemes", "int8-int4"), ("torchao.schemes", "int8"), ("runs.qat-int8-int4.qat_scheme", "int8-int4")]

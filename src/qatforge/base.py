@@ -121,7 +121,9 @@ def build(
             else:
                 source, text_info = base, None
             counts = check_torchao_schemes(source, torchao_schemes, trust_remote_code=trust_remote_code)
-            model = load_causal_lm(source, trust_remote_code=trust_remote_code)
+            # in the dtype it is stored in: a bf16 checkpoint upcast here would double the base on
+            # disk and the memory of every job that loads it (merge, the reference, evaluation)
+            model = load_causal_lm(source, dtype="auto", trust_remote_code=trust_remote_code)
             with atomic_dir(out_dir) as tmp:
                 model.save_pretrained(tmp)
                 save_tokenizer(tokenizer, tmp)
