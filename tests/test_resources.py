@@ -17,15 +17,17 @@ from qatforge.spec import resources as R
 QWEN3_06B = R.ModelSize(596_049_920, 151_936, "test")  # the measured shape (bf16 1,137 MiB)
 SIZES = {"0.6B": QWEN3_06B, "1.7B": R.ModelSize(1_700_000_000, 151_936, "test"),
          "4B": R.ModelSize(4_000_000_000, 151_936, "test"), "8B": R.ModelSize(8_000_000_000, 151_936, "test")}
-# Measured on a random-init Qwen3-0.6B shape, 2-core CPU, 4 steps of batch 16 (issue 23):
+# Measured on a random-init Qwen3-0.6B shape, 2-core CPU, 4 steps of batch 16 (issue 23); merge,
+# gguf_convert and build_base's memory from the 2026-12-04 scale run (bench/perf.py), larger:
 # (rule, wildcards, run is QAT) -> (peak MiB, seconds)
 MEASURED = {
     ("train", "baseline"): (6220, 430), ("train", "qat"): (16099, 439),
     ("select_best", "baseline"): (4205, 478), ("select_best", "qat"): (9785, 496),
-    ("qat_convert", "qat"): (4339, 42), ("build_base", None): (3635, 29),
+    ("qat_convert", "qat"): (4339, 42), ("build_base", None): (3675, 29),
     ("evaluate", "baseline"): (3327, 67), ("reference", "baseline"): (3073, 96),
-    ("merge", "baseline"): (2152, 120), ("torchao_ptq", "baseline"): (2161, 85),
-    ("gguf_convert", "baseline"): (1105, 200), ("gguf_quantize", "baseline"): (1105, 200),
+    ("merge", "baseline"): (3841, 120), ("torchao_ptq", "baseline"): (2161, 85),
+    ("gguf_convert", "baseline"): (1596, 200), ("gguf_imatrix", "baseline"): (1747, 300),
+    ("gguf_quantize", "baseline"): (1105, 200),
 }
 
 
