@@ -50,6 +50,15 @@ def quantized_modules(model: Any) -> dict[str, str]:
 ROW_BLOCK_BYTES = 64 * 2**20
 
 
+def _row_blocks(weight: Any, block_bytes: int) -> Iterator[tuple[int, Any]]:
+    """``(first row, weight[rows])`` of a 2-D weight (float or quantized), about ``block_bytes`` of
+    float32 each."""
+    rows, cols = weight.shape
+    step = max(1, block_bytes // (cols * 4))
+    for start in range(0, rows, step):
+        yield start, weight[start:start + step]
+
+
 def quantize_rows(module: Any, config: Any, *, upcast: Any = None, block_bytes: int | None = None) -> bool:
     """Quantize the 2-D weight of a bias-free ``nn.Linear`` or ``nn.Embedding`` with ``config`` one row
     block at a time (each block upcast to ``upcast`` first, if given), and put the blocks' quantized
@@ -72,10 +81,8 @@ def quantize_rows(module: Any, config: Any, *, upcast: Any = None, block_bytes: 
     block_bytes = ROW_BLOCK_BYTES if block_bytes is None else block_bytes
     if rows * cols * 4 <= block_bytes:
         return False
-    step = max(1, block_bytes // (cols * 4))
     pieces = []
-    for start in range(0, rows, step):
-        block = w.detach()[start:start + step]
+    for _, block in _row_blocks(w.detach(), block_bytes):
         if upcast is not None and block.dtype != upcast:
             block = block.to(upcast)
         if type(module) is torch.nn.Linear:
@@ -96,14 +103,6 @@ def quantize_rows(module: Any, config: Any, *, upcast: Any = None, block_bytes: 
     attrs = [getattr(pieces[0], n) for n in cls.tensor_attribute_names]
     module.weight = torch.nn.Parameter(cls(*data, *attrs), requires_grad=False)
     return True
-
-
-def _row_blocks(weight: Any, block_bytes: int) -> Iterator[tuple[int, Any]]:
-    """``(first row, weight[rows])`` of a quantized 2-D weight, about ``block_bytes`` of float32 each."""
-    rows, cols = weight.shape
-    step = max(1, block_bytes // (cols * 4))
-    for start in range(0, rows, step):
-        yield start, weight[start:start + step]
 
 
 def _blocked_linear(self: Any, x: Any) -> Any:
@@ -158,7 +157,7 @@ def blocked_dequantization(model: Any) -> Iterator[int]:
             del m.forward
 
 
-def _upcasting(select: Callable[[Any, str], bool], dtype: Any, config: Any) -> Callable[[Any, str], bool]:
+def _streamed(select: Callable[[Any, str], bool], dtype: Any, config: Any) -> Callable[[Any, str], bool]:
     """``select``, which also casts the weight of each module it accepts to ``dtype`` (unless None) just before
     ``quantize_`` quantizes it (``quantize_`` calls the filter, then the handler, module by module),
     and drops the pages of the checkpoint file the weights read so far (:func:`drop_mapped_pages`).
@@ -206,7 +205,7 @@ def quantize_for_deploy(model: Any, scheme: SchemeLike, *, upcast: Any = None) -
     # when the checkpoint is loaded.
     if emb_cfg is not None or (tied and linear_filter(head, "lm_head")):
         untied = untie_embeddings(model)
-    emb_filter, linear_filter = _upcasting(embedding_filter, upcast, emb_cfg), _upcasting(linear_filter, upcast, cfg)
+    emb_filter, linear_filter = _streamed(embedding_filter, upcast, emb_cfg), _streamed(linear_filter, upcast, cfg)
     if emb_cfg is not None:
         quantize_(model, emb_cfg, filter_fn=emb_filter)
     quantize_(model, cfg, filter_fn=linear_filter)
