@@ -18,7 +18,7 @@ QWEN3_06B = R.ModelSize(596_049_920, 151_936, "test")  # the measured shape (bf1
 SIZES = {"0.6B": QWEN3_06B, "1.7B": R.ModelSize(1_700_000_000, 151_936, "test"),
          "4B": R.ModelSize(4_000_000_000, 151_936, "test"), "8B": R.ModelSize(8_000_000_000, 151_936, "test")}
 # Measured on a random-init Qwen3-0.6B shape, 2-core CPU, 4 steps of batch 16 (issue 23); merge,
-# gguf_convert and build_base's memory from the 2026-12-04 scale run (bench/perf.py), larger:
+# gguf_convert, gguf_imatrix and build_base's memory from the 2026-12-04 scale run (bench/perf.py), larger:
 # (rule, wildcards, run is QAT) -> (peak MiB, seconds)
 MEASURED = {
     ("train", "baseline"): (6220, 430), ("train", "qat"): (16099, 439),

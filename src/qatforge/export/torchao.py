@@ -50,6 +50,11 @@ def quantized_modules(model: Any) -> dict[str, str]:
 ROW_BLOCK_BYTES = 64 * 2**20
 
 
+def _over_block(weight: Any, block_bytes: int) -> bool:
+    """A 2-D weight larger than ``block_bytes`` in float32: one :func:`_row_blocks` splits."""
+    return weight.dim() == 2 and weight.shape[0] * weight.shape[1] * 4 > block_bytes
+
+
 def _row_blocks(weight: Any, block_bytes: int) -> Iterator[tuple[int, Any]]:
     """``(first row, weight[rows])`` of a 2-D weight (float or quantized), about ``block_bytes`` of
     float32 each."""
@@ -74,13 +79,11 @@ def quantize_rows(module: Any, config: Any, *, upcast: Any = None, block_bytes: 
     from torchao.quantization import quantize_
 
     w = module.weight
-    if w.dim() != 2 or getattr(module, "bias", None) is not None or type(module) not in (torch.nn.Linear,
-                                                                                        torch.nn.Embedding):
-        return False
-    rows, cols = w.shape
     block_bytes = ROW_BLOCK_BYTES if block_bytes is None else block_bytes
-    if rows * cols * 4 <= block_bytes:
+    if (getattr(module, "bias", None) is not None or type(module) not in (torch.nn.Linear, torch.nn.Embedding)
+            or not _over_block(w, block_bytes)):
         return False
+    cols = w.shape[1]
     pieces = []
     for _, block in _row_blocks(w.detach(), block_bytes):
         if upcast is not None and block.dtype != upcast:
@@ -108,8 +111,7 @@ def quantize_rows(module: Any, config: Any, *, upcast: Any = None, block_bytes: 
 def _blocked_linear(self: Any, x: Any) -> Any:
     import torch
 
-    out = torch.cat([torch.nn.functional.linear(x, w) for _, w in _row_blocks(self.weight, ROW_BLOCK_BYTES)], -1)
-    return out if self.bias is None else out + self.bias
+    return torch.cat([torch.nn.functional.linear(x, w) for _, w in _row_blocks(self.weight, ROW_BLOCK_BYTES)], -1)
 
 
 def _blocked_embedding(self: Any, ids: Any) -> Any:
@@ -141,7 +143,7 @@ def blocked_dequantization(model: Any) -> Iterator[int]:
     changed = []
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if not _is_quantized_weight(w) or w.dim() != 2 or w.shape[0] * w.shape[1] * 4 <= ROW_BLOCK_BYTES:
+        if not _is_quantized_weight(w) or not _over_block(w, ROW_BLOCK_BYTES):
             continue
         if type(m) is torch.nn.Linear and m.bias is None:
             m.forward = types.MethodType(_blocked_linear, m)
