@@ -14,7 +14,8 @@ rule train:
         "logs/train/{run}.log",
     benchmark:
         "benchmarks/train/{run}.tsv"
-    threads: config["train"]["threads"]
+    threads: run_threads
+    priority: 1
     resources:
         **rule_resources("train"),
     conda:
@@ -42,7 +43,8 @@ rule select_best:
         "logs/select_best/{run}.log",
     benchmark:
         "benchmarks/select_best/{run}.tsv"
-    threads: config["train"]["threads"]
+    threads: run_threads
+    priority: 1
     resources:
         **rule_resources("select_best"),
     conda:
@@ -66,6 +68,7 @@ rule merge:
     benchmark:
         "benchmarks/merge/{run}.tsv"
     threads: 1
+    priority: 1
     resources:
         **rule_resources("merge"),
     conda:

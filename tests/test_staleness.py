@@ -159,3 +159,30 @@ def test_gguf_edit_rechecks_the_base_but_retrains_nothing(built_workdir):
     rules = Counter(r for r, _ in planned_jobs(built_workdir))
     assert rules["gguf_check"] == 1, rules
     assert not {"train", "select_best", "merge", "reference", "torchao_ptq", "qat_convert"} & set(rules), rules
+
+
+def _train_threads(workdir: Path) -> dict[str, int]:
+    """{run: threads} of the train jobs a forced dry run schedules (Snakemake prints threads > 1 only)."""
+    out = snakemake(workdir, "-n", "--cores", "2", "--forcerun", "train").stdout
+    blocks = re.findall(r"^(?:local)?rule train:\n((?:[ \t]+.*\n)+)", out, flags=re.M)
+    threads = {}
+    for block in blocks:
+        run = re.search(r"wildcards: run=([^\s,]+)", block).group(1)
+        m = re.search(r"threads: (\d+)", block)
+        threads[run] = int(m.group(1)) if m else 1
+    assert threads, f"no train job in the dry run:\n{out}"
+    return threads
+
+
+def test_thread_counts_set_the_jobs_threads_and_rerun_nothing(built_workdir):
+    """train.threads, global or a run's own, is each train job's threads: a resource, not the recipe
+    (the weights are the same bytes at any count), so changing it reruns nothing."""
+    cfg = read_config(built_workdir)
+    runs = qcfg.runs(cfg)
+    # the default: the baseline on train.threads, the QAT runs (which wait only for it) on one each
+    assert _train_threads(built_workdir) == {r: 2 if r == "baseline" else 1 for r in runs}
+    cfg["train"]["threads"] = 1
+    cfg["runs"][RUN_OTHER]["train"]["threads"] = 2
+    write_config(built_workdir, cfg)
+    assert planned_jobs(built_workdir) == []
+    assert _train_threads(built_workdir) == {r: 2 if r == RUN_OTHER else 1 for r in runs}
