@@ -90,6 +90,36 @@ def test_requests_at_the_measured_shape_cover_the_measurements(table, rule, whic
     assert req.runtime >= 3 * seconds / 60, (req, seconds)
 
 
+def test_fewer_threads_than_measured_ask_proportionally_longer_on_cpu_only(table):
+    """train/select_best slopes were measured on 2 threads: a 1-thread QAT run (the default) asks twice
+    the params term, 4 threads no less than 2, and a GPU job gets the GPU factor instead."""
+    assert table["kinds"]["train_qat"]["threads"] == 2
+    rec, w = table["kinds"]["train_qat"], {"run": "qat-int8-int4"}
+
+    def config(threads, gpu=False):
+        cfg = default_config(gpu=gpu)
+        cfg["runs"]["qat-int8-int4"]["train"]["threads"] = threads
+        return cfg
+
+    def params_minutes(threads, gpu=False):
+        load = R.job_load("train", config(threads, gpu), SIZES["4B"], w, table["tokens_per_conversation"])
+        assert load.threads == threads
+        _, minutes = R.estimate(rec, load, table["gpu_runtime_factor"] if gpu else None)
+        return minutes - rec["fixed_min"]
+
+    one, two, four = params_minutes(1), params_minutes(2), params_minutes(4)
+    assert one == pytest.approx(2 * two) and four == pytest.approx(two)
+    assert params_minutes(1, gpu=True) == pytest.approx(table["gpu_runtime_factor"] * two)
+    assert R.request("train", config(1), SIZES["4B"], table, w).runtime > R.request("train", config(2), SIZES["4B"], table, w).runtime
+    assert R.request("train", config(1, gpu=True), SIZES["4B"], table, w).runtime == R.request(
+        "train", config(2, gpu=True), SIZES["4B"], table, w).runtime
+    # a refit records the measured job's threads; a kind measured without them is not thread-scaled
+    trained = R.fit(table["kinds"]["train"], R.Load(QWEN3_06B.params, QWEN3_06B.vocab, steps=4, batch=16, threads=2), 6220, 430)
+    assert trained["threads"] == 2
+    merge = R.fit(table["kinds"]["merge"], R.Load(QWEN3_06B.params, QWEN3_06B.vocab), 3841, 120)
+    assert "threads" not in merge and R.thread_factor(merge, R.Load(1e9, 1000, threads=1)) == 1.0
+
+
 def test_onnx_export_covers_its_multiple_of_bf16(table):
     cfg = default_config()
     bf16 = QWEN3_06B.params * 2 / 2**20

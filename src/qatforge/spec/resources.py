@@ -10,7 +10,7 @@ JSON table, ``bench/resource_slopes.json`` (:data:`SLOPES_FILE`), which ``make b
     mem_mb     = max(floor_mb, format floor, mem_headroom * (fixed_mb + mem_x_bf16 * bf16_mib
                                                              + mem_x_logits * logits_mib))
     runtime    = max(floor_min, runtime_headroom * (fixed_min + min_per_bparam * params / 1e9 * work
-                                                    * (gpu_runtime_factor on a GPU)))
+                                                    * (gpu_runtime_factor on a GPU, else thread_factor)))
 
 each times ``retry_factor ** (attempt - 1)`` (Snakemake's ``attempt``, so a retry gets more), the
 runtime capped at ``resources.max_runtime``; ``resources.rules.<rule>`` replaces either outright.
@@ -26,12 +26,16 @@ runtime capped at ``resources.max_runtime``; ``resources.rules.<rule>`` replaces
                       reference's compact answer distributions, qatforge.answer_dists)
 
 ``tokens`` is the table's ``tokens_per_conversation`` capped at ``data.max_tokens``.
+``thread_factor`` (CPU ``train``/``select_best`` jobs, which run on their run's ``train.threads``):
+a kind measured on more threads than the job has takes that many times longer (linear, the safe
+side); more threads than measured are not counted on to be faster.
 
 The table's fields: ``measured`` (what the slopes were fitted on: base, params, vocab, machine, date
 and the :class:`Load` of the measurement runs), ``mem_headroom``, ``runtime_headroom``, ``floor_mb``,
 ``floor_min``, ``retry_factor``, ``gpu_runtime_factor`` (GPU time / CPU time of the params term),
 ``tokens_per_conversation``, and ``kinds``: one record per rule kind (:data:`KIND_FIELDS`: fixed_mb,
-mem_x_bf16, mem_x_logits, fixed_min, min_per_bparam, work; optional ``note``). A kind is the rule's
+mem_x_bf16, mem_x_logits, fixed_min, min_per_bparam, work; optional ``note``, and ``threads``,
+the measured job's threads, which :func:`fit` records when its load has them). A kind is the rule's
 name, or ``train_qat``/``select_best_qat`` for QAT runs, ``evaluate_<format>`` (else ``evaluate``),
 ``onnx_export_quantized`` for int4/int8 ONNX variants (:func:`kind_of`).
 """
@@ -220,6 +224,7 @@ class Load:
     max_new_tokens: int = 0
     speed: int = 0  # speed_prompts * speed_repeats
     max_len: int = 0  # data.max_tokens: the longest conversation scored
+    threads: int = 0  # train/select_best: the run's train.threads (0: not thread-scaled)
 
     def work(self, work: str) -> float:
         return {"job": 1.0,
@@ -238,12 +243,20 @@ class Load:
         return self.params * 2 / 2**20
 
 
-def estimate(rec: Mapping[str, Any], load: Load, gpu_factor: float = 1.0) -> tuple[float, float]:
+def estimate(rec: Mapping[str, Any], load: Load, gpu_factor: float | None = None) -> tuple[float, float]:
     """(MiB, minutes) a job of this kind needs, before headroom, floors and retries; ``gpu_factor``
-    scales the params term of the runtime (the table's ``gpu_runtime_factor`` on a GPU)."""
+    scales the params term of the runtime on a GPU (the table's ``gpu_runtime_factor``), on a CPU
+    :func:`thread_factor` does."""
     mem = rec["fixed_mb"] + rec["mem_x_bf16"] * load.bf16_mib + rec["mem_x_logits"] * load.logits_mib(rec["work"])
     minutes = rec["min_per_bparam"] * load.params / 1e9 * load.work(rec["work"])
-    return mem, rec["fixed_min"] + minutes * gpu_factor
+    return mem, rec["fixed_min"] + minutes * (thread_factor(rec, load) if gpu_factor is None else gpu_factor)
+
+
+def thread_factor(rec: Mapping[str, Any], load: Load) -> float:
+    """How many times longer a job runs on ``load.threads`` than its kind's measurement on
+    ``rec["threads"]``: linear below, 1 at or above (see the module docstring)."""
+    measured = rec.get("threads", 0)
+    return max(1.0, measured / load.threads) if measured and load.threads else 1.0
 
 
 def fit(rec: Mapping[str, Any], load: Load, mem_mib: float, seconds: float) -> dict[str, Any]:
@@ -252,8 +265,9 @@ def fit(rec: Mapping[str, Any], load: Load, mem_mib: float, seconds: float) -> d
     and the measured time plus ``fixed_min`` (start-up margin, the builtin's warm-up: not fitted)."""
     mem_rest = mem_mib - rec["fixed_mb"] - rec["mem_x_logits"] * load.logits_mib(rec["work"])
     scale = load.params / 1e9 * load.work(rec["work"])
-    return {**rec, "mem_x_bf16": round(max(mem_rest, 0) / load.bf16_mib, 3),
-            "min_per_bparam": round(seconds / 60 / scale, 6) if scale else 0.0}
+    fitted = {**rec, "mem_x_bf16": round(max(mem_rest, 0) / load.bf16_mib, 3),
+              "min_per_bparam": round(seconds / 60 / scale, 6) if scale else 0.0}
+    return {**fitted, "threads": load.threads} if load.threads else fitted
 
 
 def refit(table: Mapping[str, Any]) -> dict[str, Any]:
@@ -294,7 +308,8 @@ def job_load(rule: str, config: Mapping[str, Any], size: ModelSize, wildcards: M
         t = qcfg.train_settings(config, wildcards["run"])
         candidates = math.ceil(t["max_steps"] / t["save_steps"]) + int(bool(t.get("distill")))
         load = replace(load, steps=t["max_steps"], batch=t["batch_size"], accum=t["grad_accum"],
-                       candidates=candidates, n_prompts=ev["n_prompts"], max_new_tokens=ev["max_new_tokens"])
+                       candidates=candidates, n_prompts=ev["n_prompts"], max_new_tokens=ev["max_new_tokens"],
+                       threads=t["threads"])
     elif rule in ("reference", "evaluate"):
         load = replace(load, n_prompts=ev["n_prompts"], n_nll=ev["n_nll"], max_new_tokens=ev["max_new_tokens"],
                        speed=ev["speed_prompts"] * ev["speed_repeats"] if rule == "evaluate" else 0)
@@ -328,7 +343,7 @@ def request(rule: str, config: Mapping[str, Any], size: ModelSize, table: Mappin
     rec = table["kinds"][kind]
     gpus = gpu_count(rule, config, wildcards)
     mem, minutes = estimate(rec, job_load(rule, config, size, wildcards, table["tokens_per_conversation"]),
-                            table["gpu_runtime_factor"] if gpus else 1.0)
+                            table["gpu_runtime_factor"] if gpus else None)
     grow = table["retry_factor"] ** (max(attempt, 1) - 1)
     floor_mb = max(table["floor_mb"], lookup(wildcards["format"]).eval_mem_mb if rule == "evaluate" else 0)
     mem_mb = math.ceil(max(floor_mb, table["mem_headroom"] * mem) * grow / 100) * 100
