@@ -116,6 +116,7 @@ def test_fewer_threads_than_measured_ask_proportionally_longer_on_cpu_only(table
     # a refit records the measured job's threads; a kind measured without them is not thread-scaled
     trained = R.fit(table["kinds"]["train"], R.Load(QWEN3_06B.params, QWEN3_06B.vocab, steps=4, batch=16, threads=2), 6220, 430)
     assert trained["threads"] == 2
+    assert "threads" not in R.fit(trained, R.Load(QWEN3_06B.params, QWEN3_06B.vocab, steps=4, batch=16), 6220, 430)
     merge = R.fit(table["kinds"]["merge"], R.Load(QWEN3_06B.params, QWEN3_06B.vocab), 3841, 120)
     assert "threads" not in merge and R.thread_factor(merge, R.Load(1e9, 1000, threads=1)) == 1.0
 

@@ -265,9 +265,10 @@ def fit(rec: Mapping[str, Any], load: Load, mem_mib: float, seconds: float) -> d
     and the measured time plus ``fixed_min`` (start-up margin, the builtin's warm-up: not fitted)."""
     mem_rest = mem_mib - rec["fixed_mb"] - rec["mem_x_logits"] * load.logits_mib(rec["work"])
     scale = load.params / 1e9 * load.work(rec["work"])
-    fitted = {**rec, "mem_x_bf16": round(max(mem_rest, 0) / load.bf16_mib, 3),
-              "min_per_bparam": round(seconds / 60 / scale, 6) if scale else 0.0}
-    return {**fitted, "threads": load.threads} if load.threads else fitted
+    fitted = {k: v for k, v in rec.items() if k != "threads"} | {
+        "mem_x_bf16": round(max(mem_rest, 0) / load.bf16_mib, 3),
+        "min_per_bparam": round(seconds / 60 / scale, 6) if scale else 0.0}
+    return fitted | {"threads": load.threads} if load.threads else fitted
 
 
 def refit(table: Mapping[str, Any]) -> dict[str, Any]:
