@@ -51,17 +51,14 @@ def run_base(wildcards):
 
 # Params that are dicts (or built from config dicts) go through sorted_keys(): Snakemake compares
 # params by repr, so config key order must not show in them. Scalar params need nothing.
-# Without threads: a job's threads are a resource (run_threads), not part of the recipe; the trained
-# weights were the same bytes at 1 and 2 threads (measured on the default build), so changing it reruns nothing.
+# The settings leave out threads, a resource (run_threads): the trained weights were the same bytes
+# at 1 and 2 threads (measured on the default build), so changing them reruns nothing.
 def train_settings(wildcards):
-    settings = qcfg.train_settings(config, wildcards.run)
-    settings.pop("threads")
-    return sorted_keys(settings)
+    return sorted_keys(qcfg.train_settings(config, wildcards.run))
 
 
 def run_threads(wildcards):
-    """The run's train.threads (a run may override it): its train and select_best jobs' threads."""
-    return qcfg.train_settings(config, wildcards.run)["threads"]
+    return qcfg.run_threads(config, wildcards.run)
 
 
 def quant_settings(wildcards):

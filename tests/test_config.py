@@ -262,7 +262,9 @@ def test_train_settings_are_per_run(cfg):
     own = cfg["runs"]["qat-int8-int4"]["train"]["lora"]  # the QAT run's own rank, not the baseline's 8
     assert other["lora"]["r"] == own["r"] != 8 and other["lora"]["alpha"] == own["alpha"]
     assert other["qat_scheme"] == "int8-int4" and s["qat_scheme"] is None
-    assert "select_metric" not in s
+    assert "select_metric" not in s and "threads" not in s  # a resource: qcfg.run_threads
+    cfg["runs"]["qat-int8-int4"]["train"]["threads"] = 3
+    assert qcfg.run_threads(cfg, "qat-int8-int4") == 3 and qcfg.run_threads(cfg, "baseline") == cfg["train"]["threads"]
     # runs.<run>.qat reaches TrainSettings; the teacher becomes the base, not a setting
     assert other["qat_mode"] == "merged" and other["distill"] is True and other["kd_alpha"] == 1.0
     assert "distill_from" not in other and "qat_mode" not in s

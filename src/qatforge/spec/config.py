@@ -85,7 +85,8 @@ def qat_runs(config: dict) -> list[str]:
 
 
 def train_settings(config: dict, run: str) -> dict[str, Any]:
-    """The training settings of one run: ``train`` defaults with the run's overrides applied."""
+    """The training settings of one run: ``train`` defaults with the run's overrides applied; not
+    its threads (:func:`run_threads`), a resource: the weights do not depend on them."""
     base = copy.deepcopy(config["train"])
     over = config["runs"][run].get("train") or {}
     for key, value in over.items():
@@ -94,6 +95,7 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
         else:
             base[key] = value
     base.pop("select_metric", None)
+    base.pop("threads", None)
     base["qat_scheme"] = qat_scheme(config, run)
     if base["qat_scheme"] is not None:  # runs.<run>.qat → TrainSettings (whose defaults fill the rest)
         q = config["runs"][run].get("qat") or {}
@@ -101,6 +103,12 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
         base["distill"] = teacher(config, run) is not None
     base["seed"] = config["seed"]
     return base
+
+
+def run_threads(config: dict, run: str) -> int:
+    """The threads of a run's train and select_best jobs: ``runs.<run>.train.threads``, else
+    ``train.threads``."""
+    return (config["runs"][run].get("train") or {}).get("threads", config["train"]["threads"])
 
 
 def matched_gguf_quant(config: dict, run: str) -> str | None:

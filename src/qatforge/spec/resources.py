@@ -310,7 +310,7 @@ def job_load(rule: str, config: Mapping[str, Any], size: ModelSize, wildcards: M
         candidates = math.ceil(t["max_steps"] / t["save_steps"]) + int(bool(t.get("distill")))
         load = replace(load, steps=t["max_steps"], batch=t["batch_size"], accum=t["grad_accum"],
                        candidates=candidates, n_prompts=ev["n_prompts"], max_new_tokens=ev["max_new_tokens"],
-                       threads=t["threads"])
+                       threads=qcfg.run_threads(config, wildcards["run"]))
     elif rule in ("reference", "evaluate"):
         load = replace(load, n_prompts=ev["n_prompts"], n_nll=ev["n_nll"], max_new_tokens=ev["max_new_tokens"],
                        speed=ev["speed_prompts"] * ev["speed_repeats"] if rule == "evaluate" else 0)
