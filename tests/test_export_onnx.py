@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from export_helpers import tiny_checkpoint
+from export_helpers import genai_generate, tiny_checkpoint
 
 from qatforge.export import onnx as onnx_export
 
@@ -53,7 +53,8 @@ def test_fp32_folder_matches_torch_and_runs_in_onnxruntime_genai(exported, merge
     for name in ("model.onnx", "genai_config.json", "tokenizer.json", "chat_template.jinja"):
         assert (d / name).is_file(), name
     assert (d / "chat_template.jinja").read_text() == (merged / "chat_template.jinja").read_text()
-    assert infos["fp32"]["check"]["prompt_ids_equal"] and infos["fp32"]["check"]["loaded"]
+    check = infos["fp32"]["check"]
+    assert check["prompt_ids_equal"] and check["genai_config"] and check["external_tensors"] > 0
     diff, same = _torch_vs_onnxruntime(d, merged)
     assert diff < 1e-4 and same
     record = json.loads((d / "export.json").read_text())
@@ -86,8 +87,9 @@ def test_quantized_folders_use_matmulnbits_block_32(exported, merged, variant, b
     assert graph["matmulnbits_bits"] == [bits] and graph["matmulnbits_block_size"] == [32]
     # the embedding lookup stays float (a Gather), so less than the 8x / 4x of the linear weights
     assert infos["int4"]["size_bytes"] < infos["int8"]["size_bytes"] < 0.5 * infos["fp32"]["size_bytes"]
-    assert infos[variant]["check"]["prompt_ids_equal"] and infos[variant]["check"]["loaded"]
+    assert infos[variant]["check"]["prompt_ids_equal"] and infos[variant]["check"]["genai_config"]
     diff, _ = _torch_vs_onnxruntime(root / variant, merged)
+    assert len(genai_generate(root / variant, [1, 2, 3])) == 3
     assert 0 < diff < 5.0  # quantized: close, not equal
 
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from export_helpers import genai_generate
 
 from qatforge.export.onnx_input import builder_input, rename_safetensors
 from qatforge.spec.onnx_archs import BUILDER_ARCHITECTURES, WRAPPERS, builder_architectures, view_key
@@ -178,4 +179,5 @@ def test_the_export_builds_the_text_model_view_with_logits_parity(name, text_mod
     assert np.abs(rt.advance(ids[-1]) - got[-1]).max() < 1e-3
 
     int4 = onnx_export.export(text, tmp_path / "int4", {"precision": "int4", "block_size": 32})
-    assert int4["graph"]["ops"]["MatMulNBits"] > 0 and int4["check"]["loaded"]
+    assert int4["graph"]["ops"]["MatMulNBits"] > 0 and int4["check"]["prompt_ids_equal"]
+    assert len(genai_generate(tmp_path / "int4", ids)) == 3  # the deployment runtime loads and runs it

@@ -8,11 +8,14 @@ Every variant is built from the merged 16-bit checkpoint (or the view of it the 
 with its weights as external data (so no 2 GB protobuf limit), ``genai_config.json``, the
 tokenizer and the chat template: what ``onnxruntime_genai.Model(dir)`` loads.
 
-The folder is checked before it is kept: it renders and tokenizes the chat prompt exactly as the
-merged checkpoint's own files do, and ``onnxruntime_genai`` loads it and generates a token. Logits
-parity against the merged model is the evaluate job's (the same answer positions and metrics as
-every format); no PyTorch copy of the model is loaded here, so the job's peak memory is the
-builder's or the loaded graph's.
+The folder is checked before it is kept, without loading its weights
+(:mod:`qatforge.export.onnx_check`): it renders and tokenizes the chat prompt exactly as the merged
+checkpoint's own files do, its ``genai_config.json`` parses in ``onnxruntime_genai`` and binds every
+input and output of the graph, and every external tensor's bytes are in place. Running it is the
+evaluate job's (onnxruntime for logits parity on the same answer positions and metrics as every
+format, ``onnxruntime_genai`` for speed): a float32 graph alone is twice the bf16 checkpoint, so
+loading it here would raise the export's peak past its output. No PyTorch copy of the model is
+loaded either, so the job's peak memory is the builder's.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from qatforge.export.onnx_check import check_folder, graph_summary, load_graph
 from qatforge.export.onnx_input import builder_input
 from qatforge.export.record import as_log, hf_tied_embeddings, source_record, write_export_record
 from qatforge.io import atomic_dir, check_free_space, package_versions
@@ -39,7 +43,6 @@ SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "generation_config.json",
 )
-CHECK_MESSAGES = ({"role": "user", "content": "What is 12 + 30?"},)
 
 
 def builder_command(input_dir: Path, out_dir: Path, cache_dir: Path, settings: Mapping[str, Any],
@@ -68,48 +71,6 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def graph_summary(model_dir: Path) -> dict[str, Any]:
-    """Operator counts of ``model.onnx`` (weights not loaded) and its input names: what the record
-    and the tests read (``MatMulNBits`` for the quantized variants)."""
-    import onnx
-
-    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
-    ops: dict[str, int] = {}
-    for node in graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    init = {t.name for t in graph.initializer}
-    bits = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"})
-    blocks = sorted({a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-                     if a.name == "block_size"})
-    return {"ops": dict(sorted(ops.items())), "inputs": [i.name for i in graph.input],
-            "matmulnbits_bits": bits, "matmulnbits_block_size": blocks,
-            "lm_head_weights": sorted(n for n in init if n.startswith("lm_head."))}
-
-
-def genai_check(model_dir: Path, merged_dir: Path) -> dict[str, Any]:
-    """The folder's chat prompt ids against the merged checkpoint's (same renderer and tokenizer
-    library on both folders' files); then ``onnxruntime_genai`` (the deployment runtime) loads the
-    folder and generates one token from that prompt."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    from qatforge.evaluate.onnx import FolderTokenizer
-
-    prompt = FolderTokenizer(model_dir).prompt_ids(list(CHECK_MESSAGES))
-    source = FolderTokenizer(merged_dir).prompt_ids(list(CHECK_MESSAGES))
-    if prompt != source:
-        raise RuntimeError(f"ONNX export of {merged_dir}: the folder's tokenizer/chat template give other prompt "
-                           f"ids than the checkpoint's ({prompt[:12]}... vs {source[:12]}...)")
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(prompt, dtype=np.int32))
-    token = int(gen.get_next_tokens()[0])
-    del gen, model
-    return {"prompt_ids_equal": True, "loaded": True, "prompt_tokens": len(prompt), "first_token": token}
-
-
 def export(
     merged_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -124,7 +85,7 @@ def export(
     builder's precision and options; default fp32) from ``merged_dir``; ``variant`` names it in the
     record (default: the out_dir's name).
 
-    Written atomically and checked (:func:`genai_check`); ``out_dir/export.json`` records the
+    Written atomically and checked (:func:`qatforge.export.onnx_check.check_folder`); ``out_dir/export.json`` records the
     builder's command, version, graph summary and check. Returns the record's provenance with size
     and sha256.
     """
@@ -156,10 +117,12 @@ def export(
             raise RuntimeError(f"ONNX model builder failed on {merged_dir} ({variant}, exit {proc.returncode}): "
                                f"{((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1]}")
         side = _copy_side_files(merged_dir, tmp)
-        graph = graph_summary(tmp)
-        check = genai_check(tmp, merged_dir)
-        log(f"onnxruntime-genai loaded {out_dir.name}: {graph['ops'].get('MatMulNBits', 0)} MatMulNBits, "
-            f"prompt ids as the checkpoint's, first token {check['first_token']}")
+        model = load_graph(tmp)
+        graph = graph_summary(model)
+        check = check_folder(tmp, merged_dir, model)
+        log(f"checked {out_dir.name}: {graph['ops'].get('MatMulNBits', 0)} MatMulNBits, prompt ids as the "
+            f"checkpoint's, genai_config binds the graph's {check['bound_inputs']} inputs, "
+            f"{check['external_tensors']} external tensors in place")
     record = write_export_record(
         out_dir, source=source_record(merged_dir, **(source or {})), tool=tool_info(),
         settings={"variant": variant, **settings, "execution_provider": EXECUTION_PROVIDER,
