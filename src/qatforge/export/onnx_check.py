@@ -75,9 +75,9 @@ def external_data_check(model_dir: Path, model: Any) -> dict[str, Any]:
     total = 0
     for location, spans in extents.items():
         path = model_dir / location
-        size = path.stat().st_size if path.is_file() else None
-        if size is None:
+        if not path.is_file():
             raise FolderError(f"{model_dir}: external data file {location} missing")
+        size = path.stat().st_size
         spans.sort()
         for (o0, l0, n0), (o1, _, n1) in zip(spans, spans[1:]):
             if o0 + l0 > o1:
@@ -115,6 +115,8 @@ def genai_config_check(model_dir: Path, model: Any) -> dict[str, Any]:
     decoder = cfg["decoder"]
     if decoder.get("filename") != "model.onnx":
         raise FolderError(f"{model_dir}/genai_config.json: decoder file {decoder.get('filename')!r}, not model.onnx")
+    if "logits" not in decoder.get("outputs", {}):
+        raise FolderError(f"{model_dir}/genai_config.json names no logits output")
     layers = int(decoder["num_hidden_layers"])
     plain_in, past = _split(decoder.get("inputs", {}))
     plain_out, present = _split(decoder.get("outputs", {}))
@@ -138,8 +140,6 @@ def genai_config_check(model_dir: Path, model: Any) -> dict[str, Any]:
     unbound = sorted(graph_in - bound)
     if unbound:
         raise FolderError(f"{model_dir}/genai_config.json binds no value to the graph's inputs {unbound[:6]}")
-    if "logits" not in decoder.get("outputs", {}):
-        raise FolderError(f"{model_dir}/genai_config.json names no logits output")
     vocab = _last_dim(graph_out[decoder["outputs"]["logits"]])
     if vocab is not None and vocab != int(cfg["vocab_size"]):
         raise FolderError(f"{model_dir}/genai_config.json: vocab_size {cfg['vocab_size']}, the graph's logits {vocab}")
