@@ -116,19 +116,3 @@ def reverse_task_checkpoint(root: Path, n_conv: int = 60, perturbed: bool = Fals
                  schema={"messages": dtype, "task": pl.String}).write_parquet(out["parquet"])
     return out
 
-
-def genai_generate(model_dir: Path, prompt_ids: list[int], new_tokens: int = 3) -> list[int]:
-    """Greedy tokens from ``onnxruntime_genai`` on an exported folder, as a deployment loads it (the
-    export checks its files only; running it is the evaluate job's and these tests')."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    total = len(prompt_ids) + new_tokens
-    params.set_search_options(max_length=total, min_length=total, do_sample=False)  # EOS ignored
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return list(gen.get_sequence(0))[len(prompt_ids):]
