@@ -115,4 +115,3 @@ def reverse_task_checkpoint(root: Path, n_conv: int = 60, perturbed: bool = Fals
     pl.DataFrame({"messages": convs, "task": ["reverse"] * n_conv},
                  schema={"messages": dtype, "task": pl.String}).write_parquet(out["parquet"])
     return out
-

@@ -71,7 +71,8 @@ def test_a_tensor_whose_length_disagrees_with_its_shape_is_refused(copy, merged)
     (lambda m: m["decoder"]["inputs"].pop("attention_mask"), "binds no value to the graph's inputs"),
     (lambda m: m["decoder"]["outputs"].update(logits="scores"), "names what model.onnx lacks"),
     (lambda m: m.update(vocab_size=m["vocab_size"] + 1), "vocab_size"),
-    (lambda m: m["decoder"].update(num_hidden_layers=m["decoder"]["num_hidden_layers"] + 1), r"lacks: \[\"layer \d+'s cache"),
+    (lambda m: m["decoder"].update(num_hidden_layers=m["decoder"]["num_hidden_layers"] + 1),
+     r"lacks: \[\"layer \d+'s cache"),
 ])
 def test_a_genai_config_that_does_not_bind_the_graph_is_refused(copy, merged, edit, message):
     _edit_genai_config(copy, edit)

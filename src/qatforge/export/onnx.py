@@ -85,9 +85,9 @@ def export(
     builder's precision and options; default fp32) from ``merged_dir``; ``variant`` names it in the
     record (default: the out_dir's name).
 
-    Written atomically and checked (:func:`qatforge.export.onnx_check.check_folder`); ``out_dir/export.json`` records the
-    builder's command, version, graph summary and check. Returns the record's provenance with size
-    and sha256.
+    Written atomically and checked (:func:`qatforge.export.onnx_check.check_folder`);
+    ``out_dir/export.json`` records the builder's command, version, graph summary and check. Returns
+    the record's provenance with size and sha256.
     """
     log = as_log(log)
     merged_dir, out_dir = Path(merged_dir), Path(out_dir)
