@@ -134,10 +134,14 @@ def maybe_temp(path):
 
 
 def quantize_inputs(wildcards):
-    """The unquantized GGUF, plus the run's imatrix when the quant asks for one."""
+    """The unquantized GGUF, plus the run's imatrix when the quant asks for one, plus the merged
+    checkpoint (its learned block scales) for the quant a run that learned them ships."""
     inputs = {"gguf": gguf_file(wildcards.run, OUTTYPE)}
     if config["gguf"]["quants"][wildcards.quant].get("imatrix"):
         inputs["imatrix"] = f"results/runs/{wildcards.run}/gguf/imatrix.gguf"
+    run = wildcards.run
+    if qcfg.learned_block_scales(config, run) and qcfg.matched_gguf_quant(config, run) == wildcards.quant:
+        inputs["merged"] = merged_dir(run)
     return inputs
 
 

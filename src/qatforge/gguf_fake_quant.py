@@ -67,9 +67,7 @@ def dequantized(w, qtype: str):
         idx = ax.argmax(dim=-1, keepdim=True)  # first index of the maximal magnitude (the C scan's `<`)
         mx = torch.gather(x, -1, idx)
         mx = torch.where(amax == 0, torch.zeros_like(mx), mx)  # the C scan keeps its +0.0 initial value
-        d = mx / -8.0
-        q = torch.trunc(x * reciprocal(d) + 8.5).clamp_(0, 15).to(torch.int32)
-        out = (q - 8).to(torch.float32) * d.to(torch.float16).to(torch.float32)
+        out = _q4_0(x, mx / -8.0)
     else:  # Q8_0
         amax = x.abs().amax(dim=-1, keepdim=True)
         d = amax / 127.0
@@ -77,6 +75,27 @@ def dequantized(w, qtype: str):
         q = roundf(x * reciprocal(d)).to(torch.int32)
         out = q.to(torch.float32) * d.to(torch.float16).to(torch.float32)
     return out.reshape(w.shape)
+
+
+def _q4_0(x, d):
+    """Blocks ``x [n, 32]`` rounded under float32 scales ``d [n, 1]`` and dequantized (float32).
+    The clamp at 0 never binds for llama.cpp's own ``d``; it does for a smaller (learned) one."""
+    import torch
+
+    q = torch.trunc(x * reciprocal(d) + 8.5).clamp_(0, 15).to(torch.int32)
+    return (q - 8).to(torch.float32) * d.to(torch.float16).to(torch.float32)
+
+
+def dequantized_with_scales(w, d):
+    """Q4_0 of ``w [..., k·32]`` under the given float32 block scales ``d [..., k]``, dequantized, in
+    float32 (no gradient): what :func:`qatforge.export.gguf.block_scales.rewrite_q4_0` stores."""
+    import torch
+
+    _check(w, "Q4_0")
+    if tuple(d.shape) != (*w.shape[:-1], w.shape[-1] // BLOCK_SIZE):
+        raise ValueError(f"block scales of shape {tuple(d.shape)} for a weight of shape {tuple(w.shape)}")
+    x = w.detach().to(torch.float32).reshape(-1, BLOCK_SIZE)
+    return _q4_0(x, d.detach().to(torch.float32).reshape(-1, 1)).reshape(w.shape)
 
 
 def fake_quantize(w, qtype: str):

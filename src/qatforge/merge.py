@@ -114,6 +114,8 @@ def merge(
         cast_parameters, load_causal_lm, load_tokenizer, load_upcast, release_freed_memory, save_tokenizer,
         stored_dtype,
     )
+    from qatforge.learned_scales import PARAM as SCALE_PARAM
+    from qatforge.learned_scales import write_merged_scales
     from qatforge.qat import count_fake_quantized, strip_fake_quant
 
     if dtype not in DTYPES:
@@ -139,7 +141,8 @@ def merge(
     else:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         # Every adapter tensor must have landed in the model (no silently ignored keys).
-        saved = load_file(str(adapter_file))
+        # Learned block scales (θ) are not LoRA weights: merge turns them into scales beside the checkpoint.
+        saved = [k for k in load_file(str(adapter_file)) if not k.endswith("." + SCALE_PARAM)]
         n_lora = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
         if n_lora != len(saved):
             raise MergeError(f"{adapter_file}: {len(saved)} adapter tensors, but {n_lora} LoRA parameters in the model")
@@ -166,6 +169,7 @@ def merge(
 
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size="5GB")  # transformers 5 writes safetensors only
+        n_scaled = write_merged_scales(adapter_dir, merged.state_dict(), tmp) if adapter_dir else 0
         save_tokenizer(base_tok, tmp)  # with the BOS rule as add_bos_token
         del merged, model
         release_freed_memory()
@@ -204,6 +208,7 @@ def merge(
         "parameters": n_params,
         "lora_tensors": n_lora,
         "fake_quantized_stripped": stripped,
+        "learned_block_scales": n_scaled,
         "checks": checks,
         "seconds": round(time.perf_counter() - t0, 2),
         "size_bytes": size_bytes(out_dir),

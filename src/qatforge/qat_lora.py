@@ -19,7 +19,9 @@ Frozen weights that the scheme quantizes outside the adapters (LM head, embeddin
 the storage dtype in place, so their torchao fake quantizers see the merged checkpoint's values too.
 
 The forward is patched on peft's ``lora.Linear`` instances (parameter names, and so saved
-adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper.
+adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper. With learned
+block scales (GGUF Q4_0, :mod:`qatforge.learned_scales`) each Q4_0 linear also trains a ``θ`` per
+block, saved with the adapter.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import types
 from typing import Any, Callable, Iterator
 
+from qatforge.learned_scales import active_theta, attach
 from qatforge.spec.schemes import Scheme, SchemeLike, parse_scheme
 
 MODES = ("merged", "unsloth")
@@ -123,6 +126,9 @@ def _weight_key(layer: Any) -> tuple:
         if name in layer.lora_A:
             for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                 parts += [id(p), p._version]
+    theta = active_theta(layer)
+    if theta is not None:
+        parts += [id(theta), theta._version]
     w = layer.get_base_layer().weight
     return (*parts, id(w), w._version)
 
@@ -180,9 +186,12 @@ def _merged_fn():
 
 
 def _single_adapter(layer: Any) -> str | None:
-    """The one active adapter the fast training path handles, else None (the generic path runs)."""
+    """The one active adapter the fast training path handles, else None (the generic path runs,
+    e.g. for learned block scales, whose gradient needs the weight gradient the fast path avoids)."""
     names = [n for n in layer.active_adapters if n in layer.lora_A]
     if layer.disable_adapters or len(names) != 1 or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if active_theta(layer) is not None:
         return None
     a, b = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight
     frozen = not layer.get_base_layer().weight.requires_grad
@@ -255,7 +264,8 @@ def lora_linears(model: Any) -> dict[str, Any]:
 
 
 def prepare_merged_qat(
-    model: Any, scheme: SchemeLike, *, storage_dtype: str, log: Callable[[str], None] | None = None
+    model: Any, scheme: SchemeLike, *, storage_dtype: str, learned_scales: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Make ``model`` (PEFT-wrapped) train merge-exact under ``scheme``; returns what was prepared.
 
@@ -263,7 +273,8 @@ def prepare_merged_qat(
     scheme's group size); the scheme's other modules (LM head, embedding) get torchao's usual
     fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme every tensor
     trains under the type its recipe writes it in (:func:`prepare_gguf_outside_adapters`). LoRA
-    dropout must be 0 (there is no dropout inside a merged weight).
+    dropout must be 0 (there is no dropout inside a merged weight). ``learned_scales``: the
+    linears trained at Q4_0 learn their block scales (:mod:`qatforge.learned_scales`).
     """
     import torch
 
@@ -279,17 +290,28 @@ def prepare_merged_qat(
     bad = [n for n, m in layers.items() if m.get_base_layer().in_features % group]
     if bad:
         raise QATError(f"qat.mode merged: in_features of {bad[:5]} is not a multiple of the {s.name} group size {group}")
+    if learned_scales and not (s.gguf and s.gguf.weights == "Q4_0"):
+        raise QATError(f"qat.block_scales learned is for GGUF Q4_0 schemes; {s.name} is not one")
     head = hf_model(model).get_output_embeddings()
+    learned: list[str] = []
     for name, m in layers.items():
         drop = [d for d in m.lora_dropout.values() if not isinstance(d, torch.nn.Identity)]
         if drop:
             raise QATError(f"qat.mode merged needs train.lora.dropout 0 ({name} has LoRA dropout)")
         # a LoRA-adapted LM head is written as the recipe's output type, not the projections'
-        act, wfq = fake_quantizers(s, s.gguf.output if s.gguf and m is head else None)
+        weight_type = s.gguf.output if s.gguf and m is head else None
+        act, wfq = fake_quantizers(s, weight_type)
         m._qat_act_fq, m._qat_weight_fq, m._qat_round = act, wfq, round_fn
         m.forward = types.MethodType(_forward, m)
+        if learned_scales and (weight_type or s.gguf.weights) == "Q4_0":
+            for adapter in m.active_adapters:
+                attach(m, adapter)
+            learned.append(name)
     lora_bases = {f"{n}.base_layer" for n in layers}
     lora_weights = {id(m.get_base_layer().weight) for m in layers.values()}
+    # The adapters' own tensors are not frozen weights of the base, even when loaded frozen
+    # (is_trainable=False, as selection loads checkpoints): merge adds them in float32.
+    lora_weights |= {id(p) for m in layers.values() for n, p in m.named_parameters() if "lora_" in n}
     # Every other frozen parameter is rounded now to what merge stores (it never changes); the
     # LoRA base weights stay as they are, since merge rounds W + s·B·A once.
     with torch.no_grad():
@@ -309,11 +331,13 @@ def prepare_merged_qat(
             "merged_linears": sorted(layers), "fake_quantized_other": others}
     if outside:
         info[f"{s.target}_outside_adapters"] = outside
+    if learned_scales:
+        info["learned_block_scales"] = learned
     if log:
         other = (", ".join(f"{k} {v}" for k, v in outside.items()) if outside
                  else f"{others} other modules fake-quantized by torchao")
         log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
-            + other)
+            + other + (f"; {len(learned)} of them learn their Q4_0 block scales" if learned_scales else ""))
     return info
 
 

@@ -209,6 +209,7 @@ def select_best(
     from peft import PeftModel
 
     from qatforge.data import prompts_from_parquet, read_conversations
+    from qatforge.learned_scales import load_thetas
     from qatforge.io import write_json
     from qatforge.model import load_causal_lm, load_tokenizer
     from qatforge.train import apply_qat
@@ -246,6 +247,8 @@ def select_best(
             apply_qat(model, settings, log)
         else:
             model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        if qat_scheme and settings.block_scales == "learned":
+            load_thetas(model, path, name)  # PEFT loads them only into a θ that already exists
         model.set_adapter(name)
         model.eval()
         scores = _score(model, tok, convs, prompts, max_len, max_new_tokens, teacher)

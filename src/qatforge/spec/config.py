@@ -111,6 +111,12 @@ def run_threads(config: dict, run: str) -> int:
     return (config["runs"][run].get("train") or {}).get("threads", config["train"]["threads"])
 
 
+def learned_block_scales(config: dict, run: str) -> bool:
+    """Whether a QAT run learns its block scales (``runs.<run>.qat.block_scales: learned``)."""
+    return qat_scheme(config, run) is not None and (config["runs"][run].get("qat") or {}).get(
+        "block_scales", "format") == "learned"
+
+
 def matched_gguf_quant(config: dict, run: str) -> str | None:
     """The GGUF quant a GGUF-targeted QAT run trained for (``gguf.quants.<type>``), else None."""
     from qatforge.spec.schemes import gguf_type
@@ -280,6 +286,9 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
     for run in runs(config):
         scheme = qat_scheme(config, run)
         s = parsed(scheme) if scheme is not None else None
+        if learned_block_scales(config, run) and not (s is not None and s.gguf and s.gguf.weights == "Q4_0"):
+            problems.append(f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0 files "
+                            f"only; qat_scheme {scheme!r} is not a GGUF Q4_0 scheme")
         if s is None or s.target == "torchao":
             continue
         if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":

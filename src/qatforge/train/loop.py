@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import time
@@ -246,11 +247,12 @@ def train_run(
             log(f"out of memory at batch {settings.batch_size}: retrying from step {step} with batch "
                 f"{retry['batch_size']} x grad_accum {retry['grad_accum']}")
             settings.batch_size, settings.grad_accum = retry["batch_size"], retry["grad_accum"]
-            import gc
-
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # Outside the except clause: only here are `e` and its traceback dropped, and with them the
+        # failed attempt's trainer, model and activations, whose reference cycles need a collection.
+        # Collected inside the clause, they would stay alive while the retry loads its model.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     checkpoints = complete_checkpoints(work_dir)
     summary = {

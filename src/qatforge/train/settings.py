@@ -50,6 +50,7 @@ class TrainSettings:
     kd_alpha: float = 0.9
     kd_temperature: float = 1.0
     kd_positions: str = "all"
+    block_scales: str = "format"  # learned: Q4_0 block scales trained with the adapter (qatforge.learned_scales)
     seed: int = 1234
     threads: int = 2
     max_len: int = 256
@@ -92,6 +93,8 @@ class TrainSettings:
 
         if self.qat_mode not in MODES:
             raise ValueError(f"qat.mode {self.qat_mode!r} is not one of {', '.join(MODES)}")
+        if self.block_scales not in ("format", "learned"):
+            raise ValueError(f"qat.block_scales {self.block_scales!r} is not one of format, learned")
         if self.kd_positions not in POSITIONS:
             raise ValueError(f"qat.kd_positions {self.kd_positions!r} is not one of {', '.join(POSITIONS)}")
         if not (0.0 <= self.kd_alpha <= 1.0) or not self.kd_temperature > 0:

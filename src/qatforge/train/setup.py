@@ -117,7 +117,8 @@ def apply_qat(model: Any, settings: TrainSettings, log: Callable[[str], None]) -
         return 0
     scheme = parse_scheme(settings.qat_scheme)
     if settings.qat_mode == "merged":
-        info = prepare_merged_qat(model, scheme, storage_dtype=STORAGE_DTYPE, log=log)
+        info = prepare_merged_qat(model, scheme, storage_dtype=STORAGE_DTYPE,
+                                  learned_scales=settings.block_scales == "learned", log=log)
         return len(info["merged_linears"]) + info["fake_quantized_other"]
     return prepare_qat(model, scheme, log=log)
 

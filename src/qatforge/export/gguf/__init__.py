@@ -3,6 +3,7 @@
 * ``conversion``: HF checkpoint -> GGUF with the vendored converter, refused unless llama.cpp
   tokenizes like HF (``tokenizer``);
 * ``quantization``: ``llama-quantize``, with shape fallbacks reported or refused;
+* ``block_scales``: a QAT run's learned Q4_0 block scales written into ``llama-quantize``'s file;
 * ``importance_matrix``: ``llama-imatrix``;
 * ``read``: what a GGUF file holds; ``tools``: running the tools, their provenance;
 * ``precheck``: the checks of the base before any training.

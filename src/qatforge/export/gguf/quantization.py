@@ -165,12 +165,16 @@ def quantize(
     on_fallback: str = "warn",
     source: Mapping[str, Any] | None = None,
     trained: Mapping[str, Any] | None = None,
+    block_scales: str | os.PathLike | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """Quantize a GGUF file to ``qtype`` with ``llama-quantize``; write ``<out_file>.json``.
 
     ``trained`` (``{"scheme", "targets"}``: the GGUF-targeted QAT run this quant ships, with its LoRA
     targets) adds ``check_trained_types`` to the checks, recorded as ``qat_tensor_types``.
+    ``block_scales`` (the scales file of a QAT run that learned its Q4_0 block scales): its Q4_0
+    tensors are rewritten with them before the file is moved into place
+    (:func:`qatforge.export.gguf.block_scales.write_learned_scales`), recorded as ``learned_block_scales``.
 
     ``options`` map to llama-quantize's own flags: ``pure``, ``leave_output_tensor``,
     ``allow_requantize``, ``output_tensor_type`` and ``token_embedding_type`` (ggml type names),
@@ -200,6 +204,14 @@ def quantize(
         hist = tensor_type_histogram(tmp)
         by_name = tensor_types(tmp)
         trained = check_trained_types(by_name, trained["scheme"], trained["targets"]) if trained else None
+        learned = None
+        if block_scales is not None:
+            from qatforge.export.gguf.block_scales import write_learned_scales
+
+            learned = write_learned_scales(tmp, src_gguf, block_scales)
+        if learned:
+            log(f"wrote the learned block scales of {learned['tensors']} Q4_0 tensors ({learned['blocks']} blocks; "
+                f"learned / llama.cpp's own scale, quartiles {learned['scale_ratio_quartiles']})")
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
         fallbacks = _logged_fallbacks(out)
         seen = {f["tensor"] for f in fallbacks}
@@ -218,7 +230,8 @@ def quantize(
     src_source.setdefault("gguf", src_gguf.name)
     record = write_export_record(out_file, source=src_source, tool=tool_info() | {"executable": cmd[0]},
                                  settings=settings, started=started, tensor_types=hist, fallbacks=fallbacks,
-                                 tensors=by_name, **({"qat_tensor_types": trained} if trained else {}))
+                                 tensors=by_name, **({"qat_tensor_types": trained} if trained else {}),
+                                 **({"learned_block_scales": learned} if learned else {}))
     log(f"wrote {out_file} ({record['size_bytes'] / 2**20:.2f} MiB) tensor types {hist}")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"], "tensors": by_name}
 
