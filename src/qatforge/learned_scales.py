@@ -35,7 +35,7 @@ def _lsq():
     if _FN is None:
         import torch
 
-        from qatforge.gguf_fake_quant import _q4_0
+        from qatforge.gguf_fake_quant import dequantized_with_scales
         from qatforge.quant_ops import reciprocal
 
         class LearnedQ4_0(torch.autograd.Function):
@@ -43,7 +43,7 @@ def _lsq():
             def forward(ctx, x, theta):  # x [n, 32] float32, theta [n, 1] float32
                 d = format_scales(x) * torch.exp(GAIN * theta)
                 ctx.save_for_backward(x, d)
-                return _q4_0(x, d)
+                return dequantized_with_scales(x, d)
 
             @staticmethod
             def backward(ctx, g):
