@@ -342,12 +342,12 @@ def test_model_name_falls_back_to_the_base(cfg, tmp_path):
     validate({**cfg, "model": {**cfg["model"], "name": None}}, SCHEMA)
 
 
-def test_learned_block_scales_only_for_gguf_q4_0(cfg):
-    """qat.block_scales learned is written into GGUF Q4_0 files only: on a torchao or ONNX run it is refused."""
-    cfg["runs"]["qat-gguf-q4_0"]["qat"]["block_scales"] = "learned"
+def test_learned_block_scales_only_where_the_file_stores_them(cfg):
+    """qat.block_scales learned is written into GGUF Q4_0 and ONNX int4 files: on a torchao run it is refused."""
+    for run in ("qat-gguf-q4_0", "qat-onnx-int4"):
+        cfg["runs"][run]["qat"]["block_scales"] = "learned"
     qcfg.check(cfg, ROOT)
     assert qcfg.learned_block_scales(cfg, "qat-gguf-q4_0") and not qcfg.learned_block_scales(cfg, "qat-int8-int4")
-    for run in ("qat-int8-int4", "qat-onnx-int4"):
-        cfg["runs"][run]["qat"]["block_scales"] = "learned"
-        assert f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0 files only" in problems_of(cfg)
-        cfg["runs"][run]["qat"]["block_scales"] = "format"
+    cfg["runs"]["qat-int8-int4"]["qat"]["block_scales"] = "learned"
+    assert ("runs.qat-int8-int4.qat.block_scales: learned block scales are written into GGUF Q4_0 and ONNX int4 "
+            "(block 32) files only") in problems_of(cfg)

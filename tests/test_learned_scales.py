@@ -11,7 +11,9 @@ import torch
 
 from conftest import tiny_qwen3_base
 from qatforge.gguf_fake_quant import dequantized_with_scales, fake_quantize
-from qatforge.learned_scales import GAIN, PARAM, SCALES_FILE, learned_q4_0, load_thetas, saved_thetas, scales
+from qatforge.learned_scales import GAIN, GRIDS, PARAM, SCALES_FILE, learned, load_thetas, saved_thetas, scales
+
+Q4_0 = GRIDS["Q4_0"]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -31,9 +33,9 @@ def _bits(t):
 def test_forward_is_the_file_rounding_and_theta_zero_is_llama_cpp():
     w = _w()
     theta = torch.randn(48, 8, generator=torch.Generator().manual_seed(1)) * 0.02
-    got = learned_q4_0(w, theta)
-    assert np.array_equal(_bits(got), _bits(dequantized_with_scales(w, scales(w, theta))))
-    assert np.array_equal(_bits(learned_q4_0(w, torch.zeros(48, 8))), _bits(fake_quantize(w, "Q4_0")))
+    got = learned(w, theta, Q4_0)
+    assert np.array_equal(_bits(got), _bits(dequantized_with_scales(w, scales(w, theta, Q4_0))))
+    assert np.array_equal(_bits(learned(w, torch.zeros(48, 8), Q4_0)), _bits(fake_quantize(w, "Q4_0")))
     assert not torch.equal(got, fake_quantize(w, "Q4_0"))
 
 
@@ -46,7 +48,7 @@ def test_lsq_gradients():
     w.requires_grad_(True)
     theta = (torch.randn(48, 8, generator=torch.Generator().manual_seed(3)) * 0.05).requires_grad_(True)
     g = torch.randn(48, 256, generator=torch.Generator().manual_seed(4))
-    (learned_q4_0(w, theta) * g).sum().backward()
+    (learned(w, theta, Q4_0) * g).sum().backward()
     gw, gt = w.grad.clone(), theta.grad.clone()
 
     w2, t2 = w.detach().clone().requires_grad_(True), theta.detach().clone().requires_grad_(True)
@@ -66,7 +68,7 @@ def test_lsq_gradients():
     # a zero block: d = 0, its values stay 0; the weight gets the gradient, θ none
     z = torch.zeros(2, 32, requires_grad=True)
     tz = torch.zeros(2, 1, requires_grad=True)
-    out = learned_q4_0(z, tz)
+    out = learned(z, tz, Q4_0)
     assert torch.equal(out, torch.zeros(2, 32))
     out.sum().backward()
     assert torch.equal(z.grad, torch.ones(2, 32)) and torch.equal(tz.grad, torch.zeros(2, 1))
@@ -77,8 +79,8 @@ def tiny(tmp_path_factory):
     return tiny_qwen3_base(tmp_path_factory)
 
 
-def _peft(d, learned=True):
-    """The tiny base with a rank-4 adapter (random B) prepared merge-exact for gguf-q4_0, θ random
+def _peft(d, learned=True, scheme="gguf-q4_0"):
+    """The tiny base with a rank-4 adapter (random B) prepared merge-exact for ``scheme``, θ random
     (as after some training)."""
     from peft import LoraConfig, get_peft_model
 
@@ -87,7 +89,7 @@ def _peft(d, learned=True):
     from qatforge.qat_lora import prepare_merged_qat
 
     model = get_peft_model(load_causal_lm(d), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    info = prepare_merged_qat(model, "gguf-q4_0", storage_dtype=merge_mod.STORAGE_DTYPE, learned_scales=learned)
+    info = prepare_merged_qat(model, scheme, storage_dtype=merge_mod.STORAGE_DTYPE, learned_scales=learned)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -155,7 +157,7 @@ def test_learned_scales_reach_the_gguf_file_bit_for_bit(tiny, tmp_path):
         train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float().numpy() for e in enc]
     thetas = {n: getattr(m, PARAM)["default"].detach().clone() for n, m in model.named_modules() if hasattr(m, PARAM)}
     del model
-    info = merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
+    info = merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="gguf-q4_0", log=lambda *a: None)
     assert info["learned_block_scales"] == 7 and (tmp_path / "merged" / SCALES_FILE).is_file()
     merged_state = load_file(str(tmp_path / "merged" / "model.safetensors"))
 
@@ -178,7 +180,7 @@ def test_learned_scales_reach_the_gguf_file_bit_for_bit(tiny, tmp_path):
         gname = f"blk.0.{layer_names[hf.split('.')[-2]]}.weight"
         t = tensors[gname]
         got = quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(w.shape)).astype(np.float32)
-        assert np.array_equal(got.view(np.uint32), _bits(learned_q4_0(w, theta))), gname
+        assert np.array_equal(got.view(np.uint32), _bits(learned(w, theta, Q4_0))), gname
     a = LlamaCppRuntime(q4, n_ctx=512, threads=1)
     b = LlamaCppRuntime(ptq, n_ctx=512, threads=1)
     from qatforge.parity import kld
@@ -192,6 +194,45 @@ def test_learned_scales_reach_the_gguf_file_bit_for_bit(tiny, tmp_path):
     assert qat_gap <= 1e-4 and qat_gap < 0.1 * ptq_gap
 
 
+def test_learned_scales_reach_the_onnx_folder(tiny, tmp_path):
+    """onnx-int4 with learned scales: merge writes them, the int4 export writes them into its
+    MatMulNBits, and onnxruntime's logits on the folder follow the training forward, not the
+    builder's own scales (PTQ of the same merged model)."""
+    import shutil
+
+    from qatforge import merge as merge_mod
+    from qatforge.chat import encode_for_training
+    from qatforge.evaluate.onnx import OnnxRuntime
+    from qatforge.export.onnx import export
+    from qatforge.parity import kld
+
+    d, tok, rows = tiny
+    model, info = _peft(d, scheme="onnx-int4")
+    assert len(info["learned_block_scales"]) == 7
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    enc = [encode_for_training(tok, r, 256)["input_ids"] for r in rows[:6]]
+    with torch.no_grad():
+        train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float().numpy() for e in enc]
+    del model
+    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="onnx-int4", log=lambda *a: None)
+    shutil.copytree(tmp_path / "merged", tmp_path / "merged-ptq")
+    (tmp_path / "merged-ptq" / SCALES_FILE).unlink()
+    settings = {"precision": "int4", "block_size": 32}
+    rec = export(tmp_path / "merged", tmp_path / "int4", settings)
+    assert rec["learned_block_scales"]["nodes"] == 5
+    export(tmp_path / "merged-ptq", tmp_path / "int4-ptq", settings)
+
+    def gap(folder):
+        rt = OnnxRuntime(folder, threads=1)
+        return float(np.mean([np.mean(kld(np.asarray(rt.logits(e), np.float64), np.asarray(r, np.float64)))
+                              for e, r in zip(enc, train_fwd)]))
+
+    qat_gap, ptq_gap = gap(tmp_path / "int4"), gap(tmp_path / "int4-ptq")
+    print(f"KLD to the training forward: the folder with learned scales {qat_gap:.3g}, PTQ {ptq_gap:.3g}")
+    assert qat_gap <= 1e-4 and qat_gap < 0.1 * ptq_gap
+
+
 def test_a_checkpoint_the_scales_were_not_learned_on_is_refused(tiny, tmp_path):
     """Scales from one merged checkpoint and a GGUF of another: refused before anything is written."""
     from qatforge import merge as merge_mod
@@ -201,7 +242,7 @@ def test_a_checkpoint_the_scales_were_not_learned_on_is_refused(tiny, tmp_path):
     d, tok, rows = tiny
     model, _ = _peft(d)
     model.save_pretrained(tmp_path / "adapter")
-    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", log=lambda *a: None)
+    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="gguf-q4_0", log=lambda *a: None)
     bf16 = tmp_path / "base-BF16.gguf"
     gguf.convert(d, bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})  # the base, not the merged model
     q4 = tmp_path / "base-Q4_0.gguf"

@@ -1,31 +1,97 @@
-"""Learned per-block weight scales for merge-exact QAT at GGUF Q4_0 (``qat.block_scales: learned``).
+"""Learned per-block weight scales for merge-exact QAT (``qat.block_scales: learned``), for the
+4-bit formats whose file stores a scale per block of 32: GGUF Q4_0 (an fp16 per block, which
+``llama-quantize`` sets to ``max / -8``) and ONNX ``MatMulNBits`` int4 (a float32 scales
+initializer, which the builder sets to the signed extreme over -8).
 
-Q4_0 stores one fp16 scale per block of 32 weights; ``llama-quantize`` sets it to ``max / -8``.
 A run that learns its scales trains, per block, ``θ`` with ``d = d_format(Ŵ) · exp(GAIN · θ)``
-(``Ŵ = round(W + s·B·A)``, the weight merge writes), so ``θ = 0`` is llama.cpp's own quantizer.
-The forward rounds each block as llama.cpp does given ``d``
-(:func:`qatforge.gguf_fake_quant.dequantized_with_scales`, which the file writer
-:mod:`qatforge.export.gguf.block_scales` reproduces bit for bit); the backward is LSQ's
-(Esser et al., 2020): the weight gets the gradient where the block's grid holds it and none where
-it clamps, and ``d`` gets ``q − w/d`` inside the grid and the clamped ``q`` outside.
+(``Ŵ = round(W + s·B·A)``, the weight merge writes), so ``θ = 0`` is the format's own quantizer.
+The forward rounds each block as the format does given ``d`` (:class:`Grid`: the functions the
+file writers reproduce bit for bit); the backward is LSQ's (Esser et al., 2020): the weight gets
+the gradient where the block's grid holds it and none where it clamps, and ``d`` gets ``q − w/d``
+inside the grid and the clamped ``q`` outside.
 
 ``θ`` lives on each LoRA linear as ``lora_qat_scale[adapter]``: PEFT saves every ``lora_``
 parameter with the adapter and strips or restores the adapter name, so checkpoints, resume and
 merge carry it with ``lora_A``/``lora_B``. Merge turns it into ``d`` beside the merged checkpoint
-(:data:`SCALES_FILE`, HF tensor names), and the GGUF Q4_0 file is written with those scales.
+(:data:`SCALES_FILE`, HF tensor names), and the run's file is written with those scales
+(:mod:`qatforge.export.gguf.block_scales`, :mod:`qatforge.export.onnx_block_scales`).
 ``torch`` is imported inside the functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 PARAM = "lora_qat_scale"
 GAIN = 20.0  # θ's step size in log-scale: Adam's per-step change of ~lr moves d by ~GAIN·lr
 SCALES_FILE = "qat_block_scales.safetensors"  # beside the merged checkpoint; not a model shard
 BLOCK = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A 4-bit block format whose file stores one scale per block of 32: how the format picks its
+    own scale (``own``), how it rounds given any scale (``given``: dequantized float32, bit for bit
+    with its writer), and the clamped integer level (minus the midpoint) LSQ's backward needs."""
+
+    name: str
+    own: Callable[[Any], Any]  # x [n, 32] float32 -> d [n, 1]
+    given: Callable[[Any, Any], Any]  # (x [n, 32], d [n, 1]) -> dequantized [n, 32]
+    level: Callable[[Any], Any]  # u = x/d -> clamped level - midpoint
+
+
+def _q4_0_own(x):
+    import torch
+
+    ax = x.abs()
+    mx = torch.gather(x, -1, ax.argmax(dim=-1, keepdim=True))
+    return torch.where(ax.amax(dim=-1, keepdim=True) == 0, torch.zeros_like(mx), mx) / -8.0
+
+
+def _q4_0_given(x, d):
+    from qatforge.gguf_fake_quant import dequantized_with_scales
+
+    return dequantized_with_scales(x, d)
+
+
+def _q4_0_level(u):
+    import torch
+
+    return torch.trunc(u + 8.5).clamp_(0, 15) - 8
+
+
+def _nbits_own(x):
+    from qatforge.onnx_fake_quant import block_scales
+
+    return block_scales(x, 4)
+
+
+def _nbits_given(x, d):
+    from qatforge.onnx_fake_quant import dequantized_with_scales
+
+    return dequantized_with_scales(x, d, 4, BLOCK)
+
+
+def _nbits_level(u):
+    from qatforge.quant_ops import roundf
+
+    return roundf(u + 8.0).clamp_(0, 15) - 8
+
+
+GRIDS = {
+    "Q4_0": Grid("Q4_0", _q4_0_own, _q4_0_given, _q4_0_level),  # llama.cpp; its file stores fp16(d)
+    "MatMulNBits int4": Grid("MatMulNBits int4", _nbits_own, _nbits_given, _nbits_level),  # MLAS; float32 d
+}
+
+
+def grid_of(scheme: Any, weight_type: str | None = None) -> Grid | None:
+    """The grid of :meth:`qatforge.spec.schemes.Scheme.scale_grid`, or None."""
+    name = scheme.scale_grid(weight_type)
+    return GRIDS[name] if name else None
+
 
 _FN = None
 
@@ -35,59 +101,48 @@ def _lsq():
     if _FN is None:
         import torch
 
-        from qatforge.gguf_fake_quant import dequantized_with_scales
         from qatforge.quant_ops import reciprocal
 
-        class LearnedQ4_0(torch.autograd.Function):
+        class LearnedScales(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, x, theta):  # x [n, 32] float32, theta [n, 1] float32
-                d = format_scales(x) * torch.exp(GAIN * theta)
+            def forward(ctx, x, theta, grid):  # x [n, 32] float32, theta [n, 1] float32
+                with torch.no_grad():
+                    d = grid.own(x) * torch.exp(GAIN * theta)
                 ctx.save_for_backward(x, d)
-                return dequantized_with_scales(x, d)
+                ctx.grid = grid
+                return grid.given(x, d)
 
             @staticmethod
             def backward(ctx, g):
                 x, d = ctx.saved_tensors
                 u = x * reciprocal(d)
-                q = torch.trunc(u + 8.5).clamp_(0, 15) - 8
+                q = ctx.grid.level(u)
                 inside = (u >= -8.5) & (u < 7.5)
                 grad_x = torch.where(inside, g, torch.zeros_like(g))
                 grad_d = (g * torch.where(inside, q - u, q)).sum(dim=-1, keepdim=True)
-                return grad_x, grad_d * d * GAIN
+                return grad_x, grad_d * d * GAIN, None
 
-        _FN = LearnedQ4_0
+        _FN = LearnedScales
     return _FN
 
 
-def format_scales(x: Any) -> Any:
-    """llama.cpp's Q4_0 scale of each row of ``x [n, 32]`` (float32): ``max / -8``, ``max`` the first
-    element of largest magnitude (+0.0 for a zero block). No gradient."""
-    import torch
-
-    with torch.no_grad():
-        ax = x.abs()
-        mx = torch.gather(x, -1, ax.argmax(dim=-1, keepdim=True))
-        mx = torch.where(ax.amax(dim=-1, keepdim=True) == 0, torch.zeros_like(mx), mx)
-        return mx / -8.0
-
-
-def learned_q4_0(w: Any, theta: Any) -> Any:
-    """``w [out, in]`` fake-quantized to Q4_0 under ``d_format(w) · exp(GAIN · theta)``
+def learned(w: Any, theta: Any, grid: Grid) -> Any:
+    """``w [out, in]`` fake-quantized on ``grid`` under ``d_own(w) · exp(GAIN · theta)``
     (``theta [out, in/32]``), in ``w.dtype``; differentiable in ``w`` and ``theta`` (LSQ)."""
     import torch
 
     x = w.to(torch.float32).reshape(-1, BLOCK)
-    out = _lsq().apply(x, theta.to(torch.float32).reshape(-1, 1))
+    out = _lsq().apply(x, theta.to(torch.float32).reshape(-1, 1), grid)
     return out.reshape(w.shape).to(w.dtype)
 
 
-def scales(w: Any, theta: Any) -> Any:
-    """The block scales ``d [out, in/32]`` (float32) that ``theta`` gives weight ``w``."""
+def scales(w: Any, theta: Any, grid: Grid) -> Any:
+    """The block scales ``d [out, in/32]`` (float32) that ``theta`` gives weight ``w`` on ``grid``."""
     import torch
 
     with torch.no_grad():
         x = w.to(torch.float32).reshape(-1, BLOCK)
-        return (format_scales(x) * torch.exp(GAIN * theta.to(torch.float32).reshape(-1, 1))).reshape(theta.shape)
+        return (grid.own(x) * torch.exp(GAIN * theta.to(torch.float32).reshape(-1, 1))).reshape(theta.shape)
 
 
 def active_theta(layer: Any) -> Any | None:
@@ -102,43 +157,44 @@ def active_theta(layer: Any) -> Any | None:
 _MODULE = None
 
 
-def _fake_quantizer(layer: Any, fallback: Any) -> Any:
-    """The weight fake quantizer of a LoRA linear that learns its Q4_0 scales: its active
-    adapter's ``θ``, or ``fallback`` (llama.cpp's own scales) when there is none, e.g. adapters off."""
+def _fake_quantizer(layer: Any, fallback: Any, grid: Grid) -> Any:
+    """The weight fake quantizer of a LoRA linear that learns its block scales on ``grid``: its
+    active adapter's ``θ``, or ``fallback`` (the format's own scales) when there is none, e.g.
+    adapters off."""
     global _MODULE
     if _MODULE is None:
         import torch
 
         class LearnedScaleFakeQuantizer(torch.nn.Module):
-            def __init__(self, layer, fallback):
+            def __init__(self, layer, fallback, grid):
                 super().__init__()
-                self._layer, self.fallback = [layer], fallback  # a list: the layer is not a submodule
+                self._layer, self.fallback, self.grid = [layer], fallback, grid  # the layer is not a submodule
 
             def forward(self, w):
                 theta = active_theta(self._layer[0])
-                return self.fallback(w) if theta is None else learned_q4_0(w, theta)
+                return self.fallback(w) if theta is None else learned(w, theta, self.grid)
 
             def extra_repr(self) -> str:
-                return "Q4_0, learned block scales"
+                return f"{self.grid.name}, learned block scales"
 
         _MODULE = LearnedScaleFakeQuantizer
-    return _MODULE(layer, fallback)
+    return _MODULE(layer, fallback, grid)
 
 
-def attach(layer: Any, adapter: str) -> Any:
-    """Give a LoRA linear a trainable ``θ`` (zeros) for ``adapter`` and the learned-scale weight
-    fake quantizer in place of its Q4_0 one; returns ``θ``."""
+def attach(layer: Any, adapter: str, grid: Grid) -> Any:
+    """Give a LoRA linear a trainable ``θ`` (zeros) for ``adapter`` and a learned-scale weight
+    fake quantizer on ``grid`` in place of its own; returns ``θ``."""
     import torch
 
     weight = layer.get_base_layer().weight
     if weight.shape[-1] % BLOCK:
-        raise ValueError(f"learned Q4_0 scales need in_features divisible by {BLOCK}, got {tuple(weight.shape)}")
+        raise ValueError(f"learned block scales need in_features divisible by {BLOCK}, got {tuple(weight.shape)}")
     if getattr(layer, PARAM, None) is None:
         setattr(layer, PARAM, torch.nn.ParameterDict())
     theta = torch.nn.Parameter(torch.zeros(weight.shape[0], weight.shape[1] // BLOCK, device=weight.device))
     getattr(layer, PARAM)[adapter] = theta
     if _MODULE is None or not isinstance(layer._qat_weight_fq, _MODULE):
-        layer._qat_weight_fq = _fake_quantizer(layer, layer._qat_weight_fq)
+        layer._qat_weight_fq = _fake_quantizer(layer, layer._qat_weight_fq, grid)
     return theta
 
 
@@ -175,11 +231,13 @@ def hf_weight_name(peft_module_name: str) -> str:
     return (peft_module_name[len(prefix):] if peft_module_name.startswith(prefix) else peft_module_name) + ".weight"
 
 
-def write_merged_scales(adapter_dir: str | os.PathLike, merged_state: dict[str, Any], out_dir: str | os.PathLike) -> int:
+def write_merged_scales(adapter_dir: str | os.PathLike, merged_state: dict[str, Any], out_dir: str | os.PathLike,
+                        grid: Grid) -> int:
     """Write :data:`SCALES_FILE` in ``out_dir``: for each learned ``θ`` of the adapter, ``d`` of the
-    merged weight (``merged_state``: the merged model's state dict, 16-bit) and llama.cpp's own
-    ``d_format`` of it (so a writer can check it reads the same tensor), float32, keyed
-    ``<weight name>.d`` / ``.d_format``. Returns the number of weights (0: nothing learned, no file)."""
+    merged weight (``merged_state``: the merged model's state dict, 16-bit) on ``grid`` and the
+    format's own ``d_format`` of it (so a writer can check it reads the same tensor), float32, keyed
+    ``<weight name>.d`` / ``.d_format``; the grid's name in the metadata. Returns the number of
+    weights (0: nothing learned, no file)."""
     import torch
     from safetensors.torch import save_file
 
@@ -192,9 +250,17 @@ def write_merged_scales(adapter_dir: str | os.PathLike, merged_state: dict[str, 
         w = merged_state[name]
         if tuple(theta.shape) != (w.shape[0], w.shape[1] // BLOCK):
             raise ValueError(f"{name}: θ of shape {tuple(theta.shape)} for a weight of shape {tuple(w.shape)}")
-        x = w.to(torch.float32).reshape(-1, BLOCK)
-        out[f"{name}.d_format"] = format_scales(x).reshape(theta.shape).contiguous()
-        out[f"{name}.d"] = scales(w, theta).contiguous()
+        with torch.no_grad():
+            out[f"{name}.d_format"] = grid.own(w.to(torch.float32).reshape(-1, BLOCK)).reshape(theta.shape).contiguous()
+        out[f"{name}.d"] = scales(w, theta, grid).contiguous()
     if out:
-        save_file(out, str(Path(out_dir) / SCALES_FILE), metadata={"format": "Q4_0", "gain": str(GAIN)})
+        save_file(out, str(Path(out_dir) / SCALES_FILE), metadata={"format": grid.name, "gain": str(GAIN)})
     return len(thetas)
+
+
+def saved_grid(scales_file: str | os.PathLike) -> str:
+    """The grid name a scales file was written for."""
+    from safetensors import safe_open
+
+    with safe_open(str(scales_file), framework="numpy") as f:
+        return (f.metadata() or {}).get("format", "")

@@ -115,7 +115,8 @@ def merge(
         stored_dtype,
     )
     from qatforge.learned_scales import PARAM as SCALE_PARAM
-    from qatforge.learned_scales import write_merged_scales
+    from qatforge.learned_scales import grid_of, write_merged_scales
+    from qatforge.spec.schemes import parse_scheme
     from qatforge.qat import count_fake_quantized, strip_fake_quant
 
     if dtype not in DTYPES:
@@ -137,12 +138,19 @@ def merge(
     else:
         model = load_upcast(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if adapter_dir is None:
-        merged, n_lora, stripped = model, 0, 0
+        merged, n_lora, stripped, thetas, grid = model, 0, 0, 0, None
     else:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         # Every adapter tensor must have landed in the model (no silently ignored keys).
-        # Learned block scales (θ) are not LoRA weights: merge turns them into scales beside the checkpoint.
-        saved = [k for k in load_file(str(adapter_file)) if not k.endswith("." + SCALE_PARAM)]
+        # Learned block scales (θ) are not LoRA weights: merge turns them into scales beside the
+        # checkpoint, on the grid of the run's scheme.
+        keys = list(load_file(str(adapter_file)))
+        saved = [k for k in keys if not k.endswith("." + SCALE_PARAM)]
+        thetas = len(keys) - len(saved)
+        grid = grid_of(parse_scheme(qat_scheme)) if thetas and qat_scheme else None
+        if thetas and grid is None:
+            raise MergeError(f"{adapter_file}: {thetas} learned block scales, but qat_scheme {qat_scheme!r} "
+                             "has no grid they belong to (merge needs the run's scheme)")
         n_lora = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
         if n_lora != len(saved):
             raise MergeError(f"{adapter_file}: {len(saved)} adapter tensors, but {n_lora} LoRA parameters in the model")
@@ -169,7 +177,7 @@ def merge(
 
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size="5GB")  # transformers 5 writes safetensors only
-        n_scaled = write_merged_scales(adapter_dir, merged.state_dict(), tmp) if adapter_dir else 0
+        n_scaled = write_merged_scales(adapter_dir, merged.state_dict(), tmp, grid) if thetas else 0
         save_tokenizer(base_tok, tmp)  # with the BOS rule as add_bos_token
         del merged, model
         release_freed_memory()

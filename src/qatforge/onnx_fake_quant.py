@@ -48,12 +48,47 @@ def quantize(w: Any, bits: int = 4, block_size: int = 32) -> tuple[Any, Any]:
     import torch
 
     _check(w, bits, block_size)
-    mid, top = 1 << (bits - 1), (1 << bits) - 1
     x = w.detach().to(torch.float32).reshape(-1, block_size)
+    scale = block_scales(x, bits)
+    return _levels(x, scale, bits), scale
+
+
+def block_scales(x: Any, bits: int = 4) -> Any:
+    """MLAS's scale of each block (row) of float32 ``x [n, block]``: the signed extreme (the minimum on
+    a tie of magnitudes) over ``-2^(bits-1)``, ``[n, 1]``."""
+    import torch
+
     lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-    scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -float(mid)
-    q = roundf(x * reciprocal(scale) + float(mid)).clamp_(0, top).to(torch.int32)
-    return q, scale
+    return torch.where(hi.abs() > lo.abs(), hi, lo) / -float(1 << (bits - 1))
+
+
+def _levels(x: Any, scale: Any, bits: int) -> Any:
+    import torch
+
+    mid, top = 1 << (bits - 1), (1 << bits) - 1
+    return roundf(x * reciprocal(scale) + float(mid)).clamp_(0, top).to(torch.int32)
+
+
+def dequantized_with_scales(w: Any, d: Any, bits: int = 4, block_size: int = 32) -> Any:
+    """MatMulNBits of ``w [..., k·block]`` under the given float32 block scales ``d [..., k]``,
+    dequantized, in float32 (no gradient): rounded as MLAS rounds given a scale."""
+    import torch
+
+    q = levels_with_scales(w, d, bits, block_size).reshape(-1, block_size)
+    d = d.detach().to(torch.float32).reshape(-1, 1)
+    return ((q - (1 << (bits - 1))).to(torch.float32) * d).reshape(w.shape)
+
+
+def levels_with_scales(w: Any, d: Any, bits: int = 4, block_size: int = 32) -> Any:
+    """The stored levels (int32 in ``[0, 2^bits - 1]``, the shape of ``w``) of ``w [..., k·block]``
+    under the given float32 block scales ``d [..., k]``, as MLAS rounds them."""
+    import torch
+
+    _check(w, bits, block_size)
+    if tuple(d.shape) != (*w.shape[:-1], w.shape[-1] // block_size):
+        raise ValueError(f"block scales of shape {tuple(d.shape)} for a weight of shape {tuple(w.shape)}")
+    x = w.detach().to(torch.float32).reshape(-1, block_size)
+    return _levels(x, d.detach().to(torch.float32).reshape(-1, 1), bits).reshape(w.shape)
 
 
 def dequantized(w: Any, bits: int = 4, block_size: int = 32) -> Any:

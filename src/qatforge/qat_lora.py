@@ -20,8 +20,8 @@ the storage dtype in place, so their torchao fake quantizers see the merged chec
 
 The forward is patched on peft's ``lora.Linear`` instances (parameter names, and so saved
 adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper. With learned
-block scales (GGUF Q4_0, :mod:`qatforge.learned_scales`) each Q4_0 linear also trains a ``θ`` per
-block, saved with the adapter.
+block scales (:mod:`qatforge.learned_scales`) each GGUF Q4_0 linear also trains a ``θ`` per
+block, saved with the adapter; so do those trained at ONNX MatMulNBits int4.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import contextlib
 import types
 from typing import Any, Callable, Iterator
 
-from qatforge.learned_scales import active_theta, attach
+from qatforge.learned_scales import active_theta, attach, grid_of
 from qatforge.spec.schemes import Scheme, SchemeLike, parse_scheme
 
 MODES = ("merged", "unsloth")
@@ -274,7 +274,7 @@ def prepare_merged_qat(
     fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme every tensor
     trains under the type its recipe writes it in (:func:`prepare_gguf_outside_adapters`). LoRA
     dropout must be 0 (there is no dropout inside a merged weight). ``learned_scales``: the
-    linears trained at Q4_0 learn their block scales (:mod:`qatforge.learned_scales`).
+    linears trained at Q4_0 or MatMulNBits int4 learn their block scales (:mod:`qatforge.learned_scales`).
     """
     import torch
 
@@ -290,8 +290,9 @@ def prepare_merged_qat(
     bad = [n for n, m in layers.items() if m.get_base_layer().in_features % group]
     if bad:
         raise QATError(f"qat.mode merged: in_features of {bad[:5]} is not a multiple of the {s.name} group size {group}")
-    if learned_scales and not (s.gguf and s.gguf.weights == "Q4_0"):
-        raise QATError(f"qat.block_scales learned is for GGUF Q4_0 schemes; {s.name} is not one")
+    if learned_scales and grid_of(s) is None:
+        raise QATError(f"qat.block_scales learned is for GGUF Q4_0 and ONNX int4 (block 32) schemes; "
+                       f"{s.name} is neither")
     head = hf_model(model).get_output_embeddings()
     learned: list[str] = []
     for name, m in layers.items():
@@ -303,9 +304,10 @@ def prepare_merged_qat(
         act, wfq = fake_quantizers(s, weight_type)
         m._qat_act_fq, m._qat_weight_fq, m._qat_round = act, wfq, round_fn
         m.forward = types.MethodType(_forward, m)
-        if learned_scales and (weight_type or s.gguf.weights) == "Q4_0":
+        grid = grid_of(s, weight_type) if learned_scales else None
+        if grid is not None:
             for adapter in m.active_adapters:
-                attach(m, adapter)
+                attach(m, adapter, grid)
             learned.append(name)
     lora_bases = {f"{n}.base_layer" for n in layers}
     lora_weights = {id(m.get_base_layer().weight) for m in layers.values()}
@@ -337,7 +339,7 @@ def prepare_merged_qat(
         other = (", ".join(f"{k} {v}" for k, v in outside.items()) if outside
                  else f"{others} other modules fake-quantized by torchao")
         log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
-            + other + (f"; {len(learned)} of them learn their Q4_0 block scales" if learned_scales else ""))
+            + other + (f"; {len(learned)} of them learn their {grid_of(s).name} block scales" if learned_scales else ""))
     return info
 
 

@@ -33,6 +33,7 @@ from qatforge.export.onnx_check import check_folder, graph_summary, load_graph
 from qatforge.export.onnx_input import builder_input
 from qatforge.export.record import as_log, hf_tied_embeddings, source_record, write_export_record
 from qatforge.io import atomic_dir, check_free_space, package_versions
+from qatforge.learned_scales import SCALES_FILE, saved_grid
 
 BUILDER = "qatforge.export.onnx_builder"  # the builder, with transformers 5's RoPE layout restated
 EXECUTION_PROVIDER = "cpu"
@@ -117,6 +118,13 @@ def export(
             raise RuntimeError(f"ONNX model builder failed on {merged_dir} ({variant}, exit {proc.returncode}): "
                                f"{((proc.stderr or proc.stdout).strip().splitlines() or [''])[-1]}")
         side = _copy_side_files(merged_dir, tmp)
+        learned = None
+        if learns_scales(merged_dir, settings):
+            from qatforge.export.onnx_block_scales import write_learned_scales
+
+            learned = write_learned_scales(tmp, merged_dir, merged_dir / SCALES_FILE)
+            log(f"wrote the learned block scales of {learned['nodes']} MatMulNBits nodes ({learned['blocks']} "
+                f"blocks; learned / the builder's own scale, quartiles {learned['scale_ratio_quartiles']})")
         model = load_graph(tmp)
         graph = graph_summary(model)
         check = check_folder(tmp, merged_dir, model)
@@ -127,9 +135,18 @@ def export(
         out_dir, source=source_record(merged_dir, **(source or {})), tool=tool_info(),
         settings={"variant": variant, **settings, "execution_provider": EXECUTION_PROVIDER,
                   "shared_embeddings": tied, "command": cmd[1:]},
-        started=started, graph=graph, side_files=side, check=check)
+        started=started, graph=graph, side_files=side, check=check,
+        **({"learned_block_scales": learned} if learned else {}))
     log(f"wrote {out_dir} ({record['size_bytes'] / 2**20:.1f} MiB) in {record['provenance']['duration_s']} s")
     return record["provenance"] | {"size_bytes": record["size_bytes"], "sha256": record["sha256"]}
+
+
+def learns_scales(merged_dir: Path, settings: Mapping[str, Any]) -> bool:
+    """Whether the folder of ``settings`` is written with the merged checkpoint's learned block
+    scales: the checkpoint has them for MatMulNBits int4, and the variant is int4 in blocks of 32."""
+    scales = merged_dir / SCALES_FILE
+    return (scales.is_file() and saved_grid(scales) == "MatMulNBits int4"
+            and settings.get("precision") == "int4" and settings.get("block_size") == 32)
 
 
 def tool_info() -> dict[str, Any]:

@@ -286,9 +286,9 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
     for run in runs(config):
         scheme = qat_scheme(config, run)
         s = parsed(scheme) if scheme is not None else None
-        if learned_block_scales(config, run) and not (s is not None and s.gguf and s.gguf.weights == "Q4_0"):
-            problems.append(f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0 files "
-                            f"only; qat_scheme {scheme!r} is not a GGUF Q4_0 scheme")
+        if learned_block_scales(config, run) and not (s is not None and s.scale_grid()):
+            problems.append(f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0 and "
+                            f"ONNX int4 (block 32) files only; qat_scheme {scheme!r} is neither")
         if s is None or s.target == "torchao":
             continue
         if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":

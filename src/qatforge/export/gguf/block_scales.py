@@ -108,6 +108,10 @@ def write_learned_scales(quantized: str | os.PathLike, source: str | os.PathLike
     import gguf
     from safetensors.numpy import load_file
 
+    from qatforge.learned_scales import saved_grid
+
+    if saved_grid(scales_file) != "Q4_0":
+        raise ValueError(f"{scales_file}: block scales learned for {saved_grid(scales_file)!r}, not GGUF Q4_0")
     saved = load_file(str(scales_file))
     names = sorted(k[: -len(".d")] for k in saved if k.endswith(".d"))
     reader = gguf.GGUFReader(str(source))
