@@ -343,11 +343,15 @@ def test_model_name_falls_back_to_the_base(cfg, tmp_path):
 
 
 def test_learned_block_scales_only_where_the_file_stores_them(cfg):
-    """qat.block_scales learned is written into GGUF Q4_0 and ONNX int4 files: on a torchao run it is refused."""
-    for run in ("qat-gguf-q4_0", "qat-onnx-int4"):
+    """qat.block_scales learned: GGUF Q4_0, ONNX int4 and TorchAO int8-int4 runs, merge-exact; a
+    scheme whose file has no int4 block scales, or the Unsloth mode, is refused."""
+    for run in ("qat-gguf-q4_0", "qat-onnx-int4", "qat-int8-int4"):
         cfg["runs"][run]["qat"]["block_scales"] = "learned"
     qcfg.check(cfg, ROOT)
-    assert qcfg.learned_block_scales(cfg, "qat-gguf-q4_0") and not qcfg.learned_block_scales(cfg, "qat-int8-int4")
-    cfg["runs"]["qat-int8-int4"]["qat"]["block_scales"] = "learned"
-    assert ("runs.qat-int8-int4.qat.block_scales: learned block scales are written into GGUF Q4_0 and ONNX int4 "
-            "(block 32) files only") in problems_of(cfg)
+    assert qcfg.learned_block_scales(cfg, "qat-gguf-q4_0") and not qcfg.learned_block_scales(cfg, "baseline")
+    cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "int8"
+    assert ("runs.qat-int8-int4.qat.block_scales: learned block scales are written into GGUF Q4_0, ONNX int4 "
+            "(block 32) and TorchAO int8-int4 files only") in problems_of(cfg)
+    cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "int8-int4"
+    cfg["runs"]["qat-int8-int4"]["qat"]["mode"] = "unsloth"
+    assert "runs.qat-int8-int4.qat.block_scales: learned block scales train merge-exact only" in problems_of(cfg)

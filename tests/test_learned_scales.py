@@ -233,6 +233,57 @@ def test_learned_scales_reach_the_onnx_folder(tiny, tmp_path):
     assert qat_gap <= 1e-4 and qat_gap < 0.1 * ptq_gap
 
 
+def test_learned_scales_reach_the_torchao_checkpoint(tiny, tmp_path):
+    """int8-int4 with learned scales: merge writes them, qat_convert puts them and the levels under
+    them into the int4 weights, which reload (transformers' TorchAO loader) dequantizing to the
+    training forward's weights bit for bit; the checkpoint's logits follow the training forward
+    (KL < 1e-6, as for torchao's own scales), not PTQ."""
+    import shutil
+
+    from qatforge import merge as merge_mod
+    from qatforge.export.torchao import qat_convert
+    from qatforge.model import load_causal_lm
+
+    d, tok, rows = tiny
+    model, info = _peft(d, scheme="int8-int4")
+    assert len(info["learned_block_scales"]) == 7
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    from qatforge.chat import encode_for_training
+
+    enc = [encode_for_training(tok, r, 256)["input_ids"] for r in rows[:4]]
+    with torch.no_grad():
+        train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float() for e in enc]
+    thetas = {n.removeprefix("base_model.model."): getattr(m, PARAM)["default"].detach().clone()
+              for n, m in model.named_modules() if hasattr(m, PARAM)}
+    del model
+    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="int8-int4", log=lambda *a: None)
+    shutil.copytree(tmp_path / "merged", tmp_path / "merged-ptq")
+    (tmp_path / "merged-ptq" / SCALES_FILE).unlink()
+    qat_convert(tmp_path / "merged", tmp_path / "qat", "int8-int4")
+    qat_convert(tmp_path / "merged-ptq", tmp_path / "ptq", "int8-int4")
+    from safetensors.torch import load_file
+
+    merged_state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    deployed = load_causal_lm(tmp_path / "qat", dtype=torch.float32)
+    mods = dict(deployed.named_modules())
+    for name, theta in thetas.items():
+        w = merged_state[name + ".weight"].float()
+        got = mods[name].weight.dequantize()
+        assert torch.equal(got, learned(w, theta, GRIDS["torchao int4"])), name
+    ptq = load_causal_lm(tmp_path / "ptq", dtype=torch.float32)
+
+    def kl_max(m):
+        with torch.no_grad():
+            out = [m(input_ids=torch.tensor([e])).logits[0].float() for e in enc]
+        return max(float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
+                                                      reduction="none").sum(-1).max()) for a, b in zip(train_fwd, out))
+
+    qat_kl, ptq_kl = kl_max(deployed), kl_max(ptq)
+    print(f"max KL to the training forward: learned scales {qat_kl:.3g}, PTQ {ptq_kl:.3g}")
+    assert qat_kl < 1e-6 < ptq_kl
+
+
 def test_a_checkpoint_the_scales_were_not_learned_on_is_refused(tiny, tmp_path):
     """Scales from one merged checkpoint and a GGUF of another: refused before anything is written."""
     from qatforge import merge as merge_mod

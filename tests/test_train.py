@@ -103,8 +103,8 @@ def test_learned_block_scales_train_and_are_saved(env):
     assert all(float(v.abs().max()) > 0 for v in thetas.values())  # trained away from llama.cpp's own scales
     from qatforge.qat import QATError
 
-    with pytest.raises(QATError, match="block_scales learned is for GGUF Q4_0 and ONNX int4"):
-        _run(env, "lsq_int4", max_steps=1, save_steps=1, qat_scheme="int8-int4", block_scales="learned")
+    with pytest.raises(QATError, match="block_scales learned is for GGUF Q4_0, ONNX int4"):
+        _run(env, "lsq_int8", max_steps=1, save_steps=1, qat_scheme="int8", block_scales="learned")
 
 
 def test_distilled_qat_starts_at_the_teacher(env, baseline):

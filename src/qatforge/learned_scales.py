@@ -1,7 +1,8 @@
 """Learned per-block weight scales for merge-exact QAT (``qat.block_scales: learned``), for the
 4-bit formats whose file stores a scale per block of 32: GGUF Q4_0 (an fp16 per block, which
-``llama-quantize`` sets to ``max / -8``) and ONNX ``MatMulNBits`` int4 (a float32 scales
-initializer, which the builder sets to the signed extreme over -8).
+``llama-quantize`` sets to ``max / -8``), ONNX ``MatMulNBits`` int4 (a float32 scales
+initializer, which the builder sets to the signed extreme over -8) and TorchAO's int4 weights of
+int8-int4 (a float32 scale per group, which torchao sets to ``amax / 7.5``).
 
 A run that learns its scales trains, per block, ``θ`` with ``d = d_format(Ŵ) · exp(GAIN · θ)``
 (``Ŵ = round(W + s·B·A)``, the weight merge writes), so ``θ = 0`` is the format's own quantizer.
@@ -14,7 +15,8 @@ inside the grid and the clamped ``q`` outside.
 parameter with the adapter and strips or restores the adapter name, so checkpoints, resume and
 merge carry it with ``lora_A``/``lora_B``. Merge turns it into ``d`` beside the merged checkpoint
 (:data:`SCALES_FILE`, HF tensor names), and the run's file is written with those scales
-(:mod:`qatforge.export.gguf.block_scales`, :mod:`qatforge.export.onnx_block_scales`).
+(:mod:`qatforge.export.gguf.block_scales`, :mod:`qatforge.export.onnx_block_scales`,
+:mod:`qatforge.export.torchao_block_scales`).
 ``torch`` is imported inside the functions.
 """
 
@@ -81,9 +83,40 @@ def _nbits_level(u):
     return roundf(u + 8.0).clamp_(0, 15) - 8
 
 
+def _torchao_args(d):
+    import torch
+
+    return [1, BLOCK], d, torch.zeros_like(d, dtype=torch.int8), torch.int8, -8, 7
+
+
+def _torchao_own(x):
+    import torch
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+    scale, _ = choose_qparams_affine(x, MappingType.SYMMETRIC, [1, BLOCK], target_dtype=torch.int8, quant_min=-8,
+                                     quant_max=7, zero_point_dtype=torch.int8, keepdim=True)
+    return scale
+
+
+def _torchao_given(x, d):
+    import torch
+    from torchao.quantization.quant_primitives import dequantize_affine, quantize_affine
+
+    q = quantize_affine(x, *_torchao_args(d))
+    return dequantize_affine(q, *_torchao_args(d), output_dtype=torch.float32)
+
+
+def _torchao_level(u):
+    import torch
+
+    return torch.round(u).clamp_(-8, 7)
+
+
 GRIDS = {
     "Q4_0": Grid("Q4_0", _q4_0_own, _q4_0_given, _q4_0_level),  # llama.cpp; its file stores fp16(d)
     "MatMulNBits int4": Grid("MatMulNBits int4", _nbits_own, _nbits_given, _nbits_level),  # MLAS; float32 d
+    # torchao's symmetric int4 per group of 32 (IntxUnpackedToInt8Tensor: int8 qdata, float32 scale)
+    "torchao int4": Grid("torchao int4", _torchao_own, _torchao_given, _torchao_level),
 }
 
 

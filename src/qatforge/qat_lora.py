@@ -21,7 +21,7 @@ the storage dtype in place, so their torchao fake quantizers see the merged chec
 The forward is patched on peft's ``lora.Linear`` instances (parameter names, and so saved
 adapters, are unchanged); ``merge_and_unload`` drops the patch with the wrapper. With learned
 block scales (:mod:`qatforge.learned_scales`) each GGUF Q4_0 linear also trains a ``θ`` per
-block, saved with the adapter; so do those trained at ONNX MatMulNBits int4.
+block, saved with the adapter; so do those trained at ONNX MatMulNBits int4 and TorchAO int4.
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def prepare_merged_qat(
     fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme every tensor
     trains under the type its recipe writes it in (:func:`prepare_gguf_outside_adapters`). LoRA
     dropout must be 0 (there is no dropout inside a merged weight). ``learned_scales``: the
-    linears trained at Q4_0 or MatMulNBits int4 learn their block scales (:mod:`qatforge.learned_scales`).
+    linears trained at Q4_0, MatMulNBits int4 or TorchAO int4 learn their block scales (:mod:`qatforge.learned_scales`).
     """
     import torch
 
@@ -291,8 +291,8 @@ def prepare_merged_qat(
     if bad:
         raise QATError(f"qat.mode merged: in_features of {bad[:5]} is not a multiple of the {s.name} group size {group}")
     if learned_scales and grid_of(s) is None:
-        raise QATError(f"qat.block_scales learned is for GGUF Q4_0 and ONNX int4 (block 32) schemes; "
-                       f"{s.name} is neither")
+        raise QATError(f"qat.block_scales learned is for GGUF Q4_0, ONNX int4 (block 32) and TorchAO int8-int4 "
+                       f"schemes; {s.name} is none of them")
     head = hf_model(model).get_output_embeddings()
     learned: list[str] = []
     for name, m in layers.items():

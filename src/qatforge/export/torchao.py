@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 from qatforge.export.record import as_log, source_record
 from qatforge.io import (MANIFEST, atomic_dir, check_free_space, drop_mapped_pages, mmap_large_allocations,
                          package_versions, read_json, size_bytes, write_json, write_manifest)
+from qatforge.learned_scales import SCALES_FILE, saved_grid
 from qatforge.qat import (QATError, count_fake_quantized, embedding_filter, hf_model, scheme_config, strip_fake_quant,
                           untie_embeddings)
 from qatforge.spec.schemes import Scheme, SchemeLike, detect_cuda_capability, device_support, parse_scheme
@@ -410,6 +411,13 @@ def quantize_checkpoint(
     model, upcast = load_for_quantize(merged_dir, trust_remote_code=trust_remote_code)
     q = quantize_for_deploy(model, s, upcast=upcast)
     log(f"{s.name}: {len(q['modules'])} modules quantized (untied embeddings: {q['untied']})")
+    scales = merged_dir / SCALES_FILE
+    if scales.is_file() and s.scale_grid() and saved_grid(scales) == s.scale_grid():
+        from qatforge.export.torchao_block_scales import write_learned_scales
+
+        q["learned_block_scales"] = learned = write_learned_scales(model, merged_dir, scales)
+        log(f"wrote the learned block scales of {learned['tensors']} weights ({learned['blocks']} blocks; learned / "
+            f"torchao's own scale, quartiles {learned['scale_ratio_quartiles']})")
     held = [model]
     del model  # released by _save_torchao before it reloads the checkpoint
     info = _save_torchao(held, tok, out_dir, s, provenance=provenance(q), log=log)
@@ -462,7 +470,8 @@ def qat_convert(
     """A QAT run's merged model quantized with the scheme it trained under: :func:`quantize_checkpoint`,
     its record holding ``merged_dir``, ``scheme``, ``step`` and ``provenance``; returns the check."""
     def record(q: Mapping[str, Any]) -> dict[str, Any]:
-        return {"merged_dir": str(merged_dir), "scheme": q["scheme"], "step": "qat_convert", **(provenance or {})}
+        return {"merged_dir": str(merged_dir), "scheme": q["scheme"], "step": "qat_convert", **(provenance or {}),
+                **({"learned_block_scales": q["learned_block_scales"]} if "learned_block_scales" in q else {})}
 
     return quantize_checkpoint(merged_dir, out_dir, scheme, provenance=record, threads=threads,
                                trust_remote_code=trust_remote_code, log=log)

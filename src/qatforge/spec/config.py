@@ -287,8 +287,10 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
         scheme = qat_scheme(config, run)
         s = parsed(scheme) if scheme is not None else None
         if learned_block_scales(config, run) and not (s is not None and s.scale_grid()):
-            problems.append(f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0 and "
-                            f"ONNX int4 (block 32) files only; qat_scheme {scheme!r} is neither")
+            problems.append(f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0, ONNX "
+                            f"int4 (block 32) and TorchAO int8-int4 files only; qat_scheme {scheme!r} is none of them")
+        if learned_block_scales(config, run) and (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
+            problems.append(f"runs.{run}.qat.block_scales: learned block scales train merge-exact only (mode: merged)")
         if s is None or s.target == "torchao":
             continue
         if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":

@@ -104,12 +104,14 @@ class Scheme:
     def scale_grid(self, weight_type: str | None = None) -> str | None:
         """The block grid whose per-block scales a merge-exact run can learn and its file store
         (``qat.block_scales: learned``; ``qatforge.learned_scales.GRIDS``), for a linear written as
-        ``weight_type`` (GGUF; default the recipe's projection type), or None: GGUF Q4_0, and ONNX
-        MatMulNBits int4 in blocks of 32."""
+        ``weight_type`` (GGUF; default the recipe's projection type), or None: GGUF Q4_0, ONNX
+        MatMulNBits int4 in blocks of 32, and TorchAO int8-int4 (int4 weights in groups of 32)."""
         if self.gguf:
             return "Q4_0" if (weight_type or self.gguf.weights) == "Q4_0" else None
         if self.onnx and (self.onnx.bits, self.onnx.block_size) == (4, 32):
             return "MatMulNBits int4"
+        if self.torchao == "Int8DynamicActivationIntxWeightConfig" and (self.weight_bits, self.group_size) == (4, 32):
+            return "torchao int4"
         return None
 
 
