@@ -355,3 +355,25 @@ def test_learned_block_scales_only_where_the_file_stores_them(cfg):
     cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "int8-int4"
     cfg["runs"]["qat-int8-int4"]["qat"]["mode"] = "unsloth"
     assert "runs.qat-int8-int4.qat.block_scales: learned block scales train merge-exact only" in problems_of(cfg)
+
+
+def test_learned_scales_overlay(cfg):
+    """config/qat-learned-scales.yaml, merged over the default as Snakemake merges --configfiles:
+    every QAT run learns its block scales for 360 steps, and nothing else changes."""
+    import copy
+
+    from snakemake.utils import update_config
+
+    over = yaml.safe_load((ROOT / "config" / "qat-learned-scales.yaml").read_text())
+    merged = copy.deepcopy(cfg)
+    update_config(merged, over)
+    validate(merged, SCHEMA)
+    qcfg.check(merged, ROOT)
+    qat = [r for r in merged["runs"] if qcfg.qat_scheme(merged, r)]
+    assert sorted(over["runs"]) == sorted(qat)
+    for run in qat:
+        assert qcfg.learned_block_scales(merged, run)
+        settings = qcfg.train_settings(merged, run)
+        assert (settings["max_steps"], settings["save_steps"], settings["block_scales"]) == (360, 120, "learned")
+        assert settings["lr"] == qcfg.train_settings(cfg, run)["lr"]  # the rest is the default's
+    assert merged["runs"]["baseline"] == cfg["runs"]["baseline"]
