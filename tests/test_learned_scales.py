@@ -133,6 +133,42 @@ def test_thetas_are_trainable_saved_and_loaded_by_name(tiny, tmp_path):
         load_thetas(other, tmp_path / "plain", "step3")
 
 
+def _trained_and_merged(tiny, tmp_path, scheme, n=6):
+    """A learned-scale adapter for ``scheme`` (as after training), saved and merged: the encoded
+    conversations, the training forward's logits on them, θ by merged module name, and the merged
+    checkpoint (with its scales) beside a copy without them (what PTQ of the same model reads)."""
+    import shutil
+
+    from qatforge import merge as merge_mod
+    from qatforge.chat import encode_for_training
+
+    d, tok, rows = tiny
+    model, info = _peft(d, scheme=scheme)
+    assert len(info["learned_block_scales"]) == 7
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    enc = [encode_for_training(tok, r, 256)["input_ids"] for r in rows[:n]]
+    with torch.no_grad():
+        train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float() for e in enc]
+    thetas = {n.removeprefix("base_model.model."): getattr(m, PARAM)["default"].detach().clone()
+              for n, m in model.named_modules() if hasattr(m, PARAM)}
+    del model
+    merged = tmp_path / "merged"
+    info = merge_mod.merge(d, tmp_path / "adapter", merged, qat_scheme=scheme, log=lambda *a: None)
+    assert info["learned_block_scales"] == 7 and (merged / SCALES_FILE).is_file()
+    shutil.copytree(merged, tmp_path / "merged-ptq")
+    (tmp_path / "merged-ptq" / SCALES_FILE).unlink()
+    return enc, train_fwd, thetas, merged, tmp_path / "merged-ptq"
+
+
+def _kld_to(train_fwd, enc, logits_of) -> float:
+    """Mean KLD (float64) from the training forward to a runtime's logits over the conversations."""
+    from qatforge.parity import kld
+
+    return float(np.mean([np.mean(kld(np.asarray(logits_of(e), np.float64), t.numpy().astype(np.float64)))
+                          for e, t in zip(enc, train_fwd)]))
+
+
 def test_learned_scales_reach_the_gguf_file_bit_for_bit(tiny, tmp_path):
     """The training forward's Q4_0 weights are the file's: merge writes d beside the checkpoint,
     llama-quantize's Q4_0 tensors are rewritten with it, and every one dequantizes (gguf-py) to the
@@ -141,55 +177,35 @@ def test_learned_scales_reach_the_gguf_file_bit_for_bit(tiny, tmp_path):
     from gguf import GGUFReader, quants
     from safetensors.torch import load_file
 
-    from qatforge import merge as merge_mod
     from qatforge.evaluate.gguf import LlamaCppRuntime
     from qatforge.export import gguf
     from qatforge.spec.schemes import gguf_recipe
 
-    d, tok, rows = tiny
-    model, _ = _peft(d)
-    model.save_pretrained(tmp_path / "adapter")
-    model.eval()
-    from qatforge.chat import encode_for_training
-
-    enc = [encode_for_training(tok, r, 256)["input_ids"] for r in rows[:6]]
-    with torch.no_grad():
-        train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float().numpy() for e in enc]
-    thetas = {n: getattr(m, PARAM)["default"].detach().clone() for n, m in model.named_modules() if hasattr(m, PARAM)}
-    del model
-    info = merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="gguf-q4_0", log=lambda *a: None)
-    assert info["learned_block_scales"] == 7 and (tmp_path / "merged" / SCALES_FILE).is_file()
-    merged_state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    enc, train_fwd, thetas, merged, _ = _trained_and_merged(tiny, tmp_path, "gguf-q4_0")
+    merged_state = load_file(str(merged / "model.safetensors"))
 
     bf16 = tmp_path / "m-BF16.gguf"
-    gguf.convert(tmp_path / "merged", bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})
+    gguf.convert(merged, bf16, outtype="bf16", source={"run": "r", "checkpoint": "c"})
     spec = gguf_recipe("gguf-q4_0").quant_spec()
     qtype = spec.pop("type")
     ptq = tmp_path / "ptq-Q4_0.gguf"
     gguf.quantize(bf16, ptq, qtype=qtype, options=spec)
     q4 = tmp_path / "m-Q4_0.gguf"
     rec = gguf.quantize(bf16, q4, qtype=qtype, options=spec, trained={"scheme": "gguf-q4_0", "targets": "all-linear"},
-                        block_scales=tmp_path / "merged" / SCALES_FILE)
+                        block_scales=merged / SCALES_FILE)
     assert rec["tensors"]["blk.0.attn_q.weight"] == "Q4_0"
     layer_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
     tensors = {t.name: t for t in GGUFReader(str(q4)).tensors}
     for module, theta in thetas.items():
-        hf = module.removeprefix("base_model.model.") + ".weight"
+        hf = module + ".weight"
         w = merged_state[hf].float()
         gname = f"blk.0.{layer_names[hf.split('.')[-2]]}.weight"
         t = tensors[gname]
         got = quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(w.shape)).astype(np.float32)
         assert np.array_equal(got.view(np.uint32), _bits(learned(w, theta, Q4_0))), gname
-    a = LlamaCppRuntime(q4, n_ctx=512, threads=1)
-    b = LlamaCppRuntime(ptq, n_ctx=512, threads=1)
-    from qatforge.parity import kld
-
-    def gap(rt, ref):
-        return float(np.mean([np.mean(kld(np.asarray(rt.logits(e), np.float64), np.asarray(r, np.float64)))
-                              for e, r in zip(enc, ref)]))
-
-    qat_gap, ptq_gap = gap(a, train_fwd), gap(b, train_fwd)
+    qat_gap = _kld_to(train_fwd, enc, LlamaCppRuntime(q4, n_ctx=512, threads=1).logits)
+    ptq_gap = _kld_to(train_fwd, enc, LlamaCppRuntime(ptq, n_ctx=512, threads=1).logits)
     print(f"KLD to the training forward: the file with learned scales {qat_gap:.3g}, PTQ {ptq_gap:.3g}")
     assert qat_gap <= 1e-4 and qat_gap < 0.1 * ptq_gap
 
@@ -198,37 +214,16 @@ def test_learned_scales_reach_the_onnx_folder(tiny, tmp_path):
     """onnx-int4 with learned scales: merge writes them, the int4 export writes them into its
     MatMulNBits, and onnxruntime's logits on the folder follow the training forward, not the
     builder's own scales (PTQ of the same merged model)."""
-    import shutil
-
-    from qatforge import merge as merge_mod
-    from qatforge.chat import encode_for_training
     from qatforge.evaluate.onnx import OnnxRuntime
     from qatforge.export.onnx import export
-    from qatforge.parity import kld
 
-    d, tok, rows = tiny
-    model, info = _peft(d, scheme="onnx-int4")
-    assert len(info["learned_block_scales"]) == 7
-    model.save_pretrained(tmp_path / "adapter")
-    model.eval()
-    enc = [encode_for_training(tok, r, 256)["input_ids"] for r in rows[:6]]
-    with torch.no_grad():
-        train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float().numpy() for e in enc]
-    del model
-    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="onnx-int4", log=lambda *a: None)
-    shutil.copytree(tmp_path / "merged", tmp_path / "merged-ptq")
-    (tmp_path / "merged-ptq" / SCALES_FILE).unlink()
+    enc, train_fwd, _, merged, merged_ptq = _trained_and_merged(tiny, tmp_path, "onnx-int4")
     settings = {"precision": "int4", "block_size": 32}
-    rec = export(tmp_path / "merged", tmp_path / "int4", settings)
+    rec = export(merged, tmp_path / "int4", settings)
     assert rec["learned_block_scales"]["nodes"] == 5
-    export(tmp_path / "merged-ptq", tmp_path / "int4-ptq", settings)
-
-    def gap(folder):
-        rt = OnnxRuntime(folder, threads=1)
-        return float(np.mean([np.mean(kld(np.asarray(rt.logits(e), np.float64), np.asarray(r, np.float64)))
-                              for e, r in zip(enc, train_fwd)]))
-
-    qat_gap, ptq_gap = gap(tmp_path / "int4"), gap(tmp_path / "int4-ptq")
+    export(merged_ptq, tmp_path / "int4-ptq", settings)
+    qat_gap = _kld_to(train_fwd, enc, OnnxRuntime(tmp_path / "int4", threads=1).logits)
+    ptq_gap = _kld_to(train_fwd, enc, OnnxRuntime(tmp_path / "int4-ptq", threads=1).logits)
     print(f"KLD to the training forward: the folder with learned scales {qat_gap:.3g}, PTQ {ptq_gap:.3g}")
     assert qat_gap <= 1e-4 and qat_gap < 0.1 * ptq_gap
 
@@ -238,40 +233,20 @@ def test_learned_scales_reach_the_torchao_checkpoint(tiny, tmp_path):
     them into the int4 weights, which reload (transformers' TorchAO loader) dequantizing to the
     training forward's weights bit for bit; the checkpoint's logits follow the training forward
     (KL < 1e-6, as for torchao's own scales), not PTQ."""
-    import shutil
+    from safetensors.torch import load_file
 
-    from qatforge import merge as merge_mod
     from qatforge.export.torchao import qat_convert
     from qatforge.model import load_causal_lm
 
-    d, tok, rows = tiny
-    model, info = _peft(d, scheme="int8-int4")
-    assert len(info["learned_block_scales"]) == 7
-    model.save_pretrained(tmp_path / "adapter")
-    model.eval()
-    from qatforge.chat import encode_for_training
-
-    enc = [encode_for_training(tok, r, 256)["input_ids"] for r in rows[:4]]
-    with torch.no_grad():
-        train_fwd = [model(input_ids=torch.tensor([e])).logits[0].float() for e in enc]
-    thetas = {n.removeprefix("base_model.model."): getattr(m, PARAM)["default"].detach().clone()
-              for n, m in model.named_modules() if hasattr(m, PARAM)}
-    del model
-    merge_mod.merge(d, tmp_path / "adapter", tmp_path / "merged", qat_scheme="int8-int4", log=lambda *a: None)
-    shutil.copytree(tmp_path / "merged", tmp_path / "merged-ptq")
-    (tmp_path / "merged-ptq" / SCALES_FILE).unlink()
-    qat_convert(tmp_path / "merged", tmp_path / "qat", "int8-int4")
-    qat_convert(tmp_path / "merged-ptq", tmp_path / "ptq", "int8-int4")
-    from safetensors.torch import load_file
-
-    merged_state = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    enc, train_fwd, thetas, merged, merged_ptq = _trained_and_merged(tiny, tmp_path, "int8-int4", n=4)
+    qat_convert(merged, tmp_path / "qat", "int8-int4")
+    qat_convert(merged_ptq, tmp_path / "ptq", "int8-int4")
+    merged_state = load_file(str(merged / "model.safetensors"))
     deployed = load_causal_lm(tmp_path / "qat", dtype=torch.float32)
     mods = dict(deployed.named_modules())
     for name, theta in thetas.items():
         w = merged_state[name + ".weight"].float()
-        got = mods[name].weight.dequantize()
-        assert torch.equal(got, learned(w, theta, GRIDS["torchao int4"])), name
-    ptq = load_causal_lm(tmp_path / "ptq", dtype=torch.float32)
+        assert torch.equal(mods[name].weight.dequantize(), learned(w, theta, GRIDS["torchao int4"])), name
 
     def kl_max(m):
         with torch.no_grad():
@@ -279,7 +254,7 @@ def test_learned_scales_reach_the_torchao_checkpoint(tiny, tmp_path):
         return max(float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
                                                       reduction="none").sum(-1).max()) for a, b in zip(train_fwd, out))
 
-    qat_kl, ptq_kl = kl_max(deployed), kl_max(ptq)
+    qat_kl, ptq_kl = kl_max(deployed), kl_max(load_causal_lm(tmp_path / "ptq", dtype=torch.float32))
     print(f"max KL to the training forward: learned scales {qat_kl:.3g}, PTQ {ptq_kl:.3g}")
     assert qat_kl < 1e-6 < ptq_kl
 
