@@ -3,6 +3,7 @@
 import os
 import re
 
+from qatforge.learned_scales import SCALES_FILE
 from qatforge.spec import config as qcfg
 from qatforge.spec.config import sorted_keys
 from qatforge.spec.formats import BASE_DIR, FORMATS, artifact_path, is_deployment_artifact, lookup, merged_dir, run_dir
@@ -110,12 +111,16 @@ def thresholds(wildcards):
 
 
 def trained_quant(wildcards):
-    """For the quant a GGUF-targeted QAT run ships: its scheme and LoRA targets (its types are checked), else {}."""
-    if qcfg.matched_gguf_quant(config, wildcards.run) != wildcards.quant:
+    """For the quant a GGUF-targeted QAT run ships: its scheme and LoRA targets (its types are checked)
+    and, if it learned them, its block scales file (written into the file), else {}."""
+    run = wildcards.run
+    if qcfg.matched_gguf_quant(config, run) != wildcards.quant:
         return {}
-    targets = qcfg.train_settings(config, wildcards.run)["lora"]["target_modules"]
-    return {"scheme": qcfg.qat_scheme(config, wildcards.run),
-            "targets": targets if isinstance(targets, str) else sorted(targets)}
+    targets = qcfg.train_settings(config, run)["lora"]["target_modules"]
+    trained = {"scheme": qcfg.qat_scheme(config, run), "targets": targets if isinstance(targets, str) else sorted(targets)}
+    if qcfg.learned_block_scales(config, run):
+        trained["block_scales"] = os.path.join(merged_dir(run), SCALES_FILE)
+    return trained
 
 
 def gguf_check_plan(wildcards):

@@ -1,8 +1,5 @@
 import qatforge.quiet  # noqa: F401
-from pathlib import Path
-
 from qatforge.export.gguf import quantize
-from qatforge.learned_scales import SCALES_FILE
 from qatforge.runlog import logged
 
 with logged(snakemake) as log:
@@ -16,7 +13,6 @@ with logged(snakemake) as log:
         options={k: v for k, v in spec.items() if k != "imatrix"},
         on_fallback=p.on_fallback,
         trained=p.trained or None,
-        block_scales=Path(snakemake.input.merged) / SCALES_FILE if snakemake.input.get("merged") else None,
         threads=snakemake.threads,
         log=log.info,
     )

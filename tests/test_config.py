@@ -357,6 +357,14 @@ def test_learned_block_scales_only_where_the_file_stores_them(cfg):
     assert "runs.qat-int8-int4.qat.block_scales: learned block scales train merge-exact only" in problems_of(cfg)
 
 
+def test_block_scales_at_its_default_leaves_train_params_as_before(cfg):
+    """qat.block_scales: format (the default, filled in by the schema) is not in a run's train params,
+    so a tree built before the option existed is not retrained; learned is."""
+    assert "block_scales" not in qcfg.train_settings(cfg, "qat-int8-int4")
+    cfg["runs"]["qat-int8-int4"]["qat"]["block_scales"] = "learned"
+    assert qcfg.train_settings(cfg, "qat-int8-int4")["block_scales"] == "learned"
+
+
 def test_learned_scales_overlay(cfg):
     """config/qat-learned-scales.yaml, merged over the default as Snakemake merges --configfiles:
     every QAT run learns its block scales for 360 steps, and nothing else changes."""

@@ -191,8 +191,9 @@ def test_learned_scales_reach_the_gguf_file_bit_for_bit(tiny, tmp_path):
     ptq = tmp_path / "ptq-Q4_0.gguf"
     gguf.quantize(bf16, ptq, qtype=qtype, options=spec)
     q4 = tmp_path / "m-Q4_0.gguf"
-    rec = gguf.quantize(bf16, q4, qtype=qtype, options=spec, trained={"scheme": "gguf-q4_0", "targets": "all-linear"},
-                        block_scales=merged / SCALES_FILE)
+    rec = gguf.quantize(bf16, q4, qtype=qtype, options=spec, trained={
+        "scheme": "gguf-q4_0", "targets": "all-linear", "block_scales": str(merged / SCALES_FILE)})
+    assert rec["learned_block_scales"]["tensors"] == 7
     assert rec["tensors"]["blk.0.attn_q.weight"] == "Q4_0"
     layer_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                    "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}

@@ -100,6 +100,8 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
     if base["qat_scheme"] is not None:  # runs.<run>.qat → TrainSettings (whose defaults fill the rest)
         q = config["runs"][run].get("qat") or {}
         base.update({"qat_mode" if k == "mode" else k: v for k, v in q.items() if k != "distill_from"})
+        if base.get("block_scales") == "format":  # the default: left out, so runs built before the option stay fresh
+            del base["block_scales"]
         base["distill"] = teacher(config, run) is not None
     base["seed"] = config["seed"]
     return base

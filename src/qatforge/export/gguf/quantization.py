@@ -165,15 +165,14 @@ def quantize(
     on_fallback: str = "warn",
     source: Mapping[str, Any] | None = None,
     trained: Mapping[str, Any] | None = None,
-    block_scales: str | os.PathLike | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """Quantize a GGUF file to ``qtype`` with ``llama-quantize``; write ``<out_file>.json``.
 
     ``trained`` (``{"scheme", "targets"}``: the GGUF-targeted QAT run this quant ships, with its LoRA
-    targets) adds ``check_trained_types`` to the checks, recorded as ``qat_tensor_types``.
-    ``block_scales`` (the scales file of a QAT run that learned its Q4_0 block scales): its Q4_0
-    tensors are rewritten with them before the file is moved into place
+    targets) adds ``check_trained_types`` to the checks, recorded as ``qat_tensor_types``. Its
+    ``block_scales`` (the scales file of a run that learned its Q4_0 block scales) has the Q4_0
+    tensors rewritten with them before the file is moved into place
     (:func:`qatforge.export.gguf.block_scales.write_learned_scales`), recorded as ``learned_block_scales``.
 
     ``options`` map to llama-quantize's own flags: ``pure``, ``leave_output_tensor``,
@@ -203,9 +202,10 @@ def quantize(
                         what=f"llama-quantize {src_gguf.name} -> {qtype}")
         hist = tensor_type_histogram(tmp)
         by_name = tensor_types(tmp)
+        block_scales = (trained or {}).get("block_scales")
         trained = check_trained_types(by_name, trained["scheme"], trained["targets"]) if trained else None
         learned = None
-        if block_scales is not None:
+        if block_scales:
             from qatforge.export.gguf.block_scales import write_learned_scales
 
             learned = write_learned_scales(tmp, src_gguf, block_scales)
