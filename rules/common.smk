@@ -3,8 +3,8 @@
 import os
 import re
 
-from qatforge.learned_scales import SCALES_FILE
 from qatforge.spec import config as qcfg
+from qatforge.spec.checkpoint import SCALES_FILE
 from qatforge.spec.config import sorted_keys
 from qatforge.spec.formats import BASE_DIR, FORMATS, artifact_path, is_deployment_artifact, lookup, merged_dir, run_dir
 from qatforge.spec.schemes import detect_cuda_capability
@@ -117,7 +117,8 @@ def trained_quant(wildcards):
     if qcfg.matched_gguf_quant(config, run) != wildcards.quant:
         return {}
     targets = qcfg.train_settings(config, run)["lora"]["target_modules"]
-    trained = {"scheme": qcfg.qat_scheme(config, run), "targets": targets if isinstance(targets, str) else sorted(targets)}
+    trained = {"scheme": qcfg.qat_scheme(config, run),
+               "targets": targets if isinstance(targets, str) else sorted(targets)}
     if qcfg.learned_block_scales(config, run):
         trained["block_scales"] = os.path.join(merged_dir(run), SCALES_FILE)
     return trained

@@ -27,9 +27,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from qatforge.spec.checkpoint import SCALES_FILE
+
 PARAM = "lora_qat_scale"
 GAIN = 20.0  # θ's step size in log-scale: Adam's per-step change of ~lr moves d by ~GAIN·lr
-SCALES_FILE = "qat_block_scales.safetensors"  # beside the merged checkpoint; not a model shard
 BLOCK = 32
 
 

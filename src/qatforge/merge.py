@@ -116,8 +116,8 @@ def merge(
     )
     from qatforge.learned_scales import PARAM as SCALE_PARAM
     from qatforge.learned_scales import grid_of, write_merged_scales
-    from qatforge.spec.schemes import parse_scheme
     from qatforge.qat import count_fake_quantized, strip_fake_quant
+    from qatforge.spec.schemes import parse_scheme
 
     if dtype not in DTYPES:
         raise MergeError(f"merge dtype {dtype!r} is not one of {', '.join(DTYPES)}")

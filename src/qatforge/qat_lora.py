@@ -273,8 +273,9 @@ def prepare_merged_qat(
     scheme's group size); the scheme's other modules (LM head, embedding) get torchao's usual
     fake quantization over weights rounded to ``storage_dtype``. For a GGUF scheme every tensor
     trains under the type its recipe writes it in (:func:`prepare_gguf_outside_adapters`). LoRA
-    dropout must be 0 (there is no dropout inside a merged weight). ``learned_scales``: the
-    linears trained at Q4_0, MatMulNBits int4 or TorchAO int4 learn their block scales (:mod:`qatforge.learned_scales`).
+    dropout must be 0 (there is no dropout inside a merged weight). ``learned_scales``: the linears
+    trained at Q4_0, MatMulNBits int4 or TorchAO int4 learn their block scales
+    (:mod:`qatforge.learned_scales`).
     """
     import torch
 
@@ -339,7 +340,7 @@ def prepare_merged_qat(
         other = (", ".join(f"{k} {v}" for k, v in outside.items()) if outside
                  else f"{others} other modules fake-quantized by torchao")
         log(f"QAT {s.name} (merged): {len(layers)} LoRA linears fake-quantize round(W + s·B·A) to {storage_dtype}; "
-            + other + (f"; {len(learned)} of them learn their {grid_of(s).name} block scales" if learned_scales else ""))
+            + other + (f"; {len(learned)} of them learn their {grid_of(s).name} block scales" if learned else ""))
     return info
 
 

@@ -1,5 +1,5 @@
 """Facts about files on disk that parse time needs (standard library only): the provenance
-manifest's name and a safetensors file's header."""
+manifest's name, the learned block scales' file name and a safetensors file's header."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import struct
 from typing import Any
 
 MANIFEST = "export.json"  # the provenance manifest beside every artifact (qatforge.io writes it)
+# beside a merged checkpoint whose run learned its block scales (qatforge.learned_scales); not a model shard
+SCALES_FILE = "qat_block_scales.safetensors"
 
 
 def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:

@@ -291,11 +291,12 @@ def _check_schemes(config: dict, cuda_capability: tuple[int, int] | None) -> lis
         if learned_block_scales(config, run) and not (s is not None and s.scale_grid()):
             problems.append(f"runs.{run}.qat.block_scales: learned block scales are written into GGUF Q4_0, ONNX "
                             f"int4 (block 32) and TorchAO int8-int4 files only; qat_scheme {scheme!r} is none of them")
-        if learned_block_scales(config, run) and (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
+        mode = (config["runs"][run].get("qat") or {}).get("mode", "merged")
+        if learned_block_scales(config, run) and mode != "merged":
             problems.append(f"runs.{run}.qat.block_scales: learned block scales train merge-exact only (mode: merged)")
         if s is None or s.target == "torchao":
             continue
-        if (config["runs"][run].get("qat") or {}).get("mode", "merged") != "merged":
+        if mode != "merged":
             problems.append(f"runs.{run}.qat.mode: the {s.target.upper()} scheme {scheme!r} trains merge-exact only "
                             "(mode: merged)")
         if s.gguf:

@@ -209,7 +209,6 @@ def quantize(
             from qatforge.export.gguf.block_scales import write_learned_scales
 
             learned = write_learned_scales(tmp, src_gguf, block_scales)
-        if learned:
             log(f"wrote the learned block scales of {learned['tensors']} Q4_0 tensors ({learned['blocks']} blocks; "
                 f"learned / llama.cpp's own scale, quartiles {learned['scale_ratio_quartiles']})")
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
