@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qatforge.export.gguf.block_scales import q4_0_blocks, q4_0_format_scales, rewrite_q4_0
-from qatforge.gguf_fake_quant import dequantized, dequantized_with_scales
+from qatforge.export.gguf.block_scales import q4_0_blocks, rewrite_q4_0
+from qatforge.gguf_fake_quant import block_scales, dequantized, dequantized_with_scales
 
 THREADS = 2
 
@@ -47,6 +47,11 @@ def _source(bf16, name) -> np.ndarray:
     return quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
 
 
+def _own(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's own Q4_0 scales of ``x [rows, k·32]``, ``[rows, k]``."""
+    return block_scales(torch.from_numpy(x).reshape(-1, 32)).reshape(x.shape[0], -1).numpy()
+
+
 def _q4_0_names(path):
     return sorted(n for n, t in _tensors(path).items() if t.tensor_type.name == "Q4_0")
 
@@ -68,7 +73,7 @@ def test_format_scales_give_llama_quantize_bytes(files, tmp_path):
     r.data.flush()
     del r
     assert out.read_bytes() != q4.read_bytes()
-    done = rewrite_q4_0(out, bf16, {n: q4_0_format_scales(_source(bf16, n)) for n in names})
+    done = rewrite_q4_0(out, bf16, {n: _own(_source(bf16, n)) for n in names})
     assert sorted(done) == names
     assert out.read_bytes() == q4.read_bytes()
 
@@ -84,7 +89,7 @@ def test_learned_scales_dequantize_as_the_fake_quantizer(files, tmp_path):
     rng = np.random.default_rng(0)
     scales = {}
     for n in names:
-        d = q4_0_format_scales(_source(bf16, n))
+        d = _own(_source(bf16, n))
         scales[n] = (d * np.exp(rng.normal(0, 0.25, d.shape))).astype(np.float32)
     out = tmp_path / "learned.gguf"
     shutil.copy(q4, out)
@@ -113,7 +118,7 @@ def test_rewritten_file_runs_in_llama_cpp(files, tmp_path):
     names = _q4_0_names(q4)
     out = tmp_path / "learned.gguf"
     shutil.copy(q4, out)
-    rewrite_q4_0(out, bf16, {n: q4_0_format_scales(_source(bf16, n)) * np.float32(0.8) for n in names})
+    rewrite_q4_0(out, bf16, {n: _own(_source(bf16, n)) * np.float32(0.8) for n in names})
     ids = [1, 5, 9, 14, 3]
     a = LlamaCppRuntime(q4, n_ctx=64).logits(ids)
     b = LlamaCppRuntime(out, n_ctx=64).logits(ids)
@@ -137,7 +142,7 @@ def test_nothing_written_on_bad_input(files, tmp_path):
     names = _q4_0_names(q4)
     out = tmp_path / "bad.gguf"
     shutil.copy(q4, out)
-    good = {n: q4_0_format_scales(_source(bf16, n)) * np.float32(0.8) for n in names}
+    good = {n: _own(_source(bf16, n)) * np.float32(0.8) for n in names}
     shape = good[names[0]].shape
     cases = [
         ({**good, "token_embd.weight": np.ones((1, 1), np.float32)}, "token_embd.weight is Q8_0, not Q4_0"),

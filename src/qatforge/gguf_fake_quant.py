@@ -62,12 +62,7 @@ def dequantized(w, qtype: str):
     _check(w, qtype)
     x = w.detach().to(torch.float32).reshape(-1, BLOCK_SIZE)
     if qtype == "Q4_0":
-        ax = x.abs()
-        amax = ax.amax(dim=-1, keepdim=True)
-        idx = ax.argmax(dim=-1, keepdim=True)  # first index of the maximal magnitude (the C scan's `<`)
-        mx = torch.gather(x, -1, idx)
-        mx = torch.where(amax == 0, torch.zeros_like(mx), mx)  # the C scan keeps its +0.0 initial value
-        out = _q4_0(x, mx / -8.0)
+        out = _q4_0(x, block_scales(x))
     else:  # Q8_0
         amax = x.abs().amax(dim=-1, keepdim=True)
         d = amax / 127.0
@@ -77,25 +72,54 @@ def dequantized(w, qtype: str):
     return out.reshape(w.shape)
 
 
-def _q4_0(x, d):
-    """Blocks ``x [n, 32]`` rounded under float32 scales ``d [n, 1]`` and dequantized (float32).
+def block_scales(x):
+    """llama.cpp's Q4_0 scale of each block (row) of float32 ``x [n, 32]``: ``max / -8``, ``[n, 1]``,
+    ``max`` the first element of largest magnitude (the C scan's ``<``; +0.0 for a zero block)."""
+    import torch
+
+    ax = x.abs()
+    mx = torch.gather(x, -1, ax.argmax(dim=-1, keepdim=True))
+    mx = torch.where(ax.amax(dim=-1, keepdim=True) == 0, torch.zeros_like(mx), mx)  # the scan's +0.0 start
+    return mx / -8.0
+
+
+def _levels(x, d):
+    """Stored Q4_0 levels (int32, 0..15) of blocks ``x [n, 32]`` under float32 scales ``d [n, 1]``.
     The clamp at 0 never binds for llama.cpp's own ``d``; it does for a smaller (learned) one."""
     import torch
 
-    q = torch.trunc(x * reciprocal(d) + 8.5).clamp_(0, 15).to(torch.int32)
-    return (q - 8).to(torch.float32) * d.to(torch.float16).to(torch.float32)
+    return torch.trunc(x * reciprocal(d) + 8.5).clamp_(0, 15).to(torch.int32)
 
 
-def dequantized_with_scales(w, d):
-    """Q4_0 of ``w [..., k·32]`` under the given float32 block scales ``d [..., k]``, dequantized, in
-    float32 (no gradient): what :func:`qatforge.export.gguf.block_scales.rewrite_q4_0` stores."""
+def _q4_0(x, d):
+    """Blocks ``x [n, 32]`` rounded under float32 scales ``d [n, 1]`` and dequantized (float32)."""
+    import torch
+
+    return (_levels(x, d) - 8).to(torch.float32) * d.to(torch.float16).to(torch.float32)
+
+
+def _given(w, d):
+    """``w`` and ``d`` as float32 blocks ``[n, 32]`` and scales ``[n, 1]``, shapes checked."""
     import torch
 
     _check(w, "Q4_0")
     if tuple(d.shape) != (*w.shape[:-1], w.shape[-1] // BLOCK_SIZE):
         raise ValueError(f"block scales of shape {tuple(d.shape)} for a weight of shape {tuple(w.shape)}")
-    x = w.detach().to(torch.float32).reshape(-1, BLOCK_SIZE)
-    return _q4_0(x, d.detach().to(torch.float32).reshape(-1, 1)).reshape(w.shape)
+    return w.detach().to(torch.float32).reshape(-1, BLOCK_SIZE), d.detach().to(torch.float32).reshape(-1, 1)
+
+
+def levels_with_scales(w, d):
+    """The Q4_0 levels (int32, 0..15, the shape of ``w``) of ``w [..., k·32]`` under float32 block
+    scales ``d [..., k]``: what :mod:`qatforge.export.gguf.block_scales` writes."""
+    x, d = _given(w, d)
+    return _levels(x, d).reshape(w.shape)
+
+
+def dequantized_with_scales(w, d):
+    """Q4_0 of ``w [..., k·32]`` under the given float32 block scales ``d [..., k]``, dequantized, in
+    float32 (no gradient): the values of what :func:`levels_with_scales` and ``fp16(d)`` store."""
+    x, d = _given(w, d)
+    return _q4_0(x, d).reshape(w.shape)
 
 
 def fake_quantize(w, qtype: str):

@@ -47,11 +47,9 @@ class Grid:
 
 
 def _q4_0_own(x):
-    import torch
+    from qatforge.gguf_fake_quant import block_scales
 
-    ax = x.abs()
-    mx = torch.gather(x, -1, ax.argmax(dim=-1, keepdim=True))
-    return torch.where(ax.amax(dim=-1, keepdim=True) == 0, torch.zeros_like(mx), mx) / -8.0
+    return block_scales(x)
 
 
 def _q4_0_given(x, d):
@@ -290,6 +288,45 @@ def write_merged_scales(adapter_dir: str | os.PathLike, merged_state: dict[str, 
     if out:
         save_file(out, str(Path(out_dir) / SCALES_FILE), metadata={"format": grid.name, "gain": str(GAIN)})
     return len(thetas)
+
+
+def read_scales(scales_file: str | os.PathLike, grid: str) -> tuple[list[str], dict[str, Any]]:
+    """The weight names of a scales file written for ``grid`` and its tensors (``<name>.d``,
+    ``<name>.d_format``); a file written for another grid is an error."""
+    from safetensors.torch import load_file
+
+    if saved_grid(scales_file) != grid:
+        raise ValueError(f"{scales_file}: block scales learned for {saved_grid(scales_file)!r}, not {grid}")
+    saved = load_file(str(scales_file))
+    return sorted(k[: -len(".d")] for k in saved if k.endswith(".d")), saved
+
+
+def merged_weights(merged_dir: str | os.PathLike) -> Callable[[str], Any]:
+    """A reader of one weight of a merged checkpoint at a time, in float32, from whichever shard holds it."""
+    import torch
+    from safetensors import safe_open
+
+    where = {}
+    for shard in sorted(Path(merged_dir).glob("model*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            where.update({key: shard for key in f.keys()})
+
+    def read(name: str) -> Any:
+        with safe_open(str(where[name]), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+
+    return read
+
+
+def ratio_record(pairs: list[tuple[Any, Any]], what: str, count: int) -> dict[str, Any]:
+    """What a writer records: ``{what: count}`` (its tensors or nodes), the blocks, and the quartiles
+    of learned / own scale over the ``(d, d_own)`` tensor pairs it wrote (an own scale of 0 counts as 1)."""
+    import numpy as np
+
+    ratio = np.concatenate([(d / np.where(own == 0, 1, own)).ravel() for d, own in
+                            ((d.numpy(), own.numpy()) for d, own in pairs)]) if pairs else np.zeros(0)
+    return {what: count, "blocks": int(ratio.size),
+            "scale_ratio_quartiles": [float(q) for q in np.quantile(ratio, [0.25, 0.5, 0.75])] if ratio.size else None}
 
 
 def saved_grid(scales_file: str | os.PathLike) -> str:

@@ -68,17 +68,13 @@ def write_learned_scales(folder: str | os.PathLike, merged_dir: str | os.PathLik
     learned scales in ``scales_file``; every learned weight must be written. Returns what was written."""
     import onnx
     import torch
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
 
-    from qatforge.learned_scales import saved_grid
+    from qatforge.learned_scales import merged_weights, ratio_record, read_scales
     from qatforge.onnx_fake_quant import levels_with_scales
 
-    folder, merged_dir = Path(folder), Path(merged_dir)
-    if saved_grid(scales_file) != "MatMulNBits int4":
-        raise ValueError(f"{scales_file}: block scales learned for {saved_grid(scales_file)!r}, not MatMulNBits int4")
-    saved = load_file(str(scales_file))
-    learned = {k[: -len(".d")] for k in saved if k.endswith(".d")}
+    folder = Path(folder)
+    names_learned, saved = read_scales(scales_file, "MatMulNBits int4")
+    learned = set(names_learned)
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     inits = {i.name: i for i in graph.initializer}
     jobs = []
@@ -96,28 +92,24 @@ def write_learned_scales(folder: str | os.PathLike, merged_dir: str | os.PathLik
                              f"not int4 in blocks of {BLOCK}")
         n, k = int(attrs["N"]), int(attrs["K"])
         b_init, s_init = inits[node.input[1]], inits[node.input[2]]
-        own = np.concatenate([saved[f"{h}.d_format"] for h in names])
-        stored = _read(folder, s_init, np.float32, (n, k // BLOCK))
-        if own.shape != stored.shape or not np.array_equal(own.view(np.uint32), stored.view(np.uint32)):
+        own = torch.cat([saved[f"{h}.d_format"] for h in names])
+        stored = torch.from_numpy(_read(folder, s_init, np.float32, (n, k // BLOCK)).copy())
+        if own.shape != stored.shape or not torch.equal(own.view(torch.int32), stored.view(torch.int32)):
             raise ValueError(f"{folder}: {node.name}'s scales are not the builder's own scales of {names} as "
                              "merged; it was built from another checkpoint, or the node is read wrongly")
         jobs.append((names, b_init, s_init, own))
     missing = learned - {h for job in jobs for h in job[0]}
     if missing:
         raise KeyError(f"{folder}: no MatMulNBits node for the learned weights {sorted(missing)[:5]}")
-    where = {}  # weight name -> shard of the merged checkpoint
-    for shard in sorted(merged_dir.glob("model*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            where.update({key: shard for key in f.keys()})
+    read = merged_weights(merged_dir)
     files: dict[str, Any] = {}
-    ratios = []  # learned / the builder's own scale, for the record
+    pairs = []  # (learned, the builder's own) scales, for the record
     with contextlib.ExitStack() as stack:
         for names, b_init, s_init, own in jobs:
-            w = torch.cat([_merged_weight(where, h) for h in names])
-            d = np.concatenate([saved[f"{h}.d"] for h in names]).astype(np.float32)
-            levels = levels_with_scales(w, torch.from_numpy(d), 4, BLOCK).numpy()
-            ratios.append((d / np.where(own == 0, np.float32(1), own)).ravel())
-            for init, data in ((b_init, pack(levels)), (s_init, d)):
+            d = torch.cat([saved[f"{h}.d"] for h in names])
+            levels = levels_with_scales(torch.cat([read(h) for h in names]), d, 4, BLOCK).numpy()
+            pairs.append((d, own))
+            for init, data in ((b_init, pack(levels)), (s_init, d.numpy())):
                 location, offset, length = _external(init)
                 raw = np.ascontiguousarray(data).tobytes()
                 if len(raw) != length:
@@ -126,15 +118,4 @@ def write_learned_scales(folder: str | os.PathLike, merged_dir: str | os.PathLik
                     files[location] = stack.enter_context(open(folder / location, "r+b"))
                 files[location].seek(offset)
                 files[location].write(raw)
-    ratio = np.concatenate(ratios) if ratios else np.zeros(0, np.float32)
-    return {"nodes": len(jobs), "blocks": int(ratio.size),
-            "scale_ratio_quartiles": [float(q) for q in np.quantile(ratio, [0.25, 0.5, 0.75])] if ratio.size else None}
-
-
-def _merged_weight(where: dict[str, Path], name: str) -> Any:
-    """One weight of the merged checkpoint in float32 (read alone from its shard)."""
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(where[name]), framework="pt") as f:
-        return f.get_tensor(name).to(torch.float32)
+    return ratio_record(pairs, "nodes", len(jobs))

@@ -12,7 +12,6 @@ tensor is replaced, the scale ``quantize_`` chose must equal the saved own scale
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 GRID = "torchao int4"
@@ -22,17 +21,11 @@ def write_learned_scales(model: Any, merged_dir: str | os.PathLike, scales_file:
     """Replace, in ``model`` (quantized by ``quantize_for_deploy`` from ``merged_dir``), the int4
     weights whose scales were learned. Returns what was written."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     from torchao.quantization.quant_primitives import quantize_affine
 
-    from qatforge.learned_scales import BLOCK, saved_grid
+    from qatforge.learned_scales import BLOCK, merged_weights, ratio_record, read_scales
 
-    merged_dir = Path(merged_dir)
-    if saved_grid(scales_file) != GRID:
-        raise ValueError(f"{scales_file}: block scales learned for {saved_grid(scales_file)!r}, not {GRID}")
-    saved = load_file(str(scales_file))
-    names = sorted(k[: -len(".d")] for k in saved if k.endswith(".d"))
+    names, saved = read_scales(scales_file, GRID)
     modules = dict(model.named_modules())
     jobs = []
     for name in names:
@@ -49,20 +42,13 @@ def write_learned_scales(model: Any, merged_dir: str | os.PathLike, scales_file:
             raise ValueError(f"{name}: the scales torchao chose are not the own scales the learned ones were "
                              "saved with; the model was quantized from another checkpoint")
         jobs.append((name, module, weight))
-    where = {}
-    for shard in sorted(merged_dir.glob("model*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            where.update({key: shard for key in f.keys()})
-    ratios = []
+    read = merged_weights(merged_dir)
+    pairs = []  # (learned, torchao's own) scales, for the record
     for name, module, weight in jobs:
-        with safe_open(str(where[name]), framework="pt") as f:
-            w = f.get_tensor(name).to(torch.float32)
         d = saved[f"{name}.d"].to(torch.float32)
-        qdata = quantize_affine(w, [1, BLOCK], d, weight.zero_point, torch.int8, -8, 7)
+        qdata = quantize_affine(read(name), [1, BLOCK], d, weight.zero_point, torch.int8, -8, 7)
         cls = type(weight)
         attrs = [getattr(weight, a) for a in cls.tensor_attribute_names]
         module.weight = torch.nn.Parameter(cls(qdata, d, weight.zero_point, *attrs), requires_grad=False)
-        ratios.append((d / torch.where(saved[f"{name}.d_format"] == 0, 1.0, saved[f"{name}.d_format"])).reshape(-1))
-    ratio = torch.cat(ratios) if ratios else torch.zeros(0)
-    quartiles = torch.quantile(ratio, torch.tensor([0.25, 0.5, 0.75])).tolist() if ratio.numel() else None
-    return {"tensors": len(jobs), "blocks": int(ratio.numel()), "scale_ratio_quartiles": quartiles}
+        pairs.append((d, saved[f"{name}.d_format"]))
+    return ratio_record(pairs, "tensors", len(jobs))

@@ -25,35 +25,21 @@ BLOCK_SIZE = 32
 BLOCK_BYTES = 2 + BLOCK_SIZE // 2  # fp16 scale + 16 bytes of nibbles
 
 
-def q4_0_format_scales(x: np.ndarray) -> np.ndarray:
-    """llama.cpp's own Q4_0 scales of float32 ``x [rows, k·32]``: ``max / -8`` per block, ``[rows, k]``,
-    where ``max`` is the signed value of the first element of largest magnitude (+0.0 for a zero block)."""
-    blocks = np.asarray(x, np.float32).reshape(-1, BLOCK_SIZE)
-    ax = np.abs(blocks)
-    mx = np.take_along_axis(blocks, ax.argmax(axis=1)[:, None], axis=1)[:, 0]
-    mx = np.where(ax.max(axis=1) == 0, np.float32(0), mx).astype(np.float32)
-    return (mx / np.float32(-8)).reshape(x.shape[0], -1)
-
-
 def q4_0_blocks(x: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """The Q4_0 bytes of float32 ``x [rows, k·32]`` under float32 scales ``d [rows, k]``: uint8 ``[rows, k·18]``."""
-    x = np.asarray(x, np.float32)
-    rows = x.shape[0]
-    if x.ndim != 2 or x.shape[1] % BLOCK_SIZE:
-        raise ValueError(f"Q4_0 needs rows of whole blocks of {BLOCK_SIZE}; got shape {x.shape}")
-    blocks = x.reshape(-1, BLOCK_SIZE)
-    d = np.asarray(d, np.float32).reshape(-1, 1)
-    if d.shape[0] != blocks.shape[0]:
-        raise ValueError(f"{blocks.shape[0]} blocks but {d.shape[0]} scales")
+    """The Q4_0 bytes of float32 ``x [rows, k·32]`` under float32 scales ``d [rows, k]``: uint8 ``[rows, k·18]``
+    (levels from :func:`qatforge.gguf_fake_quant.levels_with_scales`)."""
+    import torch
+
+    from qatforge.gguf_fake_quant import levels_with_scales
+
+    x, d = np.asarray(x, np.float32), np.asarray(d, np.float32)
     if not np.isfinite(d).all():
         raise ValueError("block scales must be finite")
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d)).astype(np.float32)
-    q = np.clip(np.trunc(blocks * inv + np.float32(8.5)), 0, 15).astype(np.uint8)
-    out = np.empty((blocks.shape[0], BLOCK_BYTES), np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    q = levels_with_scales(torch.from_numpy(x), torch.from_numpy(d)).numpy().astype(np.uint8).reshape(-1, BLOCK_SIZE)
+    out = np.empty((q.shape[0], BLOCK_BYTES), np.uint8)
+    out[:, :2] = d.reshape(-1, 1).astype(np.float16).view(np.uint8)
     out[:, 2:] = q[:, : BLOCK_SIZE // 2] | (q[:, BLOCK_SIZE // 2:] << 4)
-    return out.reshape(rows, -1)
+    return out.reshape(x.shape[0], -1)
 
 
 def _values(tensor: Any) -> np.ndarray:
@@ -106,14 +92,12 @@ def write_learned_scales(quantized: str | os.PathLike, source: str | os.PathLike
     values must equal the ``d_format`` saved beside ``d``, bit for bit (a converter that reorders
     rows, or another checkpoint, fails here, before anything is written). Returns what was written."""
     import gguf
-    from safetensors.numpy import load_file
+    import torch
 
-    from qatforge.learned_scales import saved_grid
+    from qatforge.gguf_fake_quant import block_scales
+    from qatforge.learned_scales import ratio_record, read_scales
 
-    if saved_grid(scales_file) != "Q4_0":
-        raise ValueError(f"{scales_file}: block scales learned for {saved_grid(scales_file)!r}, not GGUF Q4_0")
-    saved = load_file(str(scales_file))
-    names = sorted(k[: -len(".d")] for k in saved if k.endswith(".d"))
+    names, saved = read_scales(scales_file, "Q4_0")
     reader = gguf.GGUFReader(str(source))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     n_blocks = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
@@ -123,20 +107,19 @@ def write_learned_scales(quantized: str | os.PathLike, source: str | os.PathLike
     tmap = gguf.get_tensor_name_map(arch_id, n_blocks)
     tensors = {t.name: t for t in reader.tensors}
     scales: dict[str, np.ndarray] = {}
-    ratios = []  # learned / llama.cpp's own scale, for the record
+    pairs = []  # (learned, llama.cpp's own) scales, for the record
     for hf in names:
         gname = tmap.get_name(hf, try_suffixes=(".weight",))
         if gname is None or gname not in tensors:
             raise KeyError(f"{scales_file}: no GGUF tensor in {source} for {hf} ({arch})")
-        own = q4_0_format_scales(_values(tensors[gname]))
+        values = torch.from_numpy(_values(tensors[gname]))
+        own = block_scales(values.reshape(-1, BLOCK_SIZE)).reshape(values.shape[0], -1)
         want = saved[f"{hf}.d_format"]
-        if own.shape != want.shape or not np.array_equal(own.view(np.uint32), want.view(np.uint32)):
+        if own.shape != want.shape or not torch.equal(own.view(torch.int32), want.view(torch.int32)):
             raise ValueError(f"{source}: {gname} is not {hf} as the scales were learned on (llama.cpp's own "
                              f"block scales differ); the converter reordered it, or it is another checkpoint")
-        scales[gname] = saved[f"{hf}.d"]
-        ratios.append((saved[f"{hf}.d"] / np.where(want == 0, np.float32(1), want)).ravel())
+        scales[gname] = saved[f"{hf}.d"].numpy()
+        pairs.append((saved[f"{hf}.d"], want))
     del reader, tensors
     written = rewrite_q4_0(quantized, source, scales)
-    ratio = np.concatenate(ratios) if ratios else np.zeros(0, np.float32)
-    return {"tensors": len(written), "blocks": int(ratio.size),
-            "scale_ratio_quartiles": [float(q) for q in np.quantile(ratio, [0.25, 0.5, 0.75])] if ratio.size else None}
+    return ratio_record(pairs, "tensors", len(written))
