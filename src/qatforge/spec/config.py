@@ -96,6 +96,8 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
             base[key] = value
     base.pop("select_metric", None)
     base.pop("threads", None)
+    if base.get("sampling") == "random":  # the default: left out, so runs built before the option stay fresh
+        del base["sampling"]
     base["qat_scheme"] = qat_scheme(config, run)
     if base["qat_scheme"] is not None:  # runs.<run>.qat → TrainSettings (whose defaults fill the rest)
         q = config["runs"][run].get("qat") or {}

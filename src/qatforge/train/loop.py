@@ -98,6 +98,7 @@ def build_trainer(
         eval_steps=settings.save_steps if do_eval else None,
         seed=settings.seed,
         data_seed=settings.seed,
+        train_sampling_strategy=settings.sampling,
         bf16=bf16,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
