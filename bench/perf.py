@@ -810,8 +810,9 @@ def step_cost(merged: Path, train_parquet: Path, dev_parquet: Path, work: Path, 
 
 def step_cost_arms(config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The arms of the step-cost section: each distilled QAT run as configured, and per LoRA rank
-    among them a plain LoRA arm (``lora-r<r>``: the baseline's settings at that rank). Returns the
-    arms and, per QAT run, the plain arm it is judged against."""
+    and row order among them a plain LoRA arm (``lora-r<r>``, ``-<sampling>`` unless random: the
+    baseline's settings at that rank and order, so both see the same padding). Returns the arms
+    and, per QAT run, the plain arm it is judged against."""
     from qatforge.spec import config as qcfg
 
     base_run = qcfg.baseline_runs(config)[0]
@@ -821,10 +822,12 @@ def step_cost_arms(config: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]]
         spec = qcfg.train_settings(config, run)
         if not spec.get("distill"):
             continue
-        plain = f"lora-r{spec['lora']['r']}"
+        sampling = spec.get("sampling", "random")
+        plain = f"lora-r{spec['lora']['r']}" + ("" if sampling == "random" else f"-{sampling}")
         if plain not in arms:
             ref = copy.deepcopy(qcfg.train_settings(config, base_run))
             ref["lora"] = {**ref["lora"], "r": spec["lora"]["r"], "alpha": spec["lora"]["alpha"]}
+            ref["sampling"] = sampling
             arms[plain] = ref
         arms[run] = spec
         against[run] = plain

@@ -366,11 +366,13 @@ def test_step_cost_arms_pair_each_distilled_run_with_plain_lora_at_its_rank():
     assert distilled and set(against) == set(distilled)
     for run, plain in against.items():
         assert arms[run] == qcfg.train_settings(cfg, run)  # the run as the pipeline trains it
-        assert arms[plain]["lora"]["r"] == arms[run]["lora"]["r"] == int(plain.removeprefix("lora-r"))
+        assert arms[plain]["lora"]["r"] == arms[run]["lora"]["r"] == int(plain.removeprefix("lora-r").split("-")[0])
         assert arms[plain]["lora"]["alpha"] == arms[run]["lora"]["alpha"]
+        assert arms[plain]["sampling"] == arms[run].get("sampling", "random")  # the same padding per step
     base = qcfg.train_settings(cfg, qcfg.baseline_runs(cfg)[0])
-    for plain in set(against.values()):  # the baseline's own settings, only the rank changed
-        assert {k: v for k, v in arms[plain].items() if k != "lora"} == {k: v for k, v in base.items() if k != "lora"}
+    mine = ("lora", "sampling")
+    for plain in set(against.values()):  # the baseline's own settings, only the rank and row order changed
+        assert {k: v for k, v in arms[plain].items() if k not in mine} == {k: v for k, v in base.items() if k not in mine}
         assert not arms[plain].get("qat_scheme") and not arms[plain].get("distill")
 
 
@@ -387,17 +389,18 @@ def test_step_cost_times_every_arm_in_interleaved_rounds(tmp_path):
                  max_tokens=256)
     cfg = _validated(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
     arms, against = perf.step_cost_arms(cfg)
-    pick = {"lora-r64": arms["lora-r64"], "qat-int8-int4": arms["qat-int8-int4"]}
+    plain = against["qat-int8-int4"]
+    pick = {plain: arms[plain], "qat-int8-int4": arms["qat-int8-int4"]}
     for spec in pick.values():
         spec["batch_size"] = 4
     res = perf.step_cost(ROOT / "assets/builtin/tiny-qwen3", tmp_path / "train.parquet", tmp_path / "dev.parquet",
-                         tmp_path / "work", pick, reference="lora-r64", steps=2, rounds=2, threads=1, max_len=256)
-    assert {k: len(v) for k, v in res["seconds_per_step"].items()} == {"lora-r64": 2, "qat-int8-int4": 2}
+                         tmp_path / "work", pick, reference=plain, steps=2, rounds=2, threads=1, max_len=256)
+    assert {k: len(v) for k, v in res["seconds_per_step"].items()} == {plain: 2, "qat-int8-int4": 2}
     assert all(t > 0 for v in res["seconds_per_step"].values() for t in v)
     for name, v in res["seconds_per_step"].items():
         assert res["median_s"][name] == stats.median(v)
-        assert res["ratio"][name] == round(stats.median(v) / stats.median(res["seconds_per_step"]["lora-r64"]), 3)
-    assert res["ratio"]["lora-r64"] == 1.0
+        assert res["ratio"][name] == round(stats.median(v) / stats.median(res["seconds_per_step"][plain]), 3)
+    assert res["ratio"][plain] == 1.0
     assert not any((tmp_path / "work").iterdir())  # each arm's checkpoints removed once timed
     table = perf.summary_table({"step_cost": {"groups": {"lora-r64": res}}})
     assert "qat-int8-int4 / plain LoRA at its rank (lora-r64)" in table and "≤ 1.6x" in table

@@ -76,6 +76,24 @@ def test_select_pinned_and_qat(run, tmp_path):
         _select(run, tmp_path / "x.json", metric="bleu")
 
 
+def test_distilled_scores_from_one_pass_equal_hf_nll(run):
+    """A distilled run's dev NLL and teacher KLD come from one forward pass; the NLL is hf_nll's."""
+    import torch
+
+    from qatforge.chat import hf_nll
+    from qatforge.model import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(run / "base")
+    model = load_causal_lm(run / "base", dtype=torch.float32).eval()
+    convs = data.read_conversations(run / "dev.parquet")[:8]
+    own = S.answer_logits(model, tok, convs, 96)
+    nll, kld = S._nll_and_teacher_kld(model, tok, convs, 96, own)
+    assert nll == pytest.approx(hf_nll(model, tok, convs, 96), rel=1e-6) and nll > 0
+    assert abs(kld) < 1e-9
+    shifted = [t + torch.linspace(0, 1, t.shape[-1]) for t in own]  # another teacher: a positive KL
+    assert S._nll_and_teacher_kld(model, tok, convs, 96, shifted)[1] > 1e-3
+
+
 def test_choose_ranking_and_ties():
     c = [
         {"step": 2, "checkpoint": "checkpoint-2", "accuracy": 0.5, "eval_loss": 1.0},

@@ -78,6 +78,12 @@ def choose(candidates: list[dict], metric: str, pinned: int | None = None) -> di
 def answer_logits(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> list[Any]:
     """fp32 logits ``[positions, vocab]`` of each conversation at its ``parity.answer_positions``
     (right-padded batches: a position's logits do not depend on the padding after it)."""
+    return [logits for logits, _ in answer_predictions(model, tok, convs, max_len, batch_size)]
+
+
+def answer_predictions(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> list[tuple[Any, Any]]:
+    """``(logits [positions, vocab], next tokens [positions])`` of each conversation at its answer
+    positions (those :func:`qatforge.chat.hf_nll` scores)."""
     import torch
 
     from qatforge.chat import IGNORE_INDEX, collate, encode_for_training
@@ -89,8 +95,9 @@ def answer_logits(model: Any, tok: Any, convs: list, max_len: int, batch_size: i
         for i in range(0, len(rows), batch_size):
             b = collate(rows[i:i + batch_size], pad)
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            scored = b["labels"][:, 1:] != IGNORE_INDEX  # position t scores token t+1
-            out += [lg[:-1][m] for lg, m in zip(logits, scored)]
+            target = b["labels"][:, 1:]
+            scored = target != IGNORE_INDEX  # position t scores token t+1
+            out += [(lg[:-1][m], y[m]) for lg, y, m in zip(logits, target, scored)]
     return out
 
 
@@ -130,20 +137,24 @@ class SpilledLogits:
         self._file.close()
 
 
-def _teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: Any) -> float:
-    """Mean KL(teacher ‖ model) over the answer positions of ``convs``."""
-    total, n = 0.0, 0
-    for t, s in zip(teacher, _answer_logits_iter(model, tok, convs, max_len)):
+def _nll_and_teacher_kld(model: Any, tok: Any, convs: list, max_len: int, teacher: Any) -> tuple[float, float]:
+    """From one pass over ``convs``: the NLL per answer token (:func:`qatforge.chat.hf_nll`'s) and
+    the mean KL(teacher ‖ model) over the same positions."""
+    nll, kld, n = 0.0, 0.0, 0
+    for t, (s, y) in zip(teacher, _answer_predictions_iter(model, tok, convs, max_len)):
         lt, ls = t.double().log_softmax(-1), s.double().log_softmax(-1)
-        total += float((lt.exp() * (lt - ls)).sum())
+        nll -= float(ls.gather(-1, y[:, None]).sum())
+        kld += float((lt.exp() * (lt - ls)).sum())
         n += len(t)
-    return total / max(n, 1)
+    if n == 0:
+        raise ValueError("no assistant tokens to score in the given conversations")
+    return nll / n, kld / n
 
 
-def _answer_logits_iter(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> Any:
-    """:func:`answer_logits` one batch at a time (the student's are not all kept either)."""
+def _answer_predictions_iter(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> Any:
+    """:func:`answer_predictions` one batch at a time (the student's are not all kept either)."""
     for i in range(0, len(convs), batch_size):
-        yield from answer_logits(model, tok, convs[i:i + batch_size], max_len, batch_size)
+        yield from answer_predictions(model, tok, convs[i:i + batch_size], max_len, batch_size)
 
 
 def _summary(scores: dict) -> str:
@@ -159,11 +170,11 @@ def _score(model: Any, tok: Any, convs: list, prompts: list[dict], max_len: int,
 
     t0 = time.perf_counter()
     with weight_cache(model, False):  # batched forwards: no cached copy of every merged QAT weight
-        loss = hf_nll(model, tok, convs, max_len)
         if teacher is not None:  # selected on teacher_kld: no generation (the report has test accuracy)
-            return {"eval_loss": loss, "accuracy": None, "per_task": {},
-                    TEACHER_METRIC: _teacher_kld(model, tok, convs, max_len, teacher),
+            loss, kld = _nll_and_teacher_kld(model, tok, convs, max_len, teacher)
+            return {"eval_loss": loss, "accuracy": None, "per_task": {}, TEACHER_METRIC: kld,
                     "seconds": round(time.perf_counter() - t0, 2)}
+        loss = hf_nll(model, tok, convs, max_len)
     acc, correct, _ = hf_exact_match(model, tok, prompts, max_new_tokens)
     tasks: dict[str, list[bool]] = {}
     for row, ok in zip(prompts, correct):
@@ -234,7 +245,8 @@ def select_best(
             f"{n_prompts}: selecting on all {len(prompts)}")
 
     base = load_causal_lm(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    teacher = (SpilledLogits(_answer_logits_iter(base.eval(), tok, convs, max_len), Path(out_json).parent)
+    teacher = (SpilledLogits((lg for lg, _ in _answer_predictions_iter(base.eval(), tok, convs, max_len)),
+                             Path(out_json).parent)
                if step0 else None)
     if step0:
         metric = TEACHER_METRIC
