@@ -1044,9 +1044,10 @@ def bench_scale(project: Path, work: Path, cores: str, threads: int, size: str =
 
 
 def unsloth_twin(config: Mapping[str, Any], run: str) -> tuple[str, dict[str, Any]]:
-    """The run ``<run>-unsloth``: ``run``'s settings with ``qat.mode: unsloth`` (fq(W) + s·B·A)."""
+    """The run ``<run>-unsloth``: ``run``'s settings with ``qat.mode: unsloth`` (fq(W) + s·B·A) and,
+    as Unsloth trains, the format's own block scales (learned ones train merge-exact only)."""
     spec = copy.deepcopy(dict(config["runs"][run]))
-    spec["qat"] = {**(spec.get("qat") or {}), "mode": "unsloth"}
+    spec["qat"] = {**(spec.get("qat") or {}), "mode": "unsloth", "block_scales": "format"}
     return f"{run}-unsloth", spec
 
 

@@ -290,11 +290,13 @@ def test_pipeline_sections_on_a_toy_project(tmp_path):
     assert "is not built" in (tmp_path / "p2" / "noop.json").read_text()
 
 
-def test_unsloth_twin_differs_only_in_the_mode():
-    cfg = {"runs": {"q": {"qat_scheme": "int8-int4", "qat": {"mode": "merged", "distill_from": "baseline"},
+def test_unsloth_twin_differs_only_in_the_mode_and_scales():
+    cfg = {"runs": {"q": {"qat_scheme": "int8-int4",
+                          "qat": {"mode": "merged", "distill_from": "baseline", "block_scales": "learned"},
                           "train": {"lr": 1e-3}, "formats": "matched"}}}
     name, spec = perf.unsloth_twin(cfg, "q")
-    assert name == "q-unsloth" and spec["qat"] == {"mode": "unsloth", "distill_from": "baseline"}
+    assert name == "q-unsloth"
+    assert spec["qat"] == {"mode": "unsloth", "distill_from": "baseline", "block_scales": "format"}
     assert {k: v for k, v in spec.items() if k != "qat"} == {k: v for k, v in cfg["runs"]["q"].items() if k != "qat"}
     assert cfg["runs"]["q"]["qat"]["mode"] == "merged"  # the original is untouched
 

@@ -365,6 +365,16 @@ def test_block_scales_at_its_default_leaves_train_params_as_before(cfg):
     assert qcfg.train_settings(cfg, "qat-int8-int4")["block_scales"] == "learned"
 
 
+def test_sampling_at_its_default_leaves_train_params_as_before(cfg):
+    """train.sampling: random (the default, filled in by the schema) is not in a run's train params,
+    so a tree built before the option existed is not retrained; group_by_length is, per run."""
+    cfg["runs"]["baseline"].setdefault("train", {}).pop("sampling", None)
+    assert "sampling" not in qcfg.train_settings(cfg, "baseline")
+    cfg["runs"]["baseline"]["train"]["sampling"] = "group_by_length"
+    validate(cfg, SCHEMA)
+    assert qcfg.train_settings(cfg, "baseline")["sampling"] == "group_by_length"
+
+
 def test_learned_scales_overlay(cfg):
     """config/qat-learned-scales.yaml, merged over the default as Snakemake merges --configfiles:
     every QAT run learns its block scales for 360 steps, and nothing else changes."""

@@ -173,6 +173,28 @@ def test_trainer_keeps_assistant_only_labels(env):
     assert "<|im_start|>" not in kept and "user" not in kept and "system" not in kept
 
 
+def test_group_by_length_batches_rows_of_similar_length(env):
+    """train.sampling: group_by_length gives Hugging Face's length-grouped sampler: every row once per
+    epoch, in batches padded less than random ones; random keeps the random sampler."""
+    from qatforge.data import read_conversations
+    from qatforge.model import load_tokenizer
+
+    tok = load_tokenizer(env / "base")
+    rows = T.tokenize_split(tok, read_conversations(env / "train.parquet"), 96, "train")
+    padded = {}
+    for sampling in ("random", "group_by_length"):
+        settings = T.TrainSettings(**{**SETTINGS, "sampling": sampling})
+        trainer, _ = T.build_trainer(env / "base", rows, [], env / f"{sampling}.work", settings, log=lambda m: None)
+        order = list(trainer._get_train_sampler())
+        assert sorted(order) == list(range(len(rows)))
+        lengths = [len(rows[i]["input_ids"]) for i in order]
+        batches = [lengths[i:i + settings.batch_size] for i in range(0, len(lengths), settings.batch_size)]
+        padded[sampling] = sum(max(b) * len(b) - sum(b) for b in batches) / sum(lengths)
+    assert padded["group_by_length"] < padded["random"] / 2, padded
+    with pytest.raises(ValueError, match="train.sampling 'sorted' is not one of random, group_by_length"):
+        T.TrainSettings(sampling="sorted")
+
+
 def test_resume_after_kill_matches_uninterrupted_run(env, baseline):
     """A SIGKILLed training job rerun resumes from its last complete checkpoint, to identical adapters."""
     out, work = env / "killed", env / "killed.work"

@@ -98,7 +98,6 @@ def build_trainer(
         eval_steps=settings.save_steps if do_eval else None,
         seed=settings.seed,
         data_seed=settings.seed,
-        train_sampling_strategy=settings.sampling,
         bf16=bf16,
         fp16=False,
         use_cpu=not torch.cuda.is_available(),
@@ -137,6 +136,11 @@ def build_trainer(
         callbacks=[make_callback(work_dir / LOSS_CSV, settings, log)],
     )
     trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
+    if settings.sampling == "group_by_length":
+        from qatforge.train.sampling import grouped_sampler
+
+        sampler = grouped_sampler([len(r["input_ids"]) for r in train_rows], settings.batch_size * settings.grad_accum)
+        trainer._get_train_sampler = lambda *_a, **_k: sampler
     return trainer, n_fq
 
 
