@@ -117,6 +117,7 @@ def test_scheme_the_cpu_cannot_run_is_rejected_with_reason(cfg, scheme):
 
 def test_fp8_allowed_on_a_capable_gpu(cfg):
     cfg["runs"]["qat-int8-int4"]["qat_scheme"] = "fp8-fp8"
+    cfg["runs"]["qat-int8-int4"]["qat"]["block_scales"] = "format"  # fp8 files store no int4 block scales
     qcfg.check(cfg, ROOT, cuda_capability=(9, 0))  # a GPU cannot exist here: capability is passed in
     assert "compute capability" in problems_of(cfg, cuda=(8, 0))
 
@@ -360,6 +361,7 @@ def test_learned_block_scales_only_where_the_file_stores_them(cfg):
 def test_block_scales_at_its_default_leaves_train_params_as_before(cfg):
     """qat.block_scales: format (the default, filled in by the schema) is not in a run's train params,
     so a tree built before the option existed is not retrained; learned is."""
+    cfg["runs"]["qat-int8-int4"]["qat"]["block_scales"] = "format"
     assert "block_scales" not in qcfg.train_settings(cfg, "qat-int8-int4")
     cfg["runs"]["qat-int8-int4"]["qat"]["block_scales"] = "learned"
     assert qcfg.train_settings(cfg, "qat-int8-int4")["block_scales"] == "learned"
@@ -375,23 +377,14 @@ def test_sampling_at_its_default_leaves_train_params_as_before(cfg):
     assert qcfg.train_settings(cfg, "baseline")["sampling"] == "group_by_length"
 
 
-def test_learned_scales_overlay(cfg):
-    """config/qat-learned-scales.yaml, merged over the default as Snakemake merges --configfiles:
-    every QAT run learns its block scales for 360 steps, and nothing else changes."""
-    import copy
-
-    from snakemake.utils import update_config
-
-    over = yaml.safe_load((ROOT / "config" / "qat-learned-scales.yaml").read_text())
-    merged = copy.deepcopy(cfg)
-    update_config(merged, over)
-    validate(merged, SCHEMA)
-    qcfg.check(merged, ROOT)
-    qat = [r for r in merged["runs"] if qcfg.qat_scheme(merged, r)]
-    assert sorted(over["runs"]) == sorted(qat)
+def test_default_qat_runs_learn_their_scales(cfg):
+    """The default QAT recipe: every QAT run learns its block scales for 360 steps, on batches
+    grouped by length; the baseline keeps random batches."""
+    qat = [r for r in cfg["runs"] if qcfg.qat_scheme(cfg, r)]
+    assert len(qat) == 3
     for run in qat:
-        assert qcfg.learned_block_scales(merged, run)
-        settings = qcfg.train_settings(merged, run)
-        assert (settings["max_steps"], settings["save_steps"], settings["block_scales"]) == (360, 120, "learned")
-        assert settings["lr"] == qcfg.train_settings(cfg, run)["lr"]  # the rest is the default's
-    assert merged["runs"]["baseline"] == cfg["runs"]["baseline"]
+        assert qcfg.learned_block_scales(cfg, run)
+        settings = qcfg.train_settings(cfg, run)
+        assert (settings["max_steps"], settings["save_steps"], settings["block_scales"], settings["sampling"]) == (
+            360, 120, "learned", "group_by_length")
+    assert "sampling" not in qcfg.train_settings(cfg, "baseline")

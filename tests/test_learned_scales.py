@@ -278,3 +278,21 @@ def test_a_checkpoint_the_scales_were_not_learned_on_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="is not model.layers.0.* as the scales were learned on"):
         write_learned_scales(q4, bf16, tmp_path / "merged" / SCALES_FILE)
     assert q4.read_bytes() == before
+
+
+def test_a_run_that_kept_step_0_ships_the_formats_own_scales(tmp_path):
+    """Selection may keep step 0 (the teacher, no adapter): merge writes no scales, and the writers
+    keep the format's own; a checkpoint merged from an adapter must have its scales file."""
+    from qatforge.io import write_manifest
+    from qatforge.learned_scales import merged_scales_file
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_bytes(b"")
+    write_manifest(merged, {"checkpoint": "step-0", "merge": {"adapter_dir": None}})
+    assert merged_scales_file(merged / SCALES_FILE) is None
+    write_manifest(merged, {"checkpoint": "checkpoint-8", "merge": {"adapter_dir": "ckpts/checkpoint-8"}})
+    with pytest.raises(FileNotFoundError, match="no learned block scales beside .*merged from ckpts/checkpoint-8"):
+        merged_scales_file(merged / SCALES_FILE)
+    (merged / SCALES_FILE).write_bytes(b"x")
+    assert merged_scales_file(merged / SCALES_FILE) == merged / SCALES_FILE

@@ -290,6 +290,22 @@ def write_merged_scales(adapter_dir: str | os.PathLike, merged_state: dict[str, 
     return len(thetas)
 
 
+def merged_scales_file(scales_file: str | os.PathLike) -> Path | None:
+    """``scales_file`` (:data:`SCALES_FILE` of a merged checkpoint whose run learned its block scales),
+    or None when that checkpoint is the teacher itself: selection kept step 0, so there is no adapter
+    and the file takes the format's own scales. Missing beside a merged adapter is an error."""
+    from qatforge.io import manifest_path, read_json
+
+    path = Path(scales_file)
+    if path.is_file():
+        return path
+    merged = read_json(manifest_path(path.parent))["provenance"]["merge"]
+    if merged["adapter_dir"] is not None:
+        raise FileNotFoundError(f"{path}: no learned block scales beside {path.parent}, merged from "
+                                f"{merged['adapter_dir']}")
+    return None
+
+
 def read_scales(scales_file: str | os.PathLike, grid: str) -> tuple[list[str], dict[str, Any]]:
     """The weight names of a scales file written for ``grid`` and its tensors (``<name>.d``,
     ``<name>.d_format``); a file written for another grid is an error."""

@@ -206,6 +206,12 @@ def quantize(
         trained = check_trained_types(by_name, trained["scheme"], trained["targets"]) if trained else None
         learned = None
         if block_scales:
+            from qatforge.learned_scales import merged_scales_file
+
+            block_scales = merged_scales_file(block_scales)
+            if block_scales is None:
+                log("the run selected step 0 (the teacher, no adapter): llama.cpp's own block scales")
+        if block_scales:
             from qatforge.export.gguf.block_scales import write_learned_scales
 
             learned = write_learned_scales(tmp, src_gguf, block_scales)
