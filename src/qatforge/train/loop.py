@@ -126,6 +126,10 @@ def build_trainer(
                  "positions": settings.kd_positions}
         log(f"distilling from the teacher {base_dir} (alpha {settings.kd_alpha}, T {settings.kd_temperature}, "
             f"{settings.kd_positions} positions); the student starts from it with a zero adapter")
+    if settings.sampling == "group_by_length":
+        from qatforge.train.sampling import length_grouped
+
+        trainer_cls = length_grouped(trainer_cls)
     trainer = trainer_cls(
         **extra,
         model=model,
@@ -136,11 +140,6 @@ def build_trainer(
         callbacks=[make_callback(work_dir / LOSS_CSV, settings, log)],
     )
     trainer.remove_callback(PrinterCallback)  # our callback logs; no raw dicts on stdout
-    if settings.sampling == "group_by_length":
-        from qatforge.train.sampling import grouped_sampler
-
-        sampler = grouped_sampler([len(r["input_ids"]) for r in train_rows], settings.batch_size * settings.grad_accum)
-        trainer._get_train_sampler = lambda *_a, **_k: sampler
     return trainer, n_fq
 
 

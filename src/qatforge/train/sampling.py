@@ -15,6 +15,19 @@ from typing import Any, Iterator
 GROUP_BATCHES = 4
 
 
+def length_grouped(trainer_cls: type) -> type:
+    """A subclass of the trainer class ``trainer_cls`` whose training rows come in the order of
+    :func:`grouped_sampler` (the Trainer's documented hook, ``_get_train_sampler``)."""
+
+    class LengthGrouped(trainer_cls):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            rows = self.train_dataset if train_dataset is None else train_dataset
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return grouped_sampler([len(ids) for ids in rows["input_ids"]], batch)
+
+    return LengthGrouped
+
+
 def grouped_sampler(lengths: list[int], batch_size: int) -> Any:
     """A sampler over ``range(len(lengths))``: every row once per epoch, in batches of ``batch_size``
     rows of similar length. Its randomness is torch's global generator, as the Trainer's own
