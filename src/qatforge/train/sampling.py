@@ -30,8 +30,8 @@ def length_grouped(trainer_cls: type) -> type:
 
 def grouped_sampler(lengths: list[int], batch_size: int) -> Any:
     """A sampler over ``range(len(lengths))``: every row once per epoch, in batches of ``batch_size``
-    rows of similar length. Its randomness is torch's global generator, as the Trainer's own
-    samplers' (seeded by ``seed``; restored on resume)."""
+    rows of similar length. Its randomness is torch's global generator at each epoch's start, as
+    for the Trainer's own ``RandomSampler``, so a resumed run replays it as it replays that one."""
     from torch.utils.data import Sampler
     from transformers.trainer_pt_utils import get_length_grouped_indices
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 ALL_LINEAR = "all-linear"  # peft's own option: every linear layer except the output head
 DEFAULT_TARGETS = ALL_LINEAR
 BACKENDS = ("auto", "hf", "unsloth")
-SAMPLINGS = ("random", "group_by_length")  # Hugging Face's train_sampling_strategy values offered
+SAMPLINGS = ("random", "group_by_length")  # train.sampling (qatforge.train.sampling)
 LOSS_CSV = "loss.csv"
 LOSS_FIELDS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "elapsed_s")
 CHECKPOINT_FILES = ("adapter_config.json", "trainer_state.json")
@@ -66,7 +66,7 @@ class TrainSettings:
     divergence_margin: float = 1.0
     eval_rows: int = 64  # eval-split rows scored at each checkpoint (0: none)
     gradient_checkpointing: str | bool = "auto"  # auto: on from GC_AUTO_PARAMS base parameters
-    sampling: str = "random"  # or group_by_length: HF's train_sampling_strategy (less padding)
+    sampling: str = "random"  # or group_by_length: batches of rows of similar length (less padding)
 
     def __post_init__(self) -> None:
         if self.target_modules != ALL_LINEAR:
