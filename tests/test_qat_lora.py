@@ -332,13 +332,14 @@ def test_dev_answer_logits_batched_equal_one_by_one(tiny):
 
     from qatforge.model import load_causal_lm
     from qatforge.parity import answer_positions
-    from qatforge.select import answer_logits
+    from qatforge.select import answer_predictions
 
     d, tok, rows = tiny
     model = load_causal_lm(d).eval()
     convs = rows[:5]
-    one, batched = answer_logits(model, tok, convs, 256, batch_size=1), answer_logits(model, tok, convs, 256, batch_size=4)
+    one, batched = (answer_predictions(model, tok, convs, 256, batch_size=b) for b in (1, 4))
     enc = _batch(tok, rows, 5)
-    for a, b, e in zip(one, batched, enc):
+    for (a, ya), (b, yb), e in zip(one, batched, enc):
         assert a.shape[0] == len(answer_positions([lab != -100 for lab in e["labels"]])) > 0
         assert torch.allclose(a, b, atol=1e-4)
+        assert ya.tolist() == yb.tolist() == [lab for lab in e["labels"][1:] if lab != -100]  # the next tokens

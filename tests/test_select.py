@@ -86,7 +86,7 @@ def test_distilled_scores_from_one_pass_equal_hf_nll(run):
     tok = load_tokenizer(run / "base")
     model = load_causal_lm(run / "base", dtype=torch.float32).eval()
     convs = data.read_conversations(run / "dev.parquet")[:8]
-    own = S.answer_logits(model, tok, convs, 96)
+    own = [logits for logits, _ in S.answer_predictions(model, tok, convs, 96)]
     nll, kld = S._nll_and_teacher_kld(model, tok, convs, 96, own)
     assert nll == pytest.approx(hf_nll(model, tok, convs, 96), rel=1e-6) and nll > 0
     assert abs(kld) < 1e-9

@@ -75,15 +75,10 @@ def choose(candidates: list[dict], metric: str, pinned: int | None = None) -> di
     return sorted(usable, key=rank_key(metric))[0]
 
 
-def answer_logits(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> list[Any]:
-    """fp32 logits ``[positions, vocab]`` of each conversation at its ``parity.answer_positions``
-    (right-padded batches: a position's logits do not depend on the padding after it)."""
-    return [logits for logits, _ in answer_predictions(model, tok, convs, max_len, batch_size)]
-
-
 def answer_predictions(model: Any, tok: Any, convs: list, max_len: int, batch_size: int = 16) -> list[tuple[Any, Any]]:
-    """``(logits [positions, vocab], next tokens [positions])`` of each conversation at its answer
-    positions (those :func:`qatforge.chat.hf_nll` scores)."""
+    """``(fp32 logits [positions, vocab], next tokens [positions])`` of each conversation at its
+    ``parity.answer_positions``, those :func:`qatforge.chat.hf_nll` scores (right-padded batches: a
+    position's logits do not depend on the padding after it)."""
     import torch
 
     from qatforge.chat import IGNORE_INDEX, collate, encode_for_training

@@ -84,6 +84,10 @@ def qat_runs(config: dict) -> list[str]:
     return [r for r in runs(config) if qat_scheme(config, r) is not None]
 
 
+# Training options added after trees were built, with the default that behaves as before they existed.
+LATER_OPTIONS = {"block_scales": "format", "sampling": "random"}
+
+
 def train_settings(config: dict, run: str) -> dict[str, Any]:
     """The training settings of one run: ``train`` defaults with the run's overrides applied; not
     its threads (:func:`run_threads`), a resource: the weights do not depend on them."""
@@ -96,15 +100,14 @@ def train_settings(config: dict, run: str) -> dict[str, Any]:
             base[key] = value
     base.pop("select_metric", None)
     base.pop("threads", None)
-    if base.get("sampling") == "random":  # the default: left out, so runs built before the option stay fresh
-        del base["sampling"]
     base["qat_scheme"] = qat_scheme(config, run)
     if base["qat_scheme"] is not None:  # runs.<run>.qat → TrainSettings (whose defaults fill the rest)
         q = config["runs"][run].get("qat") or {}
         base.update({"qat_mode" if k == "mode" else k: v for k, v in q.items() if k != "distill_from"})
-        if base.get("block_scales") == "format":  # the default: left out, so runs built before the option stay fresh
-            del base["block_scales"]
         base["distill"] = teacher(config, run) is not None
+    for key, default in LATER_OPTIONS.items():  # at their default: left out, so runs built before stay fresh
+        if base.get(key) == default:
+            del base[key]
     base["seed"] = config["seed"]
     return base
 

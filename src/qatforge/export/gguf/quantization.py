@@ -206,17 +206,16 @@ def quantize(
         trained = check_trained_types(by_name, trained["scheme"], trained["targets"]) if trained else None
         learned = None
         if block_scales:
+            from qatforge.export.gguf.block_scales import write_learned_scales
             from qatforge.learned_scales import merged_scales_file
 
-            block_scales = merged_scales_file(block_scales)
-            if block_scales is None:
+            scales_file = merged_scales_file(block_scales)
+            if scales_file is None:
                 log("the run selected step 0 (the teacher, no adapter): llama.cpp's own block scales")
-        if block_scales:
-            from qatforge.export.gguf.block_scales import write_learned_scales
-
-            learned = write_learned_scales(tmp, src_gguf, block_scales)
-            log(f"wrote the learned block scales of {learned['tensors']} Q4_0 tensors ({learned['blocks']} blocks; "
-                f"learned / llama.cpp's own scale, quartiles {learned['scale_ratio_quartiles']})")
+            else:
+                learned = write_learned_scales(tmp, src_gguf, scales_file)
+                log(f"wrote the learned block scales of {learned['tensors']} Q4_0 tensors ({learned['blocks']} "
+                    f"blocks; learned / llama.cpp's own scale, quartiles {learned['scale_ratio_quartiles']})")
         # llama.cpp's own report, plus a structural check of the written file (names not in the log).
         fallbacks = _logged_fallbacks(out)
         seen = {f["tensor"] for f in fallbacks}
