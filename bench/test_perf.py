@@ -404,5 +404,5 @@ def test_step_cost_times_every_arm_in_interleaved_rounds(tmp_path):
         assert res["ratio"][name] == round(stats.median(v) / stats.median(res["seconds_per_step"][plain]), 3)
     assert res["ratio"][plain] == 1.0
     assert not any((tmp_path / "work").iterdir())  # each arm's checkpoints removed once timed
-    table = perf.summary_table({"step_cost": {"groups": {"lora-r64": res}}})
-    assert "qat-int8-int4 / plain LoRA at its rank (lora-r64)" in table and "≤ 1.6x" in table
+    table = perf.summary_table({"step_cost": {"groups": {plain: res}}})
+    assert f"qat-int8-int4 / plain LoRA at its rank ({plain})" in table and "≤ 1.6x" in table
